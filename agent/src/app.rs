@@ -1,0 +1,435 @@
+//! Wiring: builds the parts from the validated configuration and runs them
+//! as one daemon (`run` on SQS, `dev` on a local directory); owns the
+//! shutdown path (signals → drain → supervisor returns → exit 0). Also the
+//! small one-shot commands that need the same parts: `check-config`,
+//! `keygen`, `status` and `drain`.
+//!
+//! Every error that is the operator's to fix (config, keys file) is a
+//! `AppError::Usage`, which `main` turns into exit status 2.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::admin;
+use crate::config::{Config, ConfigFile};
+use crate::drain::Drain;
+use crate::envelope::{Alg, Keyring, SigningKey, VerifyPolicy};
+use crate::events::{EventSink, JsonlFile};
+use crate::queue::dir::DirQueue;
+use crate::queue::JobSource;
+use crate::sandbox::process::Launcher;
+use crate::state::Ledger;
+use crate::supervisor::status::StatusBoard;
+use crate::supervisor::verdict::Backoff;
+use crate::supervisor::{Settings, Supervisor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// Bad usage or configuration: the operator must fix something (exit 2).
+    #[error("{0}")]
+    Usage(String),
+    /// Anything else (exit 1).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl AppError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            AppError::Usage(_) => 2,
+            AppError::Failed(_) => 1,
+        }
+    }
+}
+
+fn usage(e: impl std::fmt::Display) -> AppError {
+    AppError::Usage(e.to_string())
+}
+
+fn failed(e: impl std::fmt::Display) -> AppError {
+    AppError::Failed(e.to_string())
+}
+
+/// The process environment as pairs, for config overrides.
+pub fn process_env() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect()
+}
+
+/// Loads the configuration for `run` and friends: `--config PATH` must
+/// exist; the default path may be absent.
+pub fn load_config(explicit: Option<&Path>) -> Result<Config, AppError> {
+    let default = Path::new(crate::config::DEFAULT_CONFIG_PATH);
+    let file = match explicit {
+        Some(p) => ConfigFile::Explicit(p),
+        None => ConfigFile::Default(default),
+    };
+    Config::load(file, &process_env(), &[]).map_err(usage)
+}
+
+/// Files of the `dev` directory outside the queue layout.
+pub struct DevLayout {
+    pub root: PathBuf,
+}
+
+impl DevLayout {
+    /// `dir` made absolute (config paths must be).
+    pub fn new(dir: &Path) -> Result<DevLayout, AppError> {
+        let root =
+            std::path::absolute(dir).map_err(|e| usage(format!("--dir {}: {e}", dir.display())))?;
+        Ok(DevLayout { root })
+    }
+
+    pub fn signing_key(&self) -> PathBuf {
+        self.root.join("keys/signing.toml")
+    }
+
+    pub fn keys_file(&self) -> PathBuf {
+        self.root.join("keys/keys.toml")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.root.join("agent.sock")
+    }
+
+    pub fn events(&self) -> PathBuf {
+        self.root.join("events.jsonl")
+    }
+
+    /// Defaults of `dev` mode: everything under the directory.
+    pub fn mode_defaults(&self) -> Vec<(&'static str, String)> {
+        let p = |sub: &str| self.root.join(sub).display().to_string();
+        vec![
+            ("jobs.work_dir", p("work")),
+            ("jobs.log_dir", p("logs")),
+            ("signing.keys_file", self.keys_file().display().to_string()),
+            ("admin.socket", self.socket().display().to_string()),
+            ("state.dir", p("state")),
+            ("agent.instance_id", format!("dev-{}", hostname())),
+        ]
+    }
+
+    /// Creates the development signing key and its verification entry on
+    /// first use; later calls reuse them.
+    pub fn ensure_keys(&self) -> Result<(), AppError> {
+        if self.signing_key().exists() {
+            return Ok(());
+        }
+        let key = SigningKey::generate(Alg::Ed25519, "dev").map_err(failed)?;
+        let dir = self.root.join("keys");
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| failed(format!("creating {}: {e}", dir.display())))?;
+        }
+        write_private(&self.keys_file(), &key.verification_entry_toml())?;
+        write_private(&self.signing_key(), &key.to_signing_file_toml())?;
+        tracing::info!(key = %self.signing_key().display(), "created a development signing key");
+        Ok(())
+    }
+}
+
+/// Writes a new file readable only by its owner (mode 0600 from creation,
+/// so no other user can open it in between).
+pub fn write_private(path: &Path, text: &str) -> Result<(), AppError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| failed(format!("creating {}: {e}", path.display())))?;
+    f.write_all(text.as_bytes())
+        .map_err(|e| failed(format!("writing {}: {e}", path.display())))
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Loads the configuration of `dev` mode on `dir`.
+pub fn load_dev_config(
+    dir: &Path,
+    explicit: Option<&Path>,
+) -> Result<(DevLayout, Config), AppError> {
+    let layout = DevLayout::new(dir)?;
+    let defaults = layout.mode_defaults();
+    let file = match explicit {
+        Some(p) => ConfigFile::Explicit(p),
+        None => ConfigFile::None,
+    };
+    let config = Config::load(file, &process_env(), &defaults).map_err(usage)?;
+    Ok((layout, config))
+}
+
+fn settings(config: &Config) -> Settings {
+    Settings {
+        slots: config.jobs.max_concurrent,
+        default_timeout: config.jobs.default_timeout,
+        kill_grace: config.jobs.kill_grace,
+        backoff: Backoff {
+            base: config.jobs.retry_backoff,
+            max: config.jobs.retry_backoff_max,
+        },
+        work_root: config.jobs.work_dir.clone(),
+        log_root: config.jobs.log_dir.clone(),
+        log_max_bytes: config.jobs.log_max_bytes,
+        verify: VerifyPolicy {
+            skew: config.signing.skew,
+            max_ttl: config.signing.max_ttl,
+        },
+        instance_id: config
+            .agent
+            .instance_id
+            .clone()
+            .unwrap_or_else(|| format!("host-{}", hostname())),
+    }
+}
+
+/// `batchly-agent dev`: the embedded default.
+pub async fn dev(
+    dir: &Path,
+    explicit_config: Option<&Path>,
+    quiet_banner: bool,
+) -> Result<(), AppError> {
+    let (layout, config) = load_dev_config(dir, explicit_config)?;
+    layout.ensure_keys()?;
+    let source = DirQueue::open(&layout.root).map_err(failed)?;
+    let events = JsonlFile::open(&layout.events()).map_err(failed)?;
+    if !quiet_banner {
+        print_dev_banner(&layout, &config);
+    }
+    serve(&config, source, events, "dev").await
+}
+
+fn print_dev_banner(layout: &DevLayout, config: &Config) {
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "batchly-agent".into());
+    let d = layout.root.display();
+    eprintln!(
+        "batchly-agent dev: running on {d} with {} job slots. Ctrl-C drains and stops.\n\n\
+         \x20 submit a job    {exe} submit --dir {d} -- echo hello\n\
+         \x20 submit 50       {exe} submit --dir {d} --count 50 -- sh -c 'sleep 1; echo done'\n\
+         \x20 agent status    {exe} status --dir {d}\n\
+         \x20 job events      tail -f {}\n\
+         \x20 job output      {}/<job-id>/\n\
+         \x20 dead letters    {d}/dead/ (each with a .reason.json)\n",
+        config.jobs.max_concurrent,
+        layout.events().display(),
+        config.jobs.log_dir.display(),
+    );
+}
+
+/// `batchly-agent run`: the daemon on SQS.
+pub async fn run(explicit_config: Option<&Path>) -> Result<(), AppError> {
+    let config = load_config(explicit_config)?;
+    config.require_queue().map_err(usage)?;
+    Keyring::load(&config.signing.keys_file).map_err(usage)?;
+    Err(failed(
+        "SQS support is not built yet: configuration and keys are valid, but `run` cannot pull from SQS in this version; use `batchly-agent dev` to run jobs locally",
+    ))
+}
+
+/// Runs the supervisor on `source` until a drain (signal or admin
+/// request) completes.
+pub async fn serve<S: JobSource, E: EventSink>(
+    config: &Config,
+    source: S,
+    events: E,
+    mode: &str,
+) -> Result<(), AppError> {
+    serve_with(config, source, events, mode, Drain::new()).await
+}
+
+/// `serve` with a drain the caller can also trigger (the bench does).
+pub async fn serve_with<S: JobSource, E: EventSink>(
+    config: &Config,
+    source: S,
+    events: E,
+    mode: &str,
+    drain: Drain,
+) -> Result<(), AppError> {
+    let keys = Keyring::load(&config.signing.keys_file).map_err(usage)?;
+    let ledger = Ledger::open(&config.state.dir).map_err(failed)?;
+    let settings = settings(config);
+    let board = Arc::new(StatusBoard::new(
+        mode,
+        source.describe(),
+        settings.slots,
+        drain.clone(),
+    ));
+    let listener = admin::bind(&config.admin.socket).await.map_err(failed)?;
+    let supervisor = Arc::new(Supervisor::new(
+        source,
+        events,
+        keys,
+        settings,
+        ledger,
+        Launcher::default(),
+        drain.clone(),
+        board.clone(),
+    ));
+    supervisor.recover().await.map_err(failed)?;
+    let admin_task = tokio::spawn(admin::serve(
+        listener,
+        board.clone(),
+        drain.clone(),
+        config.drain.timeout,
+    ));
+    let signal_task = tokio::spawn(drain_on_signals(drain.clone(), config.drain.timeout));
+    tracing::info!(
+        slots = config.jobs.max_concurrent,
+        source = %board.snapshot().source,
+        admin_socket = %config.admin.socket.display(),
+        "batchly-agent {} started", env!("CARGO_PKG_VERSION")
+    );
+    supervisor.run().await;
+    admin_task.abort();
+    signal_task.abort();
+    let _ = std::fs::remove_file(&config.admin.socket);
+    let snap = board.snapshot();
+    tracing::info!(
+        reason = drain.current().map(|d| d.reason).unwrap_or_default(),
+        succeeded = snap.counts.get("succeeded").copied().unwrap_or(0),
+        interrupted = snap.counts.get("interrupted").copied().unwrap_or(0),
+        "drained; every job finished or was released; exiting"
+    );
+    Ok(())
+}
+
+/// SIGTERM or SIGINT starts a drain with `timeout`; a second one asks for
+/// an immediate stop (jobs killed and released now).
+async fn drain_on_signals(drain: Drain, timeout: Duration) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!(
+            "cannot install signal handlers; SIGTERM will kill the agent without a drain"
+        );
+        return;
+    };
+    let mut seen = 0;
+    loop {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        seen += 1;
+        if seen == 1 {
+            tracing::warn!(signal = name, timeout_s = timeout.as_secs(), "draining: no new jobs; running jobs are told to stop and released if they do not finish in time");
+            drain.request(name, Instant::now() + timeout);
+        } else {
+            tracing::warn!(
+                signal = name,
+                "second stop signal: stopping running jobs now"
+            );
+            drain.request(name, Instant::now());
+        }
+    }
+}
+
+/// `batchly-agent check-config`.
+pub fn check_config(explicit: Option<&Path>, dev_dir: Option<&Path>) -> Result<String, AppError> {
+    let config = match dev_dir {
+        Some(dir) => load_dev_config(dir, explicit)?.1,
+        None => load_config(explicit)?,
+    };
+    let mut out = config.render();
+    let keys = Keyring::load(&config.signing.keys_file).map_err(usage)?;
+    out.push_str(&format!(
+        "\n# keys file {}: {} key(s), permissions ok\n",
+        config.signing.keys_file.display(),
+        keys.len()
+    ));
+    for k in keys.summaries() {
+        out.push_str(&format!(
+            "#   kid {:<24} {:<12} {}\n",
+            k.kid,
+            k.alg.as_str(),
+            k.fingerprint
+        ));
+    }
+    Ok(out)
+}
+
+/// `batchly-agent keygen`: writes the signing key file (0600, never
+/// overwritten) and returns the verification entry for the keys file.
+pub fn keygen(alg: Alg, kid: &str, out: &Path) -> Result<String, AppError> {
+    if out.exists() {
+        return Err(usage(format!(
+            "{} already exists; refusing to overwrite a key (choose another --out)",
+            out.display()
+        )));
+    }
+    let key = SigningKey::generate(alg, kid).map_err(usage)?;
+    write_private(out, &key.to_signing_file_toml())?;
+    Ok(key.verification_entry_toml())
+}
+
+/// Where `status` and `drain` find the agent.
+pub fn admin_socket(
+    socket: Option<&Path>,
+    dev_dir: Option<&Path>,
+    config: Option<&Path>,
+) -> Result<PathBuf, AppError> {
+    if let Some(s) = socket {
+        return Ok(s.to_path_buf());
+    }
+    if let Some(dir) = dev_dir {
+        return Ok(load_dev_config(dir, config)?.1.admin.socket);
+    }
+    Ok(load_config(config)?.admin.socket)
+}
+
+/// `batchly-agent status`.
+pub async fn status(socket: &Path, json: bool) -> Result<String, AppError> {
+    match admin::request(socket, &admin::Request::Status)
+        .await
+        .map_err(failed)?
+    {
+        admin::Response::Status { status } if json => {
+            serde_json::to_string_pretty(&status).map_err(failed)
+        }
+        admin::Response::Status { status } => Ok(status.render_text()),
+        other => Err(failed(format!(
+            "unexpected answer from the agent: {other:?}"
+        ))),
+    }
+}
+
+/// `batchly-agent drain`.
+pub async fn request_drain(socket: &Path) -> Result<String, AppError> {
+    match admin::request(socket, &admin::Request::Drain).await.map_err(failed)? {
+        admin::Response::Draining { reason, deadline_in_s } => Ok(format!(
+            "draining ({reason}): no new jobs; running jobs finish or are released within {deadline_in_s}s, then the agent exits"
+        )),
+        other => Err(failed(format!("unexpected answer from the agent: {other:?}"))),
+    }
+}
+
+/// Sets up the agent's own log on stderr: human-readable text (the terminal
+/// in `dev`) or one JSON object per line (journald, CloudWatch).
+pub fn init_logging(format: crate::config::LogFormat, level: &str) -> Result<(), AppError> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .map_err(|e| usage(format!("agent.log_level: {e}")))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let res = match format {
+        crate::config::LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        crate::config::LogFormat::Text => builder.with_target(false).compact().try_init(),
+    };
+    res.map_err(|e| failed(format!("setting up logging: {e}")))
+}

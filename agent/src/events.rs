@@ -1,0 +1,194 @@
+//! Job events: the schema every consumer relies on (one JSON object per
+//! event, see the README's "Job events") and the sinks that publish them.
+//! The local sink appends one line per event to `events.jsonl`; the SQS
+//! sink sends one message per event.
+//!
+//! A sink must not drop an event silently: `publish` either hands the event
+//! off durably or returns an error, and the supervisor does not finish a
+//! message whose final event was not handed off.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+/// What happened. Serialized as the contract's `job.*` strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum EventType {
+    #[serde(rename = "job.started")]
+    Started,
+    #[serde(rename = "job.succeeded")]
+    Succeeded,
+    #[serde(rename = "job.failed")]
+    Failed,
+    #[serde(rename = "job.timed_out")]
+    TimedOut,
+    #[serde(rename = "job.interrupted")]
+    Interrupted,
+    #[serde(rename = "job.requeued")]
+    Requeued,
+    #[serde(rename = "job.rejected")]
+    Rejected,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Started => "job.started",
+            EventType::Succeeded => "job.succeeded",
+            EventType::Failed => "job.failed",
+            EventType::TimedOut => "job.timed_out",
+            EventType::Interrupted => "job.interrupted",
+            EventType::Requeued => "job.requeued",
+            EventType::Rejected => "job.rejected",
+        }
+    }
+}
+
+/// One job event, schema version 1.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobEvent {
+    pub v: u32,
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    /// `null` only for a rejected message whose job spec could not be read.
+    pub job_id: Option<String>,
+    pub message_id: String,
+    pub attempt: u32,
+    pub instance_id: String,
+    pub at: String,
+    pub exit_code: Option<i32>,
+    pub signal: Option<String>,
+    pub duration_ms: Option<u64>,
+    pub reason: Option<String>,
+    pub log_stream: Option<String>,
+    pub tags: BTreeMap<String, String>,
+    /// True when this is the job's last event: the message is gone from the
+    /// queue (done, failed for good, or dead-lettered). Exactly one event
+    /// per message has `final: true`.
+    #[serde(rename = "final")]
+    pub is_final: bool,
+}
+
+impl JobEvent {
+    /// An event of `kind` with every optional member empty.
+    pub fn new(kind: EventType, message_id: &str, attempt: u32, instance_id: &str) -> JobEvent {
+        JobEvent {
+            v: 1,
+            kind,
+            job_id: None,
+            message_id: message_id.to_string(),
+            attempt,
+            instance_id: instance_id.to_string(),
+            at: rfc3339_now(),
+            exit_code: None,
+            signal: None,
+            duration_ms: None,
+            reason: None,
+            log_stream: None,
+            tags: BTreeMap::new(),
+            is_final: false,
+        }
+    }
+}
+
+/// Current UTC time as RFC 3339 with millisecond precision.
+pub fn rfc3339_now() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    now.format(&fmt)
+        .unwrap_or_else(|_| now.unix_timestamp().to_string())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error("writing event to {path}: {source}")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where job events go.
+pub trait EventSink: Send + Sync + 'static {
+    fn publish(&self, event: &JobEvent) -> impl Future<Output = Result<(), EventError>> + Send;
+}
+
+/// Appends each event as one JSON line to a local file (the `dev` sink).
+pub struct JsonlFile {
+    path: PathBuf,
+    file: Mutex<File>,
+}
+
+impl JsonlFile {
+    pub fn open(path: &Path) -> Result<JsonlFile, EventError> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|source| EventError::File {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(JsonlFile {
+            path: path.to_path_buf(),
+            file: Mutex::new(file),
+        })
+    }
+}
+
+impl EventSink for JsonlFile {
+    async fn publish(&self, event: &JobEvent) -> Result<(), EventError> {
+        let mut line = serde_json::to_vec(event).map_err(|e| EventError::File {
+            path: self.path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        line.push(b'\n');
+        // One write(2) per line on an O_APPEND file: lines never interleave.
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        file.write_all(&line).map_err(|source| EventError::File {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn events_are_appended_as_json_lines_with_the_contract_names() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("events.jsonl");
+        let sink = JsonlFile::open(&path).expect("open");
+        let mut ev = JobEvent::new(EventType::Succeeded, "m-1", 1, "i-0abc");
+        ev.job_id = Some("job-1".into());
+        ev.exit_code = Some(0);
+        ev.is_final = true;
+        sink.publish(&ev).await.expect("publish");
+        sink.publish(&JobEvent::new(EventType::Rejected, "m-2", 1, "i-0abc"))
+            .await
+            .expect("publish");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["type"], "job.succeeded");
+        assert_eq!(lines[0]["job_id"], "job-1");
+        assert_eq!(lines[0]["final"], true);
+        assert_eq!(lines[0]["v"], 1);
+        assert_eq!(lines[1]["type"], "job.rejected");
+        assert!(lines[1]["job_id"].is_null());
+        assert!(lines[0]["at"].as_str().expect("at").ends_with('Z'));
+    }
+}

@@ -1,0 +1,489 @@
+//! The `dev` embedded default: a job queue in a local directory, with the
+//! same at-least-once rules as SQS. Layout under the root:
+//!
+//! ```text
+//! queue/    waiting messages   <visible_at_ms>-<id>.<failures>.<receives>.msg
+//! claimed/  being worked on    <id>.<failures>.<receives>.msg
+//! dead/     refused messages   <id>.msg and <id>.reason.json
+//! tmp/      submissions being written (renamed into queue/ when complete)
+//! ```
+//!
+//! Every state change is one `rename(2)` within the root, so a message is
+//! always in exactly one place, and a crash at any point leaves it either
+//! waiting or claimed. One agent owns a root at a time (an exclusive lock on
+//! `agent.lock`); at start it moves everything left in `claimed/` back to
+//! `queue/`, which is this source's crash recovery. Producers (`submit`) need
+//! no lock: they only ever rename complete files into `queue/`.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::fcntl::{Flock, FlockArg};
+
+use super::{JobSource, Message, QueueError};
+
+/// How long `receive` waits for a first message before returning none.
+const LONG_POLL: Duration = Duration::from_millis(500);
+/// How often an idle queue directory is re-read for new submissions.
+const SCAN_INTERVAL: Duration = Duration::from_millis(50);
+
+const QUEUE: &str = "queue";
+const CLAIMED: &str = "claimed";
+const DEAD: &str = "dead";
+const TMP: &str = "tmp";
+const LOCK_FILE: &str = "agent.lock";
+
+/// A waiting message as named in `queue/`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Waiting {
+    visible_at_ms: u64,
+    id: String,
+    failures: u32,
+    receives: u32,
+}
+
+impl Waiting {
+    fn file_name(&self) -> String {
+        format!(
+            "{:013}-{}.{}.{}.msg",
+            self.visible_at_ms, self.id, self.failures, self.receives
+        )
+    }
+
+    fn parse(name: &str) -> Option<Waiting> {
+        let stem = name.strip_suffix(".msg")?;
+        let (visible, rest) = stem.split_once('-')?;
+        let (id, failures, receives) = parse_counts(rest)?;
+        Some(Waiting {
+            visible_at_ms: visible.parse().ok()?,
+            id,
+            failures,
+            receives,
+        })
+    }
+}
+
+/// `<id>.<failures>.<receives>` → its parts.
+fn parse_counts(s: &str) -> Option<(String, u32, u32)> {
+    let mut parts = s.rsplitn(3, '.');
+    let receives = parts.next()?.parse().ok()?;
+    let failures = parts.next()?.parse().ok()?;
+    let id = parts.next()?;
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return None;
+    }
+    Some((id.to_string(), failures, receives))
+}
+
+fn claimed_name(id: &str, failures: u32, receives: u32) -> String {
+    format!("{id}.{failures}.{receives}.msg")
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn io_err<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> QueueError + 'a {
+    move |source| QueueError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Creates the directory layout (idempotent).
+pub fn create_layout(root: &Path) -> Result<(), QueueError> {
+    for sub in [QUEUE, CLAIMED, DEAD, TMP] {
+        let p = root.join(sub);
+        fs::create_dir_all(&p).map_err(io_err("creating", &p))?;
+    }
+    Ok(())
+}
+
+/// A new message id: time-ordered (so submissions run in order) and unique.
+fn new_message_id() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    format!("{nanos:016x}{:08x}", rand::random::<u32>())
+}
+
+/// Adds one message body to the queue under `root`; returns its id. Safe to
+/// call while an agent runs on the same root.
+pub fn enqueue(root: &Path, body: &[u8]) -> Result<String, QueueError> {
+    create_layout(root)?;
+    let id = new_message_id();
+    let tmp = root.join(TMP).join(format!("{id}.part"));
+    let mut f = File::create(&tmp).map_err(io_err("creating", &tmp))?;
+    f.write_all(body).map_err(io_err("writing", &tmp))?;
+    drop(f);
+    let waiting = Waiting {
+        visible_at_ms: now_ms(),
+        id: id.clone(),
+        failures: 0,
+        receives: 0,
+    };
+    let dest = root.join(QUEUE).join(waiting.file_name());
+    fs::rename(&tmp, &dest).map_err(io_err("enqueueing", &dest))?;
+    Ok(id)
+}
+
+/// The reason record written next to a dead-lettered message.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct DeadLetterRecord {
+    pub message_id: String,
+    pub reason: String,
+    pub detail: String,
+    pub receive_count: u32,
+    pub at: String,
+}
+
+pub struct DirQueue {
+    root: PathBuf,
+    /// Held for the agent's lifetime: one agent per root.
+    _lock: Flock<File>,
+    cache: Mutex<Cache>,
+}
+
+#[derive(Default)]
+struct Cache {
+    waiting: VecDeque<Waiting>,
+    scanned_at: Option<Instant>,
+}
+
+impl DirQueue {
+    /// Opens `root` for one agent, creating the layout. Fails if another
+    /// agent already owns it.
+    pub fn open(root: &Path) -> Result<DirQueue, QueueError> {
+        create_layout(root)?;
+        let lock_path = root.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err("opening", &lock_path))?;
+        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((_, errno)) if errno == nix::errno::Errno::EWOULDBLOCK => {
+                let owner = fs::read_to_string(&lock_path).unwrap_or_default();
+                return Err(QueueError::Busy(format!(
+                    "another batchly-agent (pid {}) is already running on {}; stop it first",
+                    owner.trim(),
+                    root.display()
+                )));
+            }
+            Err((_, errno)) => {
+                return Err(io_err("locking", &lock_path)(std::io::Error::from(errno)))
+            }
+        };
+        lock.set_len(0).map_err(io_err("writing", &lock_path))?;
+        write!(lock, "{}", std::process::id()).map_err(io_err("writing", &lock_path))?;
+        Ok(DirQueue {
+            root: root.to_path_buf(),
+            _lock: lock,
+            cache: Mutex::new(Cache::default()),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn scan(&self) -> Result<VecDeque<Waiting>, QueueError> {
+        let dir = self.root.join(QUEUE);
+        let mut found: Vec<Waiting> = fs::read_dir(&dir)
+            .map_err(io_err("reading", &dir))?
+            .filter_map(|e| Waiting::parse(e.ok()?.file_name().to_str()?))
+            .collect();
+        found.sort();
+        Ok(found.into())
+    }
+
+    /// Claims up to `max` visible messages without waiting.
+    fn claim_visible(&self, max: usize) -> Result<Vec<Message>, QueueError> {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let now = now_ms();
+        let stale = cache
+            .scanned_at
+            .is_none_or(|t| t.elapsed() >= SCAN_INTERVAL);
+        let front_visible = cache
+            .waiting
+            .front()
+            .is_some_and(|w| w.visible_at_ms <= now);
+        if !front_visible && stale {
+            cache.waiting = self.scan()?;
+            cache.scanned_at = Some(Instant::now());
+        }
+        let mut out = Vec::new();
+        while out.len() < max {
+            match cache.waiting.front() {
+                Some(w) if w.visible_at_ms <= now => {}
+                _ => break,
+            }
+            let Some(w) = cache.waiting.pop_front() else {
+                break;
+            };
+            if let Some(msg) = self.claim(&w)? {
+                out.push(msg);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Renames one waiting message into `claimed/`; `None` if it vanished
+    /// (another reader, or the producer replaced it).
+    fn claim(&self, w: &Waiting) -> Result<Option<Message>, QueueError> {
+        let from = self.root.join(QUEUE).join(w.file_name());
+        let receives = w.receives + 1;
+        let name = claimed_name(&w.id, w.failures, receives);
+        let to = self.root.join(CLAIMED).join(&name);
+        match fs::rename(&from, &to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("claiming", &from)(e)),
+        }
+        let body = fs::read(&to).map_err(io_err("reading", &to))?;
+        Ok(Some(Message {
+            id: w.id.clone(),
+            body,
+            attempt: w.failures + 1,
+            receive_count: receives,
+            receipt: name,
+            queue: 0,
+        }))
+    }
+
+    fn claimed_path(&self, msg: &Message) -> PathBuf {
+        self.root.join(CLAIMED).join(&msg.receipt)
+    }
+
+    fn put_back(&self, claimed: &Path, w: Waiting) -> Result<(), QueueError> {
+        let dest = self.root.join(QUEUE).join(w.file_name());
+        fs::rename(claimed, &dest).map_err(io_err("releasing", claimed))?;
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let at = cache.waiting.partition_point(|x| x < &w);
+        cache.waiting.insert(at, w);
+        Ok(())
+    }
+}
+
+impl JobSource for DirQueue {
+    fn describe(&self) -> String {
+        format!("directory {}", self.root.display())
+    }
+
+    async fn receive(&self, max: usize) -> Result<Vec<Message>, QueueError> {
+        let deadline = Instant::now() + LONG_POLL;
+        loop {
+            let got = self.claim_visible(max)?;
+            if !got.is_empty() || Instant::now() >= deadline {
+                return Ok(got);
+            }
+            tokio::time::sleep(SCAN_INTERVAL).await;
+        }
+    }
+
+    async fn delete(&self, msg: &Message) -> Result<(), QueueError> {
+        let p = self.claimed_path(msg);
+        fs::remove_file(&p).map_err(io_err("deleting", &p))
+    }
+
+    async fn release(
+        &self,
+        msg: &Message,
+        delay: Duration,
+        failed: bool,
+    ) -> Result<(), QueueError> {
+        let p = self.claimed_path(msg);
+        let failures = msg.attempt - 1 + u32::from(failed);
+        let w = Waiting {
+            visible_at_ms: now_ms() + delay.as_millis() as u64,
+            id: msg.id.clone(),
+            failures,
+            receives: msg.receive_count,
+        };
+        self.put_back(&p, w)
+    }
+
+    async fn dead_letter(
+        &self,
+        msg: &Message,
+        reason: &str,
+        detail: &str,
+    ) -> Result<(), QueueError> {
+        let dead = self.root.join(DEAD);
+        let record = DeadLetterRecord {
+            message_id: msg.id.clone(),
+            reason: reason.to_string(),
+            detail: detail.to_string(),
+            receive_count: msg.receive_count,
+            at: crate::events::rfc3339_now(),
+        };
+        // The reason is written first, so a dead message never lacks one.
+        let reason_path = dead.join(format!("{}.reason.json", msg.id));
+        let text = serde_json::to_vec_pretty(&record).map_err(|e| QueueError::Io {
+            action: "encoding",
+            path: reason_path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        fs::write(&reason_path, text).map_err(io_err("writing", &reason_path))?;
+        let from = self.claimed_path(msg);
+        let to = dead.join(format!("{}.msg", msg.id));
+        fs::rename(&from, &to).map_err(io_err("dead-lettering", &from))
+    }
+
+    async fn recover_claims(&self, _known: &[Message]) -> Result<usize, QueueError> {
+        // We hold the root's lock, so everything in claimed/ belongs to a
+        // previous run that is gone.
+        let dir = self.root.join(CLAIMED);
+        let mut released = 0;
+        for entry in fs::read_dir(&dir).map_err(io_err("reading", &dir))? {
+            let entry = entry.map_err(io_err("reading", &dir))?;
+            let name = entry.file_name();
+            let Some((id, failures, receives)) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".msg"))
+                .and_then(parse_counts)
+            else {
+                continue;
+            };
+            let w = Waiting {
+                visible_at_ms: now_ms(),
+                id,
+                failures,
+                receives,
+            };
+            self.put_back(&entry.path(), w)?;
+            released += 1;
+        }
+        Ok(released)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(n: u32) -> Vec<u8> {
+        format!("body-{n}").into_bytes()
+    }
+
+    #[tokio::test]
+    async fn messages_come_out_in_submission_order_and_only_once() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        for n in 0..5 {
+            enqueue(tmp.path(), &body(n)).expect("enqueue");
+        }
+        let q = DirQueue::open(tmp.path()).expect("open");
+        let first = q.receive(3).await.expect("receive");
+        let rest = q.receive(10).await.expect("receive");
+        let bodies: Vec<_> = first.iter().chain(&rest).map(|m| m.body.clone()).collect();
+        assert_eq!(bodies, (0..5).map(body).collect::<Vec<_>>());
+        assert!(q.receive(10).await.expect("receive").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_second_agent_on_the_same_directory_is_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let _first = DirQueue::open(tmp.path()).expect("open");
+        let err = DirQueue::open(tmp.path())
+            .err()
+            .expect("second open must fail");
+        assert!(err.to_string().contains("already running"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_release_counts_an_attempt_and_an_interruption_does_not() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        enqueue(tmp.path(), b"x").expect("enqueue");
+        let q = DirQueue::open(tmp.path()).expect("open");
+        let m = q.receive(1).await.expect("receive").remove(0);
+        assert_eq!((m.attempt, m.receive_count), (1, 1));
+        q.release(&m, Duration::ZERO, false).await.expect("release");
+        let m = q.receive(1).await.expect("receive").remove(0);
+        assert_eq!((m.attempt, m.receive_count), (1, 2));
+        q.release(&m, Duration::ZERO, true).await.expect("release");
+        let m = q.receive(1).await.expect("receive").remove(0);
+        assert_eq!((m.attempt, m.receive_count), (2, 3));
+        q.delete(&m).await.expect("delete");
+        assert!(q.receive(1).await.expect("receive").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_delayed_release_stays_invisible_until_its_time() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        enqueue(tmp.path(), b"x").expect("enqueue");
+        let q = DirQueue::open(tmp.path()).expect("open");
+        let m = q.receive(1).await.expect("receive").remove(0);
+        q.release(&m, Duration::from_secs(3600), true)
+            .await
+            .expect("release");
+        assert!(q.receive(1).await.expect("receive").is_empty());
+        assert_eq!(fs::read_dir(tmp.path().join(QUEUE)).expect("ls").count(), 1);
+    }
+
+    #[tokio::test]
+    async fn claims_of_a_crashed_agent_are_released_at_the_next_open() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        enqueue(tmp.path(), b"x").expect("enqueue");
+        {
+            let q = DirQueue::open(tmp.path()).expect("open");
+            let got = q.receive(1).await.expect("receive");
+            assert_eq!(got.len(), 1);
+            // dropped without delete or release: like kill -9
+        }
+        let q = DirQueue::open(tmp.path()).expect("reopen");
+        assert_eq!(q.recover_claims(&[]).await.expect("recover"), 1);
+        let m = q.receive(1).await.expect("receive").remove(0);
+        assert_eq!(m.body, b"x");
+        assert_eq!((m.attempt, m.receive_count), (1, 2));
+    }
+
+    #[tokio::test]
+    async fn dead_lettered_message_keeps_its_reason_beside_it() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        enqueue(tmp.path(), b"junk").expect("enqueue");
+        let q = DirQueue::open(tmp.path()).expect("open");
+        let m = q.receive(1).await.expect("receive").remove(0);
+        q.dead_letter(&m, "malformed", "body is not JSON")
+            .await
+            .expect("dlq");
+        let dead = tmp.path().join(DEAD);
+        assert_eq!(
+            fs::read(dead.join(format!("{}.msg", m.id))).expect("msg"),
+            b"junk"
+        );
+        let rec: DeadLetterRecord = serde_json::from_slice(
+            &fs::read(dead.join(format!("{}.reason.json", m.id))).expect("reason"),
+        )
+        .expect("json");
+        assert_eq!(rec.reason, "malformed");
+        assert_eq!(rec.detail, "body is not JSON");
+        assert!(q.receive(1).await.expect("receive").is_empty());
+    }
+
+    #[test]
+    fn file_names_round_trip() {
+        let w = Waiting {
+            visible_at_ms: 1_763_850_000_123,
+            id: "abc123".into(),
+            failures: 2,
+            receives: 5,
+        };
+        assert_eq!(Waiting::parse(&w.file_name()), Some(w));
+        assert_eq!(Waiting::parse("garbage.msg"), None);
+    }
+}

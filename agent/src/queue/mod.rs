@@ -1,0 +1,100 @@
+//! Where jobs come from. A `JobSource` hands out messages and takes back
+//! their outcome: delete (final), release (run again, now or after a
+//! delay), dead-letter (refused, with the reason). Two sources share this
+//! interface: `dir` (the `dev` embedded default, a local directory) and SQS.
+//!
+//! A source never decides what happens to a job; the supervisor does. A
+//! source must never lose a message: every call either takes effect or
+//! returns an error and leaves the message where it was.
+
+pub mod dir;
+
+use std::future::Future;
+use std::time::Duration;
+
+/// One received message, claimed by this agent until it is deleted,
+/// released or dead-lettered.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// The source's id of the message (stable across receives).
+    pub id: String,
+    pub body: Vec<u8>,
+    /// Which attempt of the job this receive is (1-based). Releases that are
+    /// not failures (exit 75, drain, crash recovery) do not count where the
+    /// source can tell them apart.
+    pub attempt: u32,
+    /// How many times the message has been received, this time included;
+    /// unique per run of the job, so it names log streams.
+    pub receive_count: u32,
+    /// Opaque handle for delete/release/extend (a receipt handle).
+    pub receipt: String,
+    /// Index of the queue it came from, in priority order.
+    pub queue: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Busy(String),
+}
+
+/// A queue of signed job envelopes with at-least-once delivery.
+pub trait JobSource: Send + Sync + 'static {
+    /// A short human description ("dir /home/me/batchly-dev", a queue URL).
+    fn describe(&self) -> String;
+
+    /// Claims at most `max` messages, waiting a bounded time (a long poll)
+    /// for the first one; may return none.
+    fn receive(&self, max: usize) -> impl Future<Output = Result<Vec<Message>, QueueError>> + Send;
+
+    /// The job's outcome is final: remove the message for good.
+    fn delete(&self, msg: &Message) -> impl Future<Output = Result<(), QueueError>> + Send;
+
+    /// Make the message available again after `delay`. `failed` says the
+    /// attempt counts as a failure (a retry) rather than an interruption.
+    fn release(
+        &self,
+        msg: &Message,
+        delay: Duration,
+        failed: bool,
+    ) -> impl Future<Output = Result<(), QueueError>> + Send;
+
+    /// Move a refused message out of the queue, keeping the reason with it.
+    fn dead_letter(
+        &self,
+        msg: &Message,
+        reason: &str,
+        detail: &str,
+    ) -> impl Future<Output = Result<(), QueueError>> + Send;
+
+    /// How often in-flight messages need their claim renewed; `None` when
+    /// claims never expire (the local directory).
+    fn heartbeat_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Renew the claim on in-flight messages (visibility heartbeat).
+    fn extend_claims(
+        &self,
+        msgs: &[Message],
+    ) -> impl Future<Output = Result<(), QueueError>> + Send {
+        let _ = msgs;
+        async { Ok(()) }
+    }
+
+    /// After a crash: make every message the previous run had claimed
+    /// available again. `known` are the ones the ledger remembers; a source
+    /// that can find more by itself (the directory) releases those too.
+    /// Returns how many were released.
+    fn recover_claims(
+        &self,
+        known: &[Message],
+    ) -> impl Future<Output = Result<usize, QueueError>> + Send;
+}

@@ -1,0 +1,200 @@
+//! The launcher: the child side of the launch path. It runs in a fresh,
+//! single-threaded copy of the agent binary, so every step may allocate,
+//! read files and report errors freely before the final `execve`.
+//!
+//! Protocol with the agent (see `process.rs`): fd 0 is a Unix socket. The
+//! launcher reads one JSON `LaunchPlan` until EOF, keeps the socket as a
+//! close-on-exec "report" descriptor and puts `/dev/null` on fd 0. If a step
+//! fails it writes `step<TAB>message` to the report socket and exits 127;
+//! if `execve` succeeds the kernel closes the report descriptor and the agent
+//! reads EOF with nothing written, which means "the job is running".
+//!
+//! It must never return into the agent's code paths or start a runtime.
+
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{fcntl, FcntlArg};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+
+use super::LaunchPlan;
+
+/// Exit status of a launcher that refused to start the job.
+pub const LAUNCH_REFUSED_EXIT: i32 = 127;
+
+/// One failed launcher step: which step, and what went wrong.
+#[derive(Debug)]
+pub struct StepError {
+    pub step: &'static str,
+    pub message: String,
+}
+
+impl StepError {
+    fn new(step: &'static str, message: impl Into<String>) -> Self {
+        StepError {
+            step,
+            message: message.into(),
+        }
+    }
+}
+
+/// Entry point of `batchly-agent __launch`. Never returns.
+pub fn main() -> ! {
+    let mut report: Option<std::fs::File> = None;
+    let err = match run(&mut report) {
+        Ok(never) => match never {},
+        Err(err) => err,
+    };
+    let line = format!("{}\t{}", err.step, err.message.replace('\n', " "));
+    match report.as_mut() {
+        Some(f) => {
+            let _ = f.write_all(line.as_bytes());
+        }
+        // Without a report socket nobody is listening for a structured
+        // answer; stderr is the job's log, which is the next best place.
+        None => eprintln!("batchly-agent launcher: {line}"),
+    }
+    std::process::exit(LAUNCH_REFUSED_EXIT)
+}
+
+enum Never {}
+
+fn run(report: &mut Option<std::fs::File>) -> Result<Never, StepError> {
+    let plan = read_plan()?;
+    *report = Some(keep_report_fd()?);
+    stdin_from_dev_null()?;
+    new_session()?;
+    default_signal_state()?;
+    enter_work_dir(&plan.work_dir)?;
+    let program = resolve_program(&plan)?;
+    exec(&program, &plan)
+}
+
+fn read_plan() -> Result<LaunchPlan, StepError> {
+    let mut buf = Vec::new();
+    // SAFETY: fd 0 is the plan socket handed to us by the agent; we take
+    // ownership only for this read and give it back with into_raw_fd.
+    let mut sock = unsafe { std::fs::File::from_raw_fd(0) };
+    let read = sock.read_to_end(&mut buf);
+    let _ = std::os::fd::IntoRawFd::into_raw_fd(sock);
+    read.map_err(|e| StepError::new("read-plan", format!("reading launch plan: {e}")))?;
+    serde_json::from_slice(&buf)
+        .map_err(|e| StepError::new("read-plan", format!("decoding launch plan: {e}")))
+}
+
+/// Moves the plan socket off fd 0 to a close-on-exec descriptor: it stays
+/// open for error reports and closes by itself when `execve` succeeds.
+fn keep_report_fd() -> Result<std::fs::File, StepError> {
+    // SAFETY: fd 0 is open for the whole life of this process (the plan
+    // socket), so borrowing it for one fcntl call is sound.
+    let zero = unsafe { BorrowedFd::borrow_raw(0) };
+    let fd: RawFd = fcntl(zero, FcntlArg::F_DUPFD_CLOEXEC(3))
+        .map_err(|e| StepError::new("report-fd", format!("duplicating plan socket: {e}")))?;
+    // SAFETY: fcntl just returned this new descriptor and nothing else owns it.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+fn stdin_from_dev_null() -> Result<(), StepError> {
+    let null = std::fs::File::open("/dev/null")
+        .map_err(|e| StepError::new("stdin", format!("opening /dev/null: {e}")))?;
+    // SAFETY: fd 0 is ours (the plan socket, already duplicated); dup2
+    // atomically replaces it, and `null` keeps owning its own descriptor.
+    let mut zero = unsafe { OwnedFd::from_raw_fd(0) };
+    let res = nix::unistd::dup2(&null, &mut zero);
+    let _ = std::os::fd::IntoRawFd::into_raw_fd(zero);
+    res.map_err(|e| StepError::new("stdin", format!("redirecting stdin to /dev/null: {e}")))?;
+    Ok(())
+}
+
+/// The job leads its own session and process group, so the agent can signal
+/// the whole tree at once and the job has no controlling terminal.
+fn new_session() -> Result<(), StepError> {
+    nix::unistd::setsid()
+        .map(|_| ())
+        .map_err(|e| StepError::new("setsid", format!("creating a new session: {e}")))
+}
+
+/// The launcher is a Rust binary, whose runtime ignores SIGPIPE at start;
+/// an ignored signal survives `execve`, so put it back for the job, and
+/// unblock every signal the agent may have blocked.
+fn default_signal_state() -> Result<(), StepError> {
+    // SAFETY: single-threaded process, no handler is installed: restoring the
+    // default disposition cannot race with anything.
+    unsafe { nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) }
+        .map_err(|e| StepError::new("signals", format!("resetting SIGPIPE: {e}")))?;
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+        .map_err(|e| StepError::new("signals", format!("clearing the signal mask: {e}")))?;
+    Ok(())
+}
+
+fn enter_work_dir(dir: &Path) -> Result<(), StepError> {
+    nix::unistd::chdir(dir).map_err(|e| {
+        StepError::new(
+            "work-dir",
+            format!("entering work dir {}: {}", dir.display(), e.desc()),
+        )
+    })
+}
+
+/// `command[0]` without a slash is looked up in the job's own `PATH`, the
+/// way a shell would; the agent's `PATH` plays no part.
+fn resolve_program(plan: &LaunchPlan) -> Result<PathBuf, StepError> {
+    let name = plan
+        .argv
+        .first()
+        .ok_or_else(|| StepError::new("resolve", "empty command"))?;
+    if name.contains('/') {
+        return Ok(PathBuf::from(name));
+    }
+    let path_var = plan
+        .env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("");
+    path_var
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| Path::new(d).join(name))
+        .find(|p| is_executable_file(p))
+        .ok_or_else(|| StepError::new("exec", format!("command not found: {name}")))
+}
+
+fn is_executable_file(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+fn exec(program: &Path, plan: &LaunchPlan) -> Result<Never, StepError> {
+    let cstr = |s: &[u8]| {
+        CString::new(s).map_err(|_| StepError::new("exec", "argument contains a NUL byte"))
+    };
+    let path = cstr(program.as_os_str().as_bytes())?;
+    let argv = plan
+        .argv
+        .iter()
+        .map(|a| cstr(a.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let env = plan
+        .env
+        .iter()
+        .map(|(k, v)| cstr(format!("{k}={v}").as_bytes()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let err = match nix::unistd::execve(&path, &argv, &env) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    };
+    let shown = plan.argv.first().map(String::as_str).unwrap_or_default();
+    let message = match err {
+        nix::errno::Errno::ENOENT => format!("command not found: {shown}"),
+        nix::errno::Errno::EACCES => format!("permission denied: {shown}"),
+        nix::errno::Errno::ENOEXEC => format!("not an executable format: {shown}"),
+        other => format!("executing {shown}: {}", other.desc()),
+    };
+    Err(StepError::new("exec", message))
+}

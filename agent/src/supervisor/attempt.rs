@@ -1,0 +1,359 @@
+//! The life of one received message: verify, prepare, launch, watch (timeout,
+//! drain), capture output, decide, publish, and only then finish the message.
+//! Each step that can fail has a defined outcome; none of them loses the
+//! message.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::sys::signal::Signal;
+
+use super::output;
+use super::status::Running;
+use super::verdict::{self, Action, Ending, Verdict};
+use super::Supervisor;
+use crate::drain;
+use crate::envelope::{self, Envelope};
+use crate::events::{EventSink, EventType, JobEvent};
+use crate::queue::{JobSource, Message};
+use crate::sandbox::process::JobProcess;
+use crate::sandbox::{scrubbed_env, LaunchPlan};
+use crate::state::InFlight;
+
+/// Time kept back before a drain deadline to release messages and exit.
+const RELEASE_RESERVE: Duration = Duration::from_secs(2);
+/// How long to wait for a job's output pipes to close after its group was
+/// killed (a process that escaped the group may still hold them).
+const OUTPUT_DRAIN_WAIT: Duration = Duration::from_secs(2);
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// How the watched process ended, before it is judged.
+enum Watched {
+    Exited(ExitStatus),
+    TimedOut,
+    Interrupted(String, ExitStatus),
+}
+
+impl<S: JobSource, E: EventSink> Supervisor<S, E> {
+    pub(super) async fn handle_message(self: Arc<Self>, msg: Message) {
+        match envelope::verify(&msg.body, &self.keys, &self.settings.verify, unix_now()) {
+            Ok(env) => self.run_job(msg, env).await,
+            Err(rejection) => self.reject(msg, rejection).await,
+        }
+    }
+
+    /// A message that fails verification is never run: it goes to the
+    /// dead-letter place with its reason, then the event says so.
+    async fn reject(&self, msg: Message, rejection: envelope::Rejection) {
+        let reason = rejection.reason.as_str();
+        if let Err(e) = self
+            .source
+            .dead_letter(&msg, reason, &rejection.detail)
+            .await
+        {
+            tracing::error!(message_id = %msg.id, error = %e, "cannot dead-letter a rejected message; releasing it to try again later");
+            let delay = self
+                .settings
+                .backoff
+                .delay(msg.receive_count, rand::random());
+            if let Err(e) = self.source.release(&msg, delay, false).await {
+                tracing::error!(message_id = %msg.id, error = %e, "cannot release message either; it returns at the next start");
+            }
+            return;
+        }
+        let mut ev = self.event(EventType::Rejected, &msg);
+        ev.reason = Some(format!("{reason}: {}", rejection.detail));
+        ev.is_final = true;
+        self.publish(&ev).await;
+    }
+
+    fn event(&self, kind: EventType, msg: &Message) -> JobEvent {
+        JobEvent::new(kind, &msg.id, msg.attempt, &self.settings.instance_id)
+    }
+
+    async fn run_job(&self, msg: Message, env: Envelope) {
+        let job = &env.job;
+        let log_stream = format!("{}/{}.{}", job.id, msg.id, msg.receive_count);
+        let work_dir = self
+            .settings
+            .work_root
+            .join(format!("{}.{}", job.id, msg.id));
+        let timeout = job.timeout.unwrap_or(self.settings.default_timeout);
+        let mut entry = InFlight::for_message(&msg);
+        entry.job_id = Some(job.id.clone());
+        entry.work_dir = Some(work_dir.clone());
+
+        let template = {
+            let mut ev = self.event(EventType::Started, &msg);
+            ev.job_id = Some(job.id.clone());
+            ev.log_stream = Some(log_stream.clone());
+            ev.tags = job.tags.clone();
+            ev
+        };
+        let started = Instant::now();
+        self.board.set_running(Running {
+            job_id: job.id.clone(),
+            message_id: msg.id.clone(),
+            attempt: msg.attempt,
+            pid: None,
+            since: started,
+            timeout,
+            log_stream: log_stream.clone(),
+        });
+
+        let ending = match self.ledger.record(&entry) {
+            Err(e) => Ending::AgentFault(e.to_string()),
+            Ok(()) => {
+                self.attempt(
+                    &msg,
+                    &env,
+                    &mut entry,
+                    &work_dir,
+                    &log_stream,
+                    timeout,
+                    &template,
+                )
+                .await
+            }
+        };
+
+        let delay = self.settings.backoff.delay(msg.attempt, rand::random());
+        let verdict = verdict::decide(&ending, msg.attempt, job.max_attempts, delay);
+        let mut ev = template;
+        ev.kind = verdict.kind;
+        ev.at = crate::events::rfc3339_now();
+        ev.duration_ms = Some(started.elapsed().as_millis() as u64);
+        ev.reason = verdict.reason.clone();
+        ev.is_final = verdict.is_final;
+        match &ending {
+            Ending::Exited(code) => ev.exit_code = Some(*code),
+            Ending::Signaled(sig) => ev.signal = Some(verdict::signal_name(*sig)),
+            Ending::Interrupted { code, signal, .. } => {
+                ev.exit_code = *code;
+                ev.signal = signal.map(verdict::signal_name);
+            }
+            _ => {}
+        }
+        self.finish(&msg, &ev, &verdict).await;
+        if let Err(e) = std::fs::remove_dir_all(&work_dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %work_dir.display(), error = %e, "cannot remove work dir");
+            }
+        }
+        self.board.finished(&msg.id);
+    }
+
+    /// Publishes the outcome, then acts on the message: ack last.
+    async fn finish(&self, msg: &Message, ev: &JobEvent, verdict: &Verdict) {
+        let handed_off = self.publish(ev).await;
+        let mut action = verdict.action;
+        if !handed_off && action == Action::Delete {
+            // Deleting now would lose the only record of the outcome; run
+            // the job again later instead (at-least-once).
+            action = Action::Release {
+                delay: self.settings.backoff.delay(msg.attempt, rand::random()),
+                failed: false,
+            };
+        }
+        let done = match action {
+            Action::Delete => self.source.delete(msg).await,
+            Action::Release { delay, failed } => self.source.release(msg, delay, failed).await,
+        };
+        match done {
+            Ok(()) => {
+                if let Err(e) = self.ledger.forget(&msg.id) {
+                    tracing::warn!(message_id = %msg.id, error = %e, "cannot update the in-flight ledger");
+                }
+            }
+            Err(e) => tracing::error!(
+                message_id = %msg.id, error = %e,
+                "cannot finish message; it is released at the next start of the agent"
+            ),
+        }
+    }
+
+    /// Prepares, launches and watches one attempt.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt(
+        &self,
+        msg: &Message,
+        env: &Envelope,
+        entry: &mut InFlight,
+        work_dir: &PathBuf,
+        log_stream: &str,
+        timeout: Duration,
+        started_event: &JobEvent,
+    ) -> Ending {
+        let job = &env.job;
+        if !job.inputs.is_empty() || !job.outputs.is_empty() {
+            return Ending::NotStarted(
+                "inputs and outputs need S3, which this agent is not set up to use".into(),
+            );
+        }
+        if let Err(e) = prepare_work_dir(work_dir) {
+            return Ending::AgentFault(format!("creating work dir {}: {e}", work_dir.display()));
+        }
+        let log_path = self.settings.log_root.join(log_stream);
+        let log = match output::create_log(&log_path) {
+            Ok(f) => f,
+            Err(e) => {
+                return Ending::AgentFault(format!("opening log file {}: {e}", log_path.display()))
+            }
+        };
+        if let Some(req) = self.drain.current() {
+            // Received just before the drain began: do not start it at all.
+            return Ending::Interrupted {
+                drain_reason: req.reason,
+                code: None,
+                signal: None,
+            };
+        }
+        let plan = LaunchPlan {
+            argv: job.command.clone(),
+            env: scrubbed_env(work_dir, &job.id, msg.attempt, &job.env),
+            work_dir: work_dir.clone(),
+        };
+        let mut proc = match self.launcher.launch(&plan).await {
+            Ok(p) => p,
+            Err(e) if e.is_job_fault() => return Ending::NotStarted(e.to_string()),
+            Err(e) => return Ending::AgentFault(e.to_string()),
+        };
+        entry.pid = Some(proc.pid());
+        entry.start_time = Some(proc.start_time());
+        if let Err(e) = self.ledger.record(entry) {
+            // The job runs, but a crash now would leave it unknown: stop it.
+            proc.signal_group(Signal::SIGKILL);
+            let _ = proc.wait().await;
+            return Ending::AgentFault(e.to_string());
+        }
+        self.board.set_pid(&msg.id, proc.pid());
+        self.publish(started_event).await;
+
+        let capture = tokio::spawn(output::capture(
+            proc.stdout.take(),
+            proc.stderr.take(),
+            log,
+            log_path.clone(),
+            self.settings.log_max_bytes,
+        ));
+        let watched = self.watch(&mut proc, timeout, job.interrupt).await;
+        // The job is over: whatever it left running in its group goes too.
+        proc.signal_group(Signal::SIGKILL);
+        match tokio::time::timeout(OUTPUT_DRAIN_WAIT, capture).await {
+            Ok(Ok(got)) if got.dropped > 0 => tracing::warn!(
+                job = %job.id, dropped = got.dropped, "job output over jobs.log_max_bytes was dropped"
+            ),
+            Ok(_) => {}
+            Err(_) => tracing::warn!(
+                job = %job.id,
+                "a process that left the job's group still holds its output open; stopped capturing"
+            ),
+        }
+        match watched {
+            Ok(Watched::Exited(st)) => match (st.code(), st.signal()) {
+                (Some(code), _) => Ending::Exited(code),
+                (None, Some(sig)) => Ending::Signaled(sig),
+                (None, None) => Ending::AgentFault(format!("unexpected wait status {st:?}")),
+            },
+            Ok(Watched::TimedOut) => Ending::TimedOut(timeout),
+            Ok(Watched::Interrupted(reason, st)) => Ending::Interrupted {
+                drain_reason: reason,
+                code: st.code(),
+                signal: st.signal(),
+            },
+            Err(e) => Ending::AgentFault(format!("waiting for the job: {e}")),
+        }
+    }
+
+    /// Waits for the job, enforcing its timeout and reacting to a drain.
+    async fn watch(
+        &self,
+        proc: &mut JobProcess,
+        timeout: Duration,
+        interrupt: envelope::Interrupt,
+    ) -> std::io::Result<Watched> {
+        let mut drain_rx = self.drain.subscribe();
+        tokio::select! {
+            st = proc.wait() => Ok(Watched::Exited(st?)),
+            _ = tokio::time::sleep(timeout) => {
+                proc.signal_group(Signal::SIGTERM);
+                let grace = self.settings.kill_grace;
+                let st = match tokio::time::timeout(grace, proc.wait()).await {
+                    Ok(st) => st?,
+                    Err(_) => {
+                        proc.signal_group(Signal::SIGKILL);
+                        proc.wait().await?
+                    }
+                };
+                let _ = st;
+                Ok(Watched::TimedOut)
+            }
+            req = drain::requested(&mut drain_rx) => {
+                proc.signal_group(interrupt.signal);
+                let st = stop_within(proc, interrupt.grace, &mut drain_rx).await?;
+                Ok(Watched::Interrupted(req.reason, st))
+            }
+        }
+    }
+}
+
+/// Gives an interrupted job until its grace period ends or the drain
+/// deadline (less the time to release it) comes, whichever is first; a
+/// deadline moved earlier while waiting is honoured. Then kills the group.
+async fn stop_within(
+    proc: &mut JobProcess,
+    grace: Duration,
+    drain_rx: &mut tokio::sync::watch::Receiver<Option<drain::DrainRequest>>,
+) -> std::io::Result<ExitStatus> {
+    let grace_end = Instant::now() + grace;
+    loop {
+        let drain_end = drain_rx.borrow_and_update().as_ref().map(|r| {
+            r.deadline
+                .checked_sub(RELEASE_RESERVE)
+                .unwrap_or(r.deadline)
+        });
+        let until = drain_end.map_or(grace_end, |d| d.min(grace_end));
+        tokio::select! {
+            st = proc.wait() => return st,
+            _ = tokio::time::sleep_until(until.into()) => {
+                proc.signal_group(Signal::SIGKILL);
+                return proc.wait().await;
+            }
+            changed = drain_rx.changed() => {
+                if changed.is_err() {
+                    // No more deadline changes can come; wait out the grace.
+                    tokio::select! {
+                        st = proc.wait() => return st,
+                        _ = tokio::time::sleep_until(until.into()) => {
+                            proc.signal_group(Signal::SIGKILL);
+                            return proc.wait().await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A fresh, private (0700) work dir; leftovers of an earlier attempt of the
+/// same message are removed first.
+fn prepare_work_dir(dir: &PathBuf) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::DirBuilder::new().mode(0o700).create(dir)
+}

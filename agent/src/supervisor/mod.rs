@@ -1,0 +1,288 @@
+//! The supervisor: job slots, admission, the life of each attempt, and the
+//! ack-last rule. It takes a slot before it asks the source for work, so it
+//! never holds a message it has no slot for; it finishes a message (delete,
+//! release or dead-letter) only after the attempt's outcome is known and its
+//! event handed off. On drain it stops intake at once, tells running jobs to
+//! stop, releases what does not finish in time, and returns.
+//!
+//! It knows nothing of SQS or directories (`queue`), of how a process is
+//! isolated (`sandbox`), or of signals and admin requests (`drain`).
+
+mod attempt;
+pub mod output;
+pub mod status;
+pub mod verdict;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+
+use crate::drain::{self, Drain};
+use crate::envelope::{Keyring, VerifyPolicy};
+use crate::events::{EventSink, EventType, JobEvent};
+use crate::queue::{JobSource, Message};
+use crate::sandbox::process::{kill_orphaned_group, Launcher};
+use crate::state::{InFlight, Ledger, StateError};
+use status::StatusBoard;
+use verdict::Backoff;
+
+/// SQS's limit on messages per receive; the directory source honours it too.
+pub const MAX_RECEIVE_BATCH: usize = 10;
+
+/// How long to wait before asking a failing source again, at most.
+const RECEIVE_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Everything the supervisor needs to know from the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub slots: usize,
+    pub default_timeout: Duration,
+    pub kill_grace: Duration,
+    pub backoff: Backoff,
+    pub work_root: PathBuf,
+    pub log_root: PathBuf,
+    pub log_max_bytes: u64,
+    pub verify: VerifyPolicy,
+    pub instance_id: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("recovering jobs left by a previous run: {0}")]
+    Recovery(#[from] StateError),
+    #[error("recovering jobs left by a previous run: {0}")]
+    RecoveryQueue(#[source] crate::queue::QueueError),
+}
+
+pub struct Supervisor<S, E> {
+    source: S,
+    events: E,
+    keys: Keyring,
+    settings: Settings,
+    ledger: Ledger,
+    launcher: Launcher,
+    drain: Drain,
+    board: Arc<StatusBoard>,
+}
+
+impl<S: JobSource, E: EventSink> Supervisor<S, E> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        source: S,
+        events: E,
+        keys: Keyring,
+        settings: Settings,
+        ledger: Ledger,
+        launcher: Launcher,
+        drain: Drain,
+        board: Arc<StatusBoard>,
+    ) -> Supervisor<S, E> {
+        Supervisor {
+            source,
+            events,
+            keys,
+            settings,
+            ledger,
+            launcher,
+            drain,
+            board,
+        }
+    }
+
+    pub fn board(&self) -> &Arc<StatusBoard> {
+        &self.board
+    }
+
+    /// Kills what a previous run left running and gives its messages back.
+    /// Must run before the first receive.
+    pub async fn recover(&self) -> Result<usize, SupervisorError> {
+        let entries = self.ledger.load_all()?;
+        for e in &entries {
+            if let (Some(pid), Some(start)) = (e.pid, e.start_time) {
+                let killed = kill_orphaned_group(pid, start);
+                if killed > 0 {
+                    tracing::warn!(
+                        job = e.job_id.as_deref().unwrap_or("?"),
+                        pid,
+                        killed,
+                        "killed the processes of a job left running by a previous run of the agent"
+                    );
+                }
+            }
+            if let Some(dir) = &e.work_dir {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+        let known: Vec<Message> = entries.iter().map(InFlight::to_message).collect();
+        let released = self
+            .source
+            .recover_claims(&known)
+            .await
+            .map_err(SupervisorError::RecoveryQueue)?;
+        for e in &entries {
+            let mut ev = JobEvent::new(
+                EventType::Requeued,
+                &e.message_id,
+                e.attempt,
+                &self.settings.instance_id,
+            );
+            ev.job_id = e.job_id.clone();
+            ev.reason = Some(
+                "released after the agent restarted: the previous run ended without finishing it"
+                    .into(),
+            );
+            self.publish(&ev).await;
+            self.ledger.forget(&e.message_id)?;
+        }
+        if released > 0 {
+            tracing::warn!(
+                released,
+                "gave back messages claimed by a previous run of the agent (crash or kill -9); they run again"
+            );
+        }
+        Ok(released)
+    }
+
+    /// Runs until a drain is requested and every attempt has finished or
+    /// been released.
+    pub async fn run(self: Arc<Self>) {
+        let slots = Arc::new(Semaphore::new(self.settings.slots));
+        let tracker = TaskTracker::new();
+        let mut drain_rx = self.drain.subscribe();
+        let mut receive_failures: u32 = 0;
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = drain::requested(&mut drain_rx) => break,
+                p = slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let mut permits = vec![first];
+            while permits.len() < MAX_RECEIVE_BATCH {
+                match slots.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            // A receive in flight is never abandoned: what it claims must be
+            // started or given back, not dropped.
+            let received = self.source.receive(permits.len()).await;
+            let messages = match received {
+                Ok(m) => {
+                    receive_failures = 0;
+                    m
+                }
+                Err(e) => {
+                    receive_failures += 1;
+                    let wait = Backoff {
+                        base: Duration::from_secs(1),
+                        max: RECEIVE_RETRY_MAX,
+                    }
+                    .delay(receive_failures, rand::random());
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot receive jobs; retrying");
+                    tokio::select! {
+                        _ = drain::requested(&mut drain_rx) => break,
+                        _ = tokio::time::sleep(wait) => continue,
+                    }
+                }
+            };
+            let draining = self.drain.current().is_some();
+            for msg in messages {
+                let Some(permit) = permits.pop() else {
+                    // Cannot happen (receive is bounded by `permits`), but a
+                    // message without a slot goes straight back.
+                    self.give_back(&msg, "no free slot").await;
+                    continue;
+                };
+                if draining {
+                    self.give_back(&msg, "the agent is draining").await;
+                    continue;
+                }
+                let me = self.clone();
+                tracker.spawn(async move {
+                    me.handle_message(msg).await;
+                    drop(permit);
+                });
+            }
+        }
+        tracing::info!(
+            running = tracker.len(),
+            "intake stopped; waiting for running jobs to finish or be released"
+        );
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    /// Releases a message that was received but will not be started.
+    async fn give_back(&self, msg: &Message, why: &str) {
+        if let Err(e) = self.source.release(msg, Duration::ZERO, false).await {
+            tracing::error!(message_id = %msg.id, error = %e, why, "cannot release message; it returns when its claim expires or at the next start");
+        }
+    }
+
+    /// Hands an event to the sink, retrying briefly; returns whether it was
+    /// handed off. Every event is also shown in the agent's own log.
+    async fn publish(&self, ev: &JobEvent) -> bool {
+        self.board.count(ev.kind);
+        show_event(ev);
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1..=3 {
+            match self.events.publish(ev).await {
+                Ok(()) => return true,
+                Err(e) if attempt == 3 => {
+                    tracing::error!(error = %e, event = ev.kind.as_str(), message_id = %ev.message_id, "cannot publish job event");
+                }
+                Err(_) => {
+                    tokio::time::sleep(delay).await;
+                    delay *= 4;
+                }
+            }
+        }
+        false
+    }
+}
+
+/// One human-readable line per event on the agent's own log (the terminal
+/// in `dev`), with the event's members as fields for `--log-format json`.
+fn show_event(ev: &JobEvent) {
+    let job = ev.job_id.as_deref().unwrap_or("-");
+    let what = ev.kind.as_str().trim_start_matches("job.");
+    let mut line = format!("{what:<11} {job} (attempt {})", ev.attempt);
+    if let Some(ms) = ev.duration_ms {
+        line.push_str(&format!(" after {:.2}s", ms as f64 / 1000.0));
+    }
+    if let Some(r) = &ev.reason {
+        line.push_str(": ");
+        line.push_str(r);
+    }
+    let fields = (
+        ev.kind.as_str(),
+        ev.message_id.as_str(),
+        ev.log_stream.as_deref().unwrap_or(""),
+    );
+    match ev.kind {
+        EventType::Failed | EventType::TimedOut | EventType::Rejected => {
+            tracing::warn!(
+                event = fields.0,
+                message_id = fields.1,
+                log_stream = fields.2,
+                is_final = ev.is_final,
+                "{line}"
+            )
+        }
+        _ => {
+            tracing::info!(
+                event = fields.0,
+                message_id = fields.1,
+                log_stream = fields.2,
+                is_final = ev.is_final,
+                "{line}"
+            )
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! What the agent is doing right now, for `batchly-agent status`: slots,
+//! running jobs with their age, outcome counts, draining or not. The
+//! supervisor updates the board; the admin socket reads snapshots of it.
+//! Reading never blocks a job for longer than a map copy.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::drain::Drain;
+use crate::events::EventType;
+
+const COUNTED: [EventType; 7] = [
+    EventType::Started,
+    EventType::Succeeded,
+    EventType::Failed,
+    EventType::TimedOut,
+    EventType::Requeued,
+    EventType::Interrupted,
+    EventType::Rejected,
+];
+
+#[derive(Debug, Clone)]
+pub struct Running {
+    pub job_id: String,
+    pub message_id: String,
+    pub attempt: u32,
+    pub pid: Option<i32>,
+    pub since: Instant,
+    pub timeout: Duration,
+    pub log_stream: String,
+}
+
+pub struct StatusBoard {
+    started: Instant,
+    mode: String,
+    source: String,
+    slots: usize,
+    drain: Drain,
+    running: Mutex<BTreeMap<String, Running>>,
+    counts: [AtomicU64; COUNTED.len()],
+}
+
+/// A point-in-time copy of the board, as sent over the admin socket.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatusSnapshot {
+    pub version: String,
+    pub pid: u32,
+    pub mode: String,
+    pub source: String,
+    pub uptime_s: u64,
+    pub slots: usize,
+    pub busy: usize,
+    pub draining: Option<DrainView>,
+    pub counts: BTreeMap<String, u64>,
+    pub running: Vec<RunningView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DrainView {
+    pub reason: String,
+    pub deadline_in_s: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunningView {
+    pub job_id: String,
+    pub message_id: String,
+    pub attempt: u32,
+    pub pid: Option<i32>,
+    pub age_s: u64,
+    pub timeout_s: u64,
+    pub log_stream: String,
+}
+
+impl StatusBoard {
+    pub fn new(mode: &str, source: String, slots: usize, drain: Drain) -> StatusBoard {
+        StatusBoard {
+            started: Instant::now(),
+            mode: mode.to_string(),
+            source,
+            slots,
+            drain,
+            running: Mutex::new(BTreeMap::new()),
+            counts: Default::default(),
+        }
+    }
+
+    pub fn count(&self, kind: EventType) {
+        if let Some(i) = COUNTED.iter().position(|k| *k == kind) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn counted(&self, kind: EventType) -> u64 {
+        COUNTED
+            .iter()
+            .position(|k| *k == kind)
+            .map(|i| self.counts[i].load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
+    pub fn set_running(&self, r: Running) {
+        self.lock().insert(r.message_id.clone(), r);
+    }
+
+    pub fn set_pid(&self, message_id: &str, pid: i32) {
+        if let Some(r) = self.lock().get_mut(message_id) {
+            r.pid = Some(pid);
+        }
+    }
+
+    pub fn finished(&self, message_id: &str) {
+        self.lock().remove(message_id);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Running>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn snapshot(&self) -> StatusSnapshot {
+        let now = Instant::now();
+        let mut running: Vec<RunningView> = self
+            .lock()
+            .values()
+            .map(|r| RunningView {
+                job_id: r.job_id.clone(),
+                message_id: r.message_id.clone(),
+                attempt: r.attempt,
+                pid: r.pid,
+                age_s: now.duration_since(r.since).as_secs(),
+                timeout_s: r.timeout.as_secs(),
+                log_stream: r.log_stream.clone(),
+            })
+            .collect();
+        running.sort_by(|a, b| b.age_s.cmp(&a.age_s).then(a.job_id.cmp(&b.job_id)));
+        StatusSnapshot {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            mode: self.mode.clone(),
+            source: self.source.clone(),
+            uptime_s: self.started.elapsed().as_secs(),
+            slots: self.slots,
+            busy: running.len(),
+            draining: self.drain.current().map(|d| DrainView {
+                reason: d.reason,
+                deadline_in_s: d.deadline.saturating_duration_since(now).as_secs(),
+            }),
+            counts: COUNTED
+                .iter()
+                .zip(&self.counts)
+                .map(|(k, c)| {
+                    let name = k.as_str().trim_start_matches("job.").to_string();
+                    (name, c.load(Ordering::Relaxed))
+                })
+                .collect(),
+            running,
+        }
+    }
+}
+
+/// `1h02m`, `4m05s`, `12s`: short and readable at 3 a.m.
+pub fn human_duration(secs: u64) -> String {
+    match secs {
+        s if s >= 3600 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        s if s >= 60 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{s}s"),
+    }
+}
+
+impl StatusSnapshot {
+    /// The human form printed by `batchly-agent status`.
+    pub fn render_text(&self) -> String {
+        let mut out = String::new();
+        let c = |k: &str| self.counts.get(k).copied().unwrap_or(0);
+        out.push_str(&format!(
+            "batchly-agent {} ({}), pid {}, up {}\n",
+            self.version,
+            self.mode,
+            self.pid,
+            human_duration(self.uptime_s)
+        ));
+        out.push_str(&format!("source:   {}\n", self.source));
+        match &self.draining {
+            None => out.push_str("state:    running\n"),
+            Some(d) => out.push_str(&format!(
+                "state:    DRAINING ({}), {} left before the deadline\n",
+                d.reason,
+                human_duration(d.deadline_in_s)
+            )),
+        }
+        out.push_str(&format!("slots:    {} of {} busy\n", self.busy, self.slots));
+        out.push_str(&format!(
+            "outcomes: {} succeeded, {} failed, {} timed out, {} requeued, {} interrupted, {} rejected ({} started)\n",
+            c("succeeded"),
+            c("failed"),
+            c("timed_out"),
+            c("requeued"),
+            c("interrupted"),
+            c("rejected"),
+            c("started"),
+        ));
+        if self.running.is_empty() {
+            out.push_str("running:  none\n");
+            return out;
+        }
+        out.push_str("running:\n");
+        let width = self
+            .running
+            .iter()
+            .map(|r| r.job_id.len())
+            .max()
+            .unwrap_or(3)
+            .max(3);
+        out.push_str(&format!(
+            "  {:<width$}  {:>7}  {:>7}  {:>7}  {:>7}  LOG STREAM\n",
+            "JOB", "ATTEMPT", "PID", "AGE", "TIMEOUT"
+        ));
+        for r in &self.running {
+            out.push_str(&format!(
+                "  {:<width$}  {:>7}  {:>7}  {:>7}  {:>7}  {}\n",
+                r.job_id,
+                r.attempt,
+                r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                human_duration(r.age_s),
+                human_duration(r.timeout_s),
+                r.log_stream
+            ));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_shows_running_jobs_counts_and_drain_state() {
+        let drain = Drain::new();
+        let board = StatusBoard::new("dev", "directory /tmp/x".into(), 4, drain.clone());
+        board.set_running(Running {
+            job_id: "job-1".into(),
+            message_id: "m1".into(),
+            attempt: 1,
+            pid: None,
+            since: Instant::now(),
+            timeout: Duration::from_secs(3600),
+            log_stream: "job-1/m1.1".into(),
+        });
+        board.set_pid("m1", 4242);
+        board.count(EventType::Succeeded);
+        board.count(EventType::Succeeded);
+        drain.request("SIGTERM", Instant::now() + Duration::from_secs(90));
+        let snap = board.snapshot();
+        assert_eq!(snap.busy, 1);
+        assert_eq!(snap.running[0].pid, Some(4242));
+        assert_eq!(snap.counts["succeeded"], 2);
+        assert_eq!(
+            snap.draining.as_ref().map(|d| d.reason.as_str()),
+            Some("SIGTERM")
+        );
+        let text = snap.render_text();
+        assert!(text.contains("1 of 4 busy"), "{text}");
+        assert!(text.contains("DRAINING (SIGTERM)"), "{text}");
+        assert!(text.contains("job-1") && text.contains("4242"), "{text}");
+        board.finished("m1");
+        assert_eq!(board.snapshot().busy, 0);
+    }
+
+    #[test]
+    fn durations_read_like_a_human_wrote_them() {
+        assert_eq!(human_duration(5), "5s");
+        assert_eq!(human_duration(245), "4m05s");
+        assert_eq!(human_duration(3720), "1h02m");
+    }
+}
