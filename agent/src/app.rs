@@ -424,8 +424,10 @@ pub async fn request_drain(socket: &Path) -> Result<String, AppError> {
 pub fn init_logging(format: crate::config::LogFormat, level: &str) -> Result<(), AppError> {
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .map_err(|e| usage(format!("agent.log_level: {e}")))?;
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let res = match format {
         crate::config::LogFormat::Json => builder.json().flatten_event(true).try_init(),

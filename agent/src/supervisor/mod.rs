@@ -250,9 +250,11 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
 /// One human-readable line per event on the agent's own log (the terminal
 /// in `dev`), with the event's members as fields for `--log-format json`.
 fn show_event(ev: &JobEvent) {
-    let job = ev.job_id.as_deref().unwrap_or("-");
     let what = ev.kind.as_str().trim_start_matches("job.");
-    let mut line = format!("{what:<11} {job} (attempt {})", ev.attempt);
+    let mut line = match &ev.job_id {
+        Some(job) => format!("{what:<11} {job} (attempt {})", ev.attempt),
+        None => format!("{what:<11} message {}", ev.message_id),
+    };
     if let Some(ms) = ev.duration_ms {
         line.push_str(&format!(" after {:.2}s", ms as f64 / 1000.0));
     }
