@@ -222,7 +222,7 @@ fn print_dev_banner(layout: &DevLayout, config: &Config) {
          \x20 submit 50       {exe} submit --dir {d} --count 50 -- sh -c 'sleep 1; echo done'\n\
          \x20 agent status    {exe} status --dir {d}\n\
          \x20 job events      tail -f {}\n\
-         \x20 job output      {}/<job-id>/\n\
+         \x20 job output      {}/<job-id>.<message-id>.<run>\n\
          \x20 dead letters    {d}/dead/ (each with a .reason.json)\n",
         config.jobs.max_concurrent,
         layout.events().display(),

@@ -1,12 +1,19 @@
-//! The ledger of in-flight jobs: one small file per claimed message under
-//! the state directory, written before a job is launched and updated with
-//! its pid once it runs, removed when the message is finished. After a crash
+//! The ledger of in-flight jobs: one small file per job slot under the
+//! state directory (`inflight/slot-N.json`), written when a slot takes a
+//! message, updated with the job's pid before the job runs, emptied when the
+//! message is finished. Files are per slot, not per message, so the ledger
+//! is bounded by construction and costs no file creation per job. After a crash
 //! or `kill -9` it is how the next run finds the jobs left behind, kills
 //! their process groups and gives their messages back to the queue.
 //!
-//! Files are replaced atomically (write to a temporary name, rename), so a
-//! crash never leaves a half-written entry. The ledger never decides what
-//! happens to a message; it only remembers.
+//! An entry is written with one `pwrite` at offset 0, padded with spaces
+//! (valid trailing JSON whitespace) so it always covers what was there: the
+//! death of the agent cannot interrupt a single write to a regular file, so
+//! no `kill -9` leaves a torn entry, and updating an entry reuses its inode
+//! (cheaper than a temporary file and a rename on every job). Only a power
+//! loss could tear one; then the instance, and every job, is gone anyway,
+//! and an unreadable entry is skipped. The ledger never decides what happens
+//! to a message; it only remembers.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -98,42 +105,53 @@ impl Ledger {
         Ok(Ledger { dir })
     }
 
-    fn entry_path(&self, message_id: &str) -> PathBuf {
-        // Message ids are UUIDs or hex, but never trust them as file names.
-        let safe: String = message_id
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        self.dir.join(format!("{safe}.json"))
+    fn slot_path(&self, slot: usize) -> PathBuf {
+        self.dir.join(format!("slot-{slot}.json"))
     }
 
-    /// Writes or replaces the entry for one message.
-    pub fn record(&self, entry: &InFlight) -> Result<(), StateError> {
-        let path = self.entry_path(&entry.message_id);
-        let tmp = path.with_extension("json.tmp");
-        let text = serde_json::to_vec(entry).map_err(|e| StateError::Io {
+    /// Writes or replaces the entry of one slot.
+    pub fn record(&self, slot: usize, entry: &InFlight) -> Result<(), StateError> {
+        use std::os::unix::fs::FileExt;
+        let path = self.slot_path(slot);
+        let mut text = serde_json::to_vec(entry).map_err(|e| StateError::Io {
             action: "encoding",
             path: path.clone(),
             source: std::io::Error::other(e),
         })?;
-        fs::write(&tmp, text).map_err(io_err("writing", &tmp))?;
-        fs::rename(&tmp, &path).map_err(io_err("writing", &path))
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err("opening", &path))?;
+        let old_len = file.metadata().map_err(io_err("reading", &path))?.len() as usize;
+        if text.len() < old_len {
+            text.resize(old_len, b' ');
+        }
+        file.write_all_at(&text, 0)
+            .map_err(io_err("writing", &path))
     }
 
-    /// Forgets a message whose claim has ended (deleted, released or
-    /// dead-lettered). Forgetting an unknown message is fine.
-    pub fn forget(&self, message_id: &str) -> Result<(), StateError> {
-        let path = self.entry_path(message_id);
-        match fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err("removing", &path)(e)),
-            _ => Ok(()),
+    /// Empties a slot whose message is finished (deleted, released or
+    /// dead-lettered). Emptying an empty slot is fine.
+    pub fn forget(&self, slot: usize) -> Result<(), StateError> {
+        let path = self.slot_path(slot);
+        match fs::OpenOptions::new().write(true).open(&path) {
+            Ok(f) => f.set_len(0).map_err(io_err("emptying", &path)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("opening", &path)(e)),
         }
+    }
+
+    /// Empties every slot (after recovery has dealt with their entries).
+    pub fn clear_all(&self) -> Result<(), StateError> {
+        for entry in fs::read_dir(&self.dir).map_err(io_err("reading", &self.dir))? {
+            let path = entry.map_err(io_err("reading", &self.dir))?.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                fs::write(&path, b"").map_err(io_err("emptying", &path))?;
+            }
+        }
+        Ok(())
     }
 
     /// Every entry left by a previous run. Unreadable entries are reported
@@ -144,12 +162,15 @@ impl Ledger {
         for entry in fs::read_dir(&self.dir).map_err(io_err("reading", &self.dir))? {
             let path = entry.map_err(io_err("reading", &self.dir))?.path();
             if path.extension().is_none_or(|e| e != "json") {
-                let _ = fs::remove_file(&path);
                 continue;
             }
-            match fs::read(&path).map(|b| serde_json::from_slice::<InFlight>(&b)) {
-                Ok(Ok(e)) => out.push(e),
-                Ok(Err(e)) => {
+            match fs::read(&path).map(|b| {
+                let empty = b.iter().all(u8::is_ascii_whitespace);
+                (empty, serde_json::from_slice::<InFlight>(&b))
+            }) {
+                Ok((true, _)) => {}
+                Ok((false, Ok(e))) => out.push(e),
+                Ok((false, Err(e))) => {
                     tracing::warn!(file = %path.display(), error = %e, "skipping unreadable ledger entry")
                 }
                 Err(e) => {
@@ -183,28 +204,36 @@ mod tests {
     fn recorded_entries_survive_a_restart_until_forgotten() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let ledger = Ledger::open(tmp.path()).expect("open");
-        ledger.record(&entry("a")).expect("record");
-        ledger.record(&entry("b")).expect("record");
-        ledger.forget("a").expect("forget");
+        ledger.record(0, &entry("a")).expect("record");
+        ledger.record(1, &entry("b")).expect("record");
+        ledger.forget(0).expect("forget");
+        ledger.forget(7).expect("forgetting an unused slot is fine");
         let again = Ledger::open(tmp.path()).expect("reopen");
         assert_eq!(again.load_all().expect("load"), vec![entry("b")]);
+        again.clear_all().expect("clear");
+        assert!(again.load_all().expect("load").is_empty());
+    }
+
+    #[test]
+    fn a_shorter_update_leaves_no_trace_of_the_longer_entry() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(tmp.path()).expect("open");
+        let mut long = entry("a");
+        long.work_dir = Some(PathBuf::from(
+            "/a/very/long/path/to/a/work/dir/that/is/long",
+        ));
+        ledger.record(3, &long).expect("record");
+        let short = entry("a");
+        ledger.record(3, &short).expect("update");
+        assert_eq!(ledger.load_all().expect("load"), vec![short]);
     }
 
     #[test]
     fn a_corrupt_entry_is_skipped_not_fatal() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let ledger = Ledger::open(tmp.path()).expect("open");
-        ledger.record(&entry("good")).expect("record");
-        fs::write(tmp.path().join("inflight/bad.json"), b"{not json").expect("write");
+        ledger.record(0, &entry("good")).expect("record");
+        fs::write(tmp.path().join("inflight/slot-1.json"), b"{not json").expect("write");
         assert_eq!(ledger.load_all().expect("load"), vec![entry("good")]);
-    }
-
-    #[test]
-    fn odd_message_ids_cannot_escape_the_ledger_directory() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let ledger = Ledger::open(tmp.path()).expect("open");
-        ledger.record(&entry("../../etc/x")).expect("record");
-        assert!(!tmp.path().join("etc").exists());
-        assert_eq!(ledger.load_all().expect("load").len(), 1);
     }
 }

@@ -76,8 +76,11 @@ impl Launcher {
         }
     }
 
-    /// Starts one job attempt and returns once it runs (or was refused).
-    pub async fn launch(&self, plan: &LaunchPlan) -> Result<JobProcess, LaunchError> {
+    /// Starts a launcher that waits for its plan. The job cannot run any of
+    /// its own code before `Spawned::start`, so the caller can first record
+    /// the pid where crash recovery will find it. Dropping a `Spawned`
+    /// without starting it makes the launcher exit.
+    pub fn spawn(&self) -> Result<Spawned, LaunchError> {
         let (ours, theirs) =
             std::os::unix::net::UnixStream::pair().map_err(LaunchError::Protocol)?;
         let mut child = tokio::process::Command::new(&self.program)
@@ -91,12 +94,53 @@ impl Launcher {
                 program: self.program.clone(),
                 source,
             })?;
-        let pid = child
-            .id()
-            .map(|id| Pid::from_raw(id as i32))
-            .ok_or_else(|| LaunchError::Protocol(io::Error::other("launcher exited at once")))?;
-        let reply = exchange_plan(ours, plan).await;
-        let reply = match reply {
+        let Some(pid) = child.id().map(|id| Pid::from_raw(id as i32)) else {
+            let _ = child.start_kill();
+            return Err(LaunchError::Protocol(io::Error::other(
+                "launcher exited at once",
+            )));
+        };
+        // The start time of a process survives execve, so this is also the
+        // job's; it tells the job apart from a later process reusing the pid.
+        let start_time = process_stat(pid.as_raw())
+            .map(|s| s.start_time)
+            .unwrap_or(0);
+        Ok(Spawned {
+            pid,
+            start_time,
+            child,
+            plan_socket: ours,
+        })
+    }
+}
+
+/// A launcher waiting for its plan.
+#[derive(Debug)]
+pub struct Spawned {
+    pid: Pid,
+    start_time: u64,
+    child: Child,
+    plan_socket: std::os::unix::net::UnixStream,
+}
+
+impl Spawned {
+    pub fn pid(&self) -> i32 {
+        self.pid.as_raw()
+    }
+
+    pub fn start_time(&self) -> u64 {
+        self.start_time
+    }
+
+    /// Sends the plan; returns once the job runs, or why it was refused.
+    pub async fn start(self, plan: &LaunchPlan) -> Result<JobProcess, LaunchError> {
+        let Spawned {
+            pid,
+            start_time,
+            mut child,
+            plan_socket,
+        } = self;
+        let reply = match exchange_plan(plan_socket, plan).await {
             Ok(reply) => reply,
             Err(e) => {
                 let _ = child.start_kill();
@@ -113,11 +157,6 @@ impl Launcher {
                 message: message.to_string(),
             });
         }
-        // The job has exec'd; its start time tells it apart from a later
-        // process that reuses the pid (crash recovery relies on this).
-        let start_time = process_stat(pid.as_raw())
-            .map(|s| s.start_time)
-            .unwrap_or(0);
         Ok(JobProcess {
             pid,
             start_time,

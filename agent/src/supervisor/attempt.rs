@@ -14,7 +14,7 @@ use nix::sys::signal::Signal;
 use super::output;
 use super::status::Running;
 use super::verdict::{self, Action, Ending, Verdict};
-use super::Supervisor;
+use super::{Slot, Supervisor};
 use crate::drain;
 use crate::envelope::{self, Envelope};
 use crate::events::{EventSink, EventType, JobEvent};
@@ -36,6 +36,17 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
+/// What one attempt works with.
+struct Attempt<'a> {
+    msg: &'a Message,
+    env: &'a Envelope,
+    slot: usize,
+    work_dir: &'a PathBuf,
+    log_stream: &'a str,
+    timeout: Duration,
+    started_event: &'a JobEvent,
+}
+
 /// How the watched process ended, before it is judged.
 enum Watched {
     Exited(ExitStatus),
@@ -44,9 +55,9 @@ enum Watched {
 }
 
 impl<S: JobSource, E: EventSink> Supervisor<S, E> {
-    pub(super) async fn handle_message(self: Arc<Self>, msg: Message) {
+    pub(super) async fn handle_message(self: Arc<Self>, msg: Message, slot: &Slot) {
         match envelope::verify(&msg.body, &self.keys, &self.settings.verify, unix_now()) {
-            Ok(env) => self.run_job(msg, env).await,
+            Ok(env) => self.run_job(msg, env, slot.index()).await,
             Err(rejection) => self.reject(msg, rejection).await,
         }
     }
@@ -80,9 +91,9 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         JobEvent::new(kind, &msg.id, msg.attempt, &self.settings.instance_id)
     }
 
-    async fn run_job(&self, msg: Message, env: Envelope) {
+    async fn run_job(&self, msg: Message, env: Envelope, slot: usize) {
         let job = &env.job;
-        let log_stream = format!("{}/{}.{}", job.id, msg.id, msg.receive_count);
+        let log_stream = format!("{}.{}.{}", job.id, msg.id, msg.receive_count);
         let work_dir = self
             .settings
             .work_root
@@ -110,19 +121,21 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             log_stream: log_stream.clone(),
         });
 
-        let ending = match self.ledger.record(&entry) {
+        // Recorded before anything else happens to the job, so a crash at any
+        // later step lets the next start give the message back at once.
+        let ending = match self.ledger.record(slot, &entry) {
             Err(e) => Ending::AgentFault(e.to_string()),
             Ok(()) => {
-                self.attempt(
-                    &msg,
-                    &env,
-                    &mut entry,
-                    &work_dir,
-                    &log_stream,
+                let attempt = Attempt {
+                    msg: &msg,
+                    env: &env,
+                    slot,
+                    work_dir: &work_dir,
+                    log_stream: &log_stream,
                     timeout,
-                    &template,
-                )
-                .await
+                    started_event: &template,
+                };
+                self.attempt(attempt, &mut entry).await
             }
         };
 
@@ -143,7 +156,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             }
             _ => {}
         }
-        self.finish(&msg, &ev, &verdict).await;
+        self.finish(&msg, slot, &ev, &verdict).await;
         if let Err(e) = std::fs::remove_dir_all(&work_dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(dir = %work_dir.display(), error = %e, "cannot remove work dir");
@@ -153,7 +166,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
     }
 
     /// Publishes the outcome, then acts on the message: ack last.
-    async fn finish(&self, msg: &Message, ev: &JobEvent, verdict: &Verdict) {
+    async fn finish(&self, msg: &Message, slot: usize, ev: &JobEvent, verdict: &Verdict) {
         let handed_off = self.publish(ev).await;
         let mut action = verdict.action;
         if !handed_off && action == Action::Delete {
@@ -170,7 +183,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         };
         match done {
             Ok(()) => {
-                if let Err(e) = self.ledger.forget(&msg.id) {
+                if let Err(e) = self.ledger.forget(slot) {
                     tracing::warn!(message_id = %msg.id, error = %e, "cannot update the in-flight ledger");
                 }
             }
@@ -182,17 +195,16 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
     }
 
     /// Prepares, launches and watches one attempt.
-    #[allow(clippy::too_many_arguments)]
-    async fn attempt(
-        &self,
-        msg: &Message,
-        env: &Envelope,
-        entry: &mut InFlight,
-        work_dir: &PathBuf,
-        log_stream: &str,
-        timeout: Duration,
-        started_event: &JobEvent,
-    ) -> Ending {
+    async fn attempt(&self, a: Attempt<'_>, entry: &mut InFlight) -> Ending {
+        let Attempt {
+            msg,
+            env,
+            slot,
+            work_dir,
+            log_stream,
+            timeout,
+            started_event,
+        } = a;
         let job = &env.job;
         if !job.inputs.is_empty() || !job.outputs.is_empty() {
             return Ending::NotStarted(
@@ -222,19 +234,22 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             env: scrubbed_env(work_dir, &job.id, msg.attempt, &job.env),
             work_dir: work_dir.clone(),
         };
-        let mut proc = match self.launcher.launch(&plan).await {
+        let spawned = match self.launcher.spawn() {
+            Ok(s) => s,
+            Err(e) => return Ending::AgentFault(e.to_string()),
+        };
+        // The pid is recorded before the job can run any code: a crash from
+        // here on leaves an entry that points at the job's process group.
+        entry.pid = Some(spawned.pid());
+        entry.start_time = Some(spawned.start_time());
+        if let Err(e) = self.ledger.record(slot, entry) {
+            return Ending::AgentFault(e.to_string());
+        }
+        let mut proc = match spawned.start(&plan).await {
             Ok(p) => p,
             Err(e) if e.is_job_fault() => return Ending::NotStarted(e.to_string()),
             Err(e) => return Ending::AgentFault(e.to_string()),
         };
-        entry.pid = Some(proc.pid());
-        entry.start_time = Some(proc.start_time());
-        if let Err(e) = self.ledger.record(entry) {
-            // The job runs, but a crash now would leave it unknown: stop it.
-            proc.signal_group(Signal::SIGKILL);
-            let _ = proc.wait().await;
-            return Ending::AgentFault(e.to_string());
-        }
         self.board.set_pid(&msg.id, proc.pid());
         self.publish(started_event).await;
 

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 
 use crate::drain::{self, Drain};
@@ -34,6 +34,72 @@ pub const MAX_RECEIVE_BATCH: usize = 10;
 
 /// How long to wait before asking a failing source again, at most.
 const RECEIVE_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The job slots: a count to wait on, and which numbered slot is free.
+/// A slot's number names its ledger entry (and, with the sandbox, its
+/// identity and cgroup).
+struct SlotPool {
+    available: Arc<Semaphore>,
+    free: std::sync::Mutex<Vec<usize>>,
+}
+
+/// One taken slot; dropping it makes it free again.
+pub(crate) struct Slot {
+    index: usize,
+    pool: Arc<SlotPool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl SlotPool {
+    fn new(n: usize) -> Arc<SlotPool> {
+        Arc::new(SlotPool {
+            available: Arc::new(Semaphore::new(n)),
+            free: std::sync::Mutex::new((0..n).rev().collect()),
+        })
+    }
+
+    fn take(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> Slot {
+        let index = self
+            .free
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .expect("a permit is only handed out while a slot number is free");
+        Slot {
+            index,
+            pool: self.clone(),
+            _permit: permit,
+        }
+    }
+
+    async fn acquire(self: &Arc<Self>) -> Option<Slot> {
+        let permit = self.available.clone().acquire_owned().await.ok()?;
+        Some(self.take(permit))
+    }
+
+    fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+        let permit = self.available.clone().try_acquire_owned().ok()?;
+        Some(self.take(permit))
+    }
+}
+
+impl Slot {
+    pub(crate) fn index(&self) -> usize {
+        self.index
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        // The number goes back before the permit does (fields drop after
+        // this body), so a new permit always finds a free number.
+        self.pool
+            .free
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(self.index);
+    }
+}
 
 /// Everything the supervisor needs to know from the configuration.
 #[derive(Debug, Clone)]
@@ -135,8 +201,8 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                     .into(),
             );
             self.publish(&ev).await;
-            self.ledger.forget(&e.message_id)?;
         }
+        self.ledger.clear_all()?;
         if released > 0 {
             tracing::warn!(
                 released,
@@ -149,7 +215,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
     /// Runs until a drain is requested and every attempt has finished or
     /// been released.
     pub async fn run(self: Arc<Self>) {
-        let slots = Arc::new(Semaphore::new(self.settings.slots));
+        let slots = SlotPool::new(self.settings.slots);
         let tracker = TaskTracker::new();
         let mut drain_rx = self.drain.subscribe();
         let mut receive_failures: u32 = 0;
@@ -157,21 +223,21 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             let first = tokio::select! {
                 biased;
                 _ = drain::requested(&mut drain_rx) => break,
-                p = slots.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break,
+                slot = slots.acquire() => match slot {
+                    Some(slot) => slot,
+                    None => break,
                 },
             };
-            let mut permits = vec![first];
-            while permits.len() < MAX_RECEIVE_BATCH {
-                match slots.clone().try_acquire_owned() {
-                    Ok(p) => permits.push(p),
-                    Err(_) => break,
+            let mut free = vec![first];
+            while free.len() < MAX_RECEIVE_BATCH {
+                match slots.try_acquire() {
+                    Some(slot) => free.push(slot),
+                    None => break,
                 }
             }
             // A receive in flight is never abandoned: what it claims must be
             // started or given back, not dropped.
-            let received = self.source.receive(permits.len()).await;
+            let received = self.source.receive(free.len()).await;
             let messages = match received {
                 Ok(m) => {
                     receive_failures = 0;
@@ -193,8 +259,8 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             };
             let draining = self.drain.current().is_some();
             for msg in messages {
-                let Some(permit) = permits.pop() else {
-                    // Cannot happen (receive is bounded by `permits`), but a
+                let Some(slot) = free.pop() else {
+                    // Cannot happen (receive is bounded by `free`), but a
                     // message without a slot goes straight back.
                     self.give_back(&msg, "no free slot").await;
                     continue;
@@ -205,8 +271,8 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 }
                 let me = self.clone();
                 tracker.spawn(async move {
-                    me.handle_message(msg).await;
-                    drop(permit);
+                    me.handle_message(msg, &slot).await;
+                    drop(slot);
                 });
             }
         }
