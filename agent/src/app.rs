@@ -259,6 +259,9 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
     mode: &str,
     drain: Drain,
 ) -> Result<(), AppError> {
+    // Signal handlers first: from the moment the agent can be seen (its
+    // socket), a SIGTERM must mean a drain, never the default death.
+    let signals = StopSignals::install()?;
     let keys = Keyring::load(&config.signing.keys_file).map_err(usage)?;
     let ledger = Ledger::open(&config.state.dir).map_err(failed)?;
     let settings = settings(config);
@@ -286,7 +289,7 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
         drain.clone(),
         config.drain.timeout,
     ));
-    let signal_task = tokio::spawn(drain_on_signals(drain.clone(), config.drain.timeout));
+    let signal_task = tokio::spawn(signals.drain_on_signals(drain.clone(), config.drain.timeout));
     tracing::info!(
         slots = config.jobs.max_concurrent,
         source = %board.snapshot().source,
@@ -307,35 +310,44 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
     Ok(())
 }
 
-/// SIGTERM or SIGINT starts a drain with `timeout`; a second one asks for
-/// an immediate stop (jobs killed and released now).
-async fn drain_on_signals(drain: Drain, timeout: Duration) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!(
-            "cannot install signal handlers; SIGTERM will kill the agent without a drain"
-        );
-        return;
-    };
-    let mut seen = 0;
-    loop {
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+/// SIGTERM and SIGINT, caught from the moment they are installed.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> Result<StopSignals, AppError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let install = |kind: SignalKind, name: &str| {
+            signal(kind).map_err(|e| failed(format!("installing the {name} handler: {e}")))
         };
-        seen += 1;
-        if seen == 1 {
-            tracing::warn!(signal = name, timeout_s = timeout.as_secs(), "draining: no new jobs; running jobs are told to stop and released if they do not finish in time");
-            drain.request(name, Instant::now() + timeout);
-        } else {
-            tracing::warn!(
-                signal = name,
-                "second stop signal: stopping running jobs now"
-            );
-            drain.request(name, Instant::now());
+        Ok(StopSignals {
+            term: install(SignalKind::terminate(), "SIGTERM")?,
+            int: install(SignalKind::interrupt(), "SIGINT")?,
+        })
+    }
+
+    /// The first signal starts a drain with `timeout`; a second one asks for
+    /// an immediate stop (jobs killed and released now).
+    async fn drain_on_signals(mut self, drain: Drain, timeout: Duration) {
+        let mut seen = 0;
+        loop {
+            let name = tokio::select! {
+                _ = self.term.recv() => "SIGTERM",
+                _ = self.int.recv() => "SIGINT",
+            };
+            seen += 1;
+            if seen == 1 {
+                tracing::warn!(signal = name, timeout_s = timeout.as_secs(), "draining: no new jobs; running jobs are told to stop and released if they do not finish in time");
+                drain.request(name, Instant::now() + timeout);
+            } else {
+                tracing::warn!(
+                    signal = name,
+                    "second stop signal: stopping running jobs now"
+                );
+                drain.request(name, Instant::now());
+            }
         }
     }
 }

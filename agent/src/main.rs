@@ -180,8 +180,9 @@ struct SubmitArgs {
     /// Seconds the job has after that signal [default: 30]
     #[arg(long = "grace-s", value_name = "SECONDS")]
     grace_s: Option<u64>,
-    /// Seconds the signed envelope stays valid
-    #[arg(long = "ttl-s", default_value_t = 86_400, value_name = "SECONDS")]
+    /// Seconds the signed envelope stays valid (1 to 604800, the agents' default signing.max_ttl_s)
+    #[arg(long = "ttl-s", default_value_t = 86_400, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(1..=604_800))]
     ttl_s: u64,
     /// The command and its arguments, after `--`
     #[arg(last = true, value_name = "CMD")]

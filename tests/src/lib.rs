@@ -1,1 +1,630 @@
+//! Harness of the end-to-end suite: finds (or builds) the real
+//! `batchly-agent` binary, runs its one-shot commands, and drives `dev`
+//! agents, each on its own temporary directory, through their public
+//! surface only: the CLI, the queue directory, `events.jsonl`, job logs and
+//! signals.
+//!
+//! Nothing here depends on how fast the machine is: every wait is a bounded
+//! poll of a condition with a generous limit, and a wait that runs out
+//! panics with everything needed to see why (the events so far and the
+//! agent's own log).
 
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// The longest any condition is waited for. Far above what a healthy run
+/// needs, so only a real failure reaches it.
+pub const WAIT: Duration = Duration::from_secs(60);
+/// How long a starting agent may take to open its admin socket.
+const START_WAIT: Duration = Duration::from_secs(10);
+/// How often a condition is re-checked.
+const POLL: Duration = Duration::from_millis(15);
+/// How often a starting agent's socket is tried: often, so that a test acts
+/// as soon as the agent is up, as a supervisor script would.
+const START_POLL: Duration = Duration::from_millis(1);
+
+/// Agent settings every `DevAgent` starts with unless a test overrides them:
+/// four slots, immediate retries, and a short kill grace so timeouts end
+/// quickly.
+const DEV_DEFAULTS: &[(&str, &str)] = &[
+    ("BATCHLY_JOBS_MAX_CONCURRENT", "4"),
+    ("BATCHLY_JOBS_RETRY_BACKOFF_S", "0"),
+    ("BATCHLY_JOBS_KILL_GRACE_S", "1"),
+];
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the e2e crate sits one level below the workspace root")
+        .to_path_buf()
+}
+
+/// The agent binary under test: `BATCHLY_AGENT_BIN` if set, else built once
+/// per test process with the cargo that runs the tests.
+pub fn agent_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| match std::env::var_os("BATCHLY_AGENT_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => build_agent(),
+    })
+}
+
+fn build_agent() -> PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let root = workspace_root();
+    let out = Command::new(&cargo)
+        .args(["build", "-p", "batchly-agent", "--bin", "batchly-agent"])
+        .current_dir(&root)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {cargo:?} build for the agent binary: {e}"));
+    assert!(
+        out.status.success(),
+        "building batchly-agent failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bin = root.join("target/debug/batchly-agent");
+    assert!(bin.is_file(), "cargo built no binary at {}", bin.display());
+    bin
+}
+
+/// A command running the agent binary with the test's environment minus
+/// everything that would configure the agent behind the test's back
+/// (`BATCHLY_*` overrides, AWS settings).
+fn agent_command() -> Command {
+    let mut cmd = Command::new(agent_bin());
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if key.starts_with("BATCHLY_") || key.starts_with("AWS_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+/// A finished one-shot command.
+#[derive(Debug)]
+pub struct Run {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// The exit code; panics (showing the output) if a signal ended it.
+    pub fn code(&self) -> i32 {
+        self.status
+            .code()
+            .unwrap_or_else(|| panic!("command was killed by a signal: {self:#?}"))
+    }
+}
+
+/// Runs `batchly-agent ARGS` with `env` added, waiting at most `WAIT`.
+pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> Run {
+    run_cli_within(args, env, WAIT)
+}
+
+/// Runs `batchly-agent ARGS`; panics if it has not exited within `limit`
+/// (the process is killed first). Output goes through files, so a chatty
+/// command never blocks on a full pipe.
+pub fn run_cli_within(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Run {
+    let tmp = tempfile::tempdir().expect("tempdir for command output");
+    let out_path = tmp.path().join("stdout");
+    let err_path = tmp.path().join("stderr");
+    let mut child = agent_command()
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(tmp.path())
+        .stdout(File::create(&out_path).expect("stdout file"))
+        .stderr(File::create(&err_path).expect("stderr file"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting batchly-agent {args:?}: {e}"));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for the command") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "batchly-agent {args:?} did not exit within {limit:?}; stderr:\n{}",
+                read_lossy(&err_path)
+            );
+        }
+        std::thread::sleep(POLL);
+    };
+    Run {
+        status,
+        stdout: read_lossy(&out_path),
+        stderr: read_lossy(&err_path),
+    }
+}
+
+fn read_lossy(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// Polls `cond` until it holds; panics after `limit` with `what` and the
+/// text `context` gives at that moment.
+pub fn eventually(
+    what: &str,
+    limit: Duration,
+    mut cond: impl FnMut() -> bool,
+    context: impl FnOnce() -> String,
+) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        if Instant::now() >= deadline {
+            panic!(
+                "timed out after {limit:?} waiting for {what}\n{}",
+                context()
+            );
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Whether `pid` is a live process (a zombie has exited: it is not).
+pub fn pid_alive(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the last ')' (the command name may hold spaces).
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next());
+    !matches!(state, None | Some("Z") | Some("X") | Some("x"))
+}
+
+/// Waits until `path` holds a whole line with a pid (a job writes it) and
+/// returns the pid.
+pub fn read_pid_file(path: &Path) -> i32 {
+    let mut pid = None;
+    eventually(
+        &format!("a pid in {}", path.display()),
+        WAIT,
+        || {
+            pid = std::fs::read_to_string(path)
+                .ok()
+                .filter(|t| t.ends_with('\n'))
+                .and_then(|t| t.trim().parse().ok());
+            pid.is_some()
+        },
+        || {
+            format!(
+                "{} holds {:?}",
+                path.display(),
+                std::fs::read_to_string(path)
+            )
+        },
+    );
+    pid.expect("set by the poll above")
+}
+
+/// Waits until `pid` is gone, panicking after `WAIT`.
+pub fn wait_gone(pid: i32, what: &str) {
+    eventually(
+        &format!("{what} (pid {pid}) to be gone"),
+        WAIT,
+        || !pid_alive(pid),
+        || {
+            format!(
+                "/proc/{pid}/stat: {:?}",
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            )
+        },
+    );
+}
+
+/// Peak resident memory of `pid` in bytes (`VmHWM` of `/proc/PID/status`).
+pub fn peak_rss_bytes(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmHWM in /proc/{pid}/status:\n{status}"));
+    kib * 1024
+}
+
+/// Names of the entries of a directory (empty if it does not exist).
+pub fn list_dir(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// One job event from `events.jsonl`, with the members tests look at.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub kind: String,
+    pub job_id: Option<String>,
+    pub message_id: String,
+    pub attempt: u64,
+    pub is_final: bool,
+    pub reason: Option<String>,
+    pub exit_code: Option<i64>,
+    pub signal: Option<String>,
+    pub log_stream: Option<String>,
+    pub raw: Value,
+}
+
+impl Event {
+    fn parse(line: &str) -> Event {
+        let raw: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("events.jsonl line is not JSON ({e}): {line}"));
+        let text = |name: &str| -> Option<String> {
+            match &raw[name] {
+                Value::Null => None,
+                Value::String(s) => Some(s.clone()),
+                other => panic!("event member {name} is not a string or null: {other} in {line}"),
+            }
+        };
+        let required =
+            |name: &str| text(name).unwrap_or_else(|| panic!("event without {name}: {line}"));
+        assert_eq!(raw["v"], 1, "event schema version: {line}");
+        Event {
+            kind: required("type"),
+            job_id: text("job_id"),
+            message_id: required("message_id"),
+            attempt: raw["attempt"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("event without an integer attempt: {line}")),
+            is_final: raw["final"]
+                .as_bool()
+                .unwrap_or_else(|| panic!("event without a boolean final: {line}")),
+            reason: text("reason"),
+            exit_code: raw["exit_code"].as_i64(),
+            signal: text("signal"),
+            log_stream: text("log_stream"),
+            raw: raw.clone(),
+        }
+    }
+}
+
+/// The events of one message, in the order they were written.
+pub fn of_message<'a>(events: &'a [Event], message_id: &str) -> Vec<&'a Event> {
+    events
+        .iter()
+        .filter(|e| e.message_id == message_id)
+        .collect()
+}
+
+/// How many events have `final: true` and type `kind` (any type if `None`).
+pub fn count_final(events: &[Event], kind: Option<&str>) -> usize {
+    events
+        .iter()
+        .filter(|e| e.is_final && kind.is_none_or(|k| e.kind == k))
+        .count()
+}
+
+/// How many events are of type `kind`.
+pub fn count_kind(events: &[Event], kind: &str) -> usize {
+    events.iter().filter(|e| e.kind == kind).count()
+}
+
+/// A job `submit` queued: its job id and message id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submitted {
+    pub job_id: String,
+    pub message_id: String,
+}
+
+/// A `batchly-agent dev` agent on its own temporary directory.
+///
+/// Layout of the temporary root: `dev/` is the agent's DIR, `mark/` is where
+/// jobs leave traces (pass `--env` [`DevAgent::mark_env`]), and
+/// `agent-N.stdout` / `agent-N.stderr` hold the output of the N-th run.
+pub struct DevAgent {
+    root: TempDir,
+    dir: PathBuf,
+    mark: PathBuf,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+    runs: u32,
+}
+
+impl DevAgent {
+    /// Starts an agent with the harness defaults overridden by `env`.
+    pub fn start(env: &[(&str, &str)]) -> DevAgent {
+        let root = tempfile::tempdir().expect("tempdir for the agent");
+        let dir = root.path().join("dev");
+        let mark = root.path().join("mark");
+        std::fs::create_dir(&mark).expect("creating the mark dir");
+        let mut merged: Vec<(String, String)> = DEV_DEFAULTS
+            .iter()
+            .filter(|(k, _)| !env.iter().any(|(e, _)| e == k))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        merged.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let mut agent = DevAgent {
+            root,
+            dir,
+            mark,
+            env: merged,
+            child: None,
+            runs: 0,
+        };
+        agent.spawn();
+        agent
+    }
+
+    fn out_path(&self, run: u32, stream: &str) -> PathBuf {
+        self.root.path().join(format!("agent-{run}.{stream}"))
+    }
+
+    fn spawn(&mut self) {
+        self.runs += 1;
+        let run = self.runs;
+        let child = agent_command()
+            .arg("dev")
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(["--log-format", "json"])
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .current_dir(self.root.path())
+            .stdout(File::create(self.out_path(run, "stdout")).expect("agent stdout file"))
+            .stderr(File::create(self.out_path(run, "stderr")).expect("agent stderr file"))
+            .spawn()
+            .expect("starting batchly-agent dev");
+        self.child = Some(child);
+        let socket = self.dir.join("agent.sock");
+        let deadline = Instant::now() + START_WAIT;
+        loop {
+            if UnixStream::connect(&socket).is_ok() {
+                return;
+            }
+            if !pid_alive(self.pid()) {
+                panic!(
+                    "batchly-agent dev exited before opening its admin socket\n{}",
+                    self.diagnostics()
+                );
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "batchly-agent dev did not open {} within {START_WAIT:?}\n{}",
+                    socket.display(),
+                    self.diagnostics()
+                );
+            }
+            std::thread::sleep(START_POLL);
+        }
+    }
+
+    /// The agent's directory (`dev --dir`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where jobs leave traces for the test.
+    pub fn mark(&self) -> &Path {
+        &self.mark
+    }
+
+    /// `MARK=<mark dir>`, for `submit --env`.
+    pub fn mark_env(&self) -> String {
+        format!("MARK={}", self.mark.display())
+    }
+
+    /// Pid of the current run of the agent.
+    pub fn pid(&self) -> i32 {
+        let child = self.child.as_ref().expect("the agent was started");
+        i32::try_from(child.id()).expect("pids fit in i32")
+    }
+
+    /// `batchly-agent submit --dir DIR ARGS`; panics unless it succeeds.
+    pub fn submit(&self, args: &[&str]) -> Vec<Submitted> {
+        let dir = self.dir.display().to_string();
+        let mut full = vec!["submit", "--dir", dir.as_str()];
+        full.extend_from_slice(args);
+        let run = run_cli(&full, &[]);
+        assert_eq!(run.code(), 0, "submit {args:?} failed: {run:#?}");
+        run.stdout
+            .lines()
+            .map(|line| {
+                let (job_id, message_id) = line
+                    .split_once('\t')
+                    .unwrap_or_else(|| panic!("submit printed {line:?}, not JOB<TAB>MESSAGE"));
+                Submitted {
+                    job_id: job_id.to_string(),
+                    message_id: message_id.to_string(),
+                }
+            })
+            .collect()
+    }
+
+    /// Submits one job; returns its message id.
+    pub fn submit_one(&self, args: &[&str]) -> Submitted {
+        let mut got = self.submit(args);
+        assert_eq!(got.len(), 1, "expected one job from submit {args:?}");
+        got.remove(0)
+    }
+
+    /// Every complete line of `events.jsonl` so far.
+    pub fn events(&self) -> Vec<Event> {
+        let text = read_lossy(&self.dir.join("events.jsonl"));
+        // A line still being written has no newline yet: leave it for later.
+        let complete = match text.rfind('\n') {
+            Some(end) => &text[..end],
+            None => "",
+        };
+        complete
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(Event::parse)
+            .collect()
+    }
+
+    /// Polls the events until `cond` holds and returns them; panics after
+    /// `WAIT`, or as soon as the agent has exited without `cond` holding.
+    pub fn wait_for(&self, what: &str, cond: impl Fn(&[Event]) -> bool) -> Vec<Event> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let running = self.child.is_some() && pid_alive(self.pid());
+            let events = self.events();
+            if cond(&events) {
+                return events;
+            }
+            if !running {
+                panic!(
+                    "the agent exited while waiting for {what}\n{}",
+                    self.diagnostics()
+                );
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "timed out after {WAIT:?} waiting for {what}\n{}",
+                    self.diagnostics()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Waits until message `message_id` has its final event and returns it.
+    pub fn wait_final(&self, message_id: &str) -> Event {
+        let events = self.wait_for(&format!("the final event of message {message_id}"), |ev| {
+            ev.iter().any(|e| e.message_id == message_id && e.is_final)
+        });
+        events
+            .into_iter()
+            .find(|e| e.message_id == message_id && e.is_final)
+            .expect("found by the wait above")
+    }
+
+    /// Sends `sig` to the current run of the agent.
+    pub fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.pid()), sig)
+            .unwrap_or_else(|e| panic!("sending {sig} to the agent: {e}"));
+    }
+
+    pub fn sigterm(&self) {
+        self.signal(Signal::SIGTERM);
+    }
+
+    pub fn sigkill(&self) {
+        self.signal(Signal::SIGKILL);
+    }
+
+    /// Waits (at most `WAIT`) for the current run to exit.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let child = self.child.as_mut().expect("the agent was started");
+            if let Some(status) = child.try_wait().expect("waiting for the agent") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "the agent did not exit within {WAIT:?}\n{}",
+                    self.diagnostics()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Starts the agent again on the same directory; the previous run must
+    /// have exited (the directory is locked while an agent holds it).
+    pub fn restart(&mut self) {
+        let child = self.child.as_mut().expect("the agent was started");
+        assert!(
+            child.try_wait().expect("checking the agent").is_some(),
+            "restart() needs the previous run to have exited (call wait_exit)"
+        );
+        self.spawn();
+    }
+
+    /// What the current run wrote on stderr so far.
+    pub fn stderr(&self) -> String {
+        read_lossy(&self.out_path(self.runs, "stderr"))
+    }
+
+    /// Events and every run's stderr, for failure messages.
+    pub fn diagnostics(&self) -> String {
+        let mut out = format!(
+            "--- events.jsonl ---\n{}\n",
+            read_lossy(&self.dir.join("events.jsonl"))
+        );
+        for run in 1..=self.runs {
+            out.push_str(&format!(
+                "--- agent run {run} stderr ---\n{}\n",
+                read_lossy(&self.out_path(run, "stderr"))
+            ));
+        }
+        out
+    }
+
+    /// Kills every process still working in one of this agent's job work
+    /// dirs (jobs and their children start there), so a failed test leaves
+    /// no `sleep 300` behind.
+    fn kill_leftover_jobs(&self) {
+        let work = self.dir.join("work");
+        let Ok(work) = work.canonicalize() else {
+            return;
+        };
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for entry in procs.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let in_work_dir = std::fs::read_link(entry.path().join("cwd"))
+                .is_ok_and(|cwd| cwd.starts_with(&work));
+            if in_work_dir {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+impl Drop for DevAgent {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            if child.try_wait().ok().flatten().is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        self.kill_leftover_jobs();
+        if std::thread::panicking() {
+            eprintln!("{}", self.diagnostics());
+        }
+    }
+}
+
+/// Reads a whole file as text, panicking with its path.
+pub fn read_text(path: &Path) -> String {
+    let mut text = String::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_string(&mut text))
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    text
+}

@@ -70,6 +70,10 @@ impl fmt::Display for RejectReason {
 pub struct Rejection {
     pub reason: RejectReason,
     pub detail: String,
+    /// The job's id when the signature was good and the spec names a
+    /// well-formed one (an expired or otherwise invalid but authentic job),
+    /// so its `job.rejected` event can say which job it was.
+    pub job_id: Option<String>,
 }
 
 impl Rejection {
@@ -77,8 +81,22 @@ impl Rejection {
         Rejection {
             reason,
             detail: detail.into(),
+            job_id: None,
         }
     }
+
+    fn for_signed_job(mut self, job_text: &str) -> Rejection {
+        self.job_id = signed_job_id(job_text);
+        self
+    }
+}
+
+/// The `id` of a job spec whose signature verified, if it is a string that
+/// follows the id rule; never used to run anything, only to name the job.
+fn signed_job_id(job_text: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(job_text).ok()?;
+    let id = value.get("id")?.as_str()?;
+    JobSpec::valid_id(id).then(|| id.to_string())
 }
 
 /// How much the worker's clock may disagree with the producer's, and how
@@ -167,10 +185,12 @@ pub fn verify(
         )
     })?;
 
-    check_validity_window(unverified.iat, unverified.exp, policy, now_unix)?;
+    check_validity_window(unverified.iat, unverified.exp, policy, now_unix)
+        .map_err(|r| r.for_signed_job(&unverified.job_text))?;
 
     let job = JobSpec::parse(&unverified.job_text).map_err(|detail| {
         Rejection::new(RejectReason::InvalidJob, format!("job spec: {detail}"))
+            .for_signed_job(&unverified.job_text)
     })?;
 
     Ok(Envelope {
@@ -552,6 +572,19 @@ mod tests {
             rejection.detail,
             format!("iat {} is 61 s in the future (skew 60 s)", NOW + 61)
         );
+    }
+
+    #[test]
+    fn an_authentic_but_expired_job_is_rejected_by_name_and_a_forged_one_is_not() {
+        let keys = vector_keys();
+        let expired = sign(ed_key(&keys), NOW - 7200, NOW - 3600, JOB);
+        let rejection = reject(&expired, &keys);
+        assert_eq!(rejection.reason, RejectReason::Expired);
+        assert_eq!(rejection.job_id.as_deref(), Some("j-1"));
+        let forged = expired.replace("j-1", "j-2");
+        let rejection = reject(&forged, &keys);
+        assert_eq!(rejection.reason, RejectReason::BadSignature);
+        assert_eq!(rejection.job_id, None);
     }
 
     #[test]

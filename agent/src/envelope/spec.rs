@@ -146,6 +146,14 @@ impl JobSpec {
     }
 }
 
+impl JobSpec {
+    /// Whether `id` follows the job id rule (used to name a rejected job).
+    pub fn valid_id(id: &str) -> bool {
+        let len = id.chars().count();
+        (1..=MAX_ID_CHARS).contains(&len) && id.chars().all(is_id_char) && id != "." && id != ".."
+    }
+}
+
 fn job_id(value: Json) -> Result<String, String> {
     let id = value.into_string("id")?;
     let len = id.chars().count();

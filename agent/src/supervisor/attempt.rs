@@ -50,7 +50,7 @@ struct Attempt<'a> {
 /// How the watched process ended, before it is judged.
 enum Watched {
     Exited(ExitStatus),
-    TimedOut,
+    TimedOut(ExitStatus),
     Interrupted(String, ExitStatus),
 }
 
@@ -82,6 +82,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             return;
         }
         let mut ev = self.event(EventType::Rejected, &msg);
+        ev.job_id = rejection.job_id.clone();
         ev.reason = Some(format!("{reason}: {}", rejection.detail));
         ev.is_final = true;
         self.publish(&ev).await;
@@ -150,18 +151,21 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         match &ending {
             Ending::Exited(code) => ev.exit_code = Some(*code),
             Ending::Signaled(sig) => ev.signal = Some(verdict::signal_name(*sig)),
+            Ending::TimedOut { signal, .. } => ev.signal = signal.map(verdict::signal_name),
             Ending::Interrupted { code, signal, .. } => {
                 ev.exit_code = *code;
                 ev.signal = signal.map(verdict::signal_name);
             }
             _ => {}
         }
-        self.finish(&msg, slot, &ev, &verdict).await;
+        // Cleaned up before the outcome is published: whoever reacts to the
+        // event finds the job completely gone.
         if let Err(e) = std::fs::remove_dir_all(&work_dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(dir = %work_dir.display(), error = %e, "cannot remove work dir");
             }
         }
+        self.finish(&msg, slot, &ev, &verdict).await;
         self.board.finished(&msg.id);
     }
 
@@ -251,7 +255,9 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             Err(e) => return Ending::AgentFault(e.to_string()),
         };
         self.board.set_pid(&msg.id, proc.pid());
-        self.publish(started_event).await;
+        let mut started = started_event.clone();
+        started.at = crate::events::rfc3339_now();
+        self.publish(&started).await;
 
         let capture = tokio::spawn(output::capture(
             proc.stdout.take(),
@@ -279,7 +285,10 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 (None, Some(sig)) => Ending::Signaled(sig),
                 (None, None) => Ending::AgentFault(format!("unexpected wait status {st:?}")),
             },
-            Ok(Watched::TimedOut) => Ending::TimedOut(timeout),
+            Ok(Watched::TimedOut(st)) => Ending::TimedOut {
+                after: timeout,
+                signal: st.signal(),
+            },
             Ok(Watched::Interrupted(reason, st)) => Ending::Interrupted {
                 drain_reason: reason,
                 code: st.code(),
@@ -309,8 +318,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                         proc.wait().await?
                     }
                 };
-                let _ = st;
-                Ok(Watched::TimedOut)
+                Ok(Watched::TimedOut(st))
             }
             req = drain::requested(&mut drain_rx) => {
                 proc.signal_group(interrupt.signal);
@@ -329,7 +337,10 @@ async fn stop_within(
     grace: Duration,
     drain_rx: &mut tokio::sync::watch::Receiver<Option<drain::DrainRequest>>,
 ) -> std::io::Result<ExitStatus> {
-    let grace_end = Instant::now() + grace;
+    // A job may ask for any grace; the drain deadline bounds it anyway.
+    let grace_end = Instant::now()
+        .checked_add(grace)
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));
     loop {
         let drain_end = drain_rx.borrow_and_update().as_ref().map(|r| {
             r.deadline

@@ -26,7 +26,11 @@ pub enum Ending {
     /// The launcher refused the job because of the job itself, e.g. its
     /// command does not exist.
     NotStarted(String),
-    TimedOut(Duration),
+    /// Killed at its time limit (`signal`: what ended it, if a signal did).
+    TimedOut {
+        after: Duration,
+        signal: Option<i32>,
+    },
     /// A drain told the job to stop; what it did then.
     Interrupted {
         drain_reason: String,
@@ -138,7 +142,7 @@ pub fn decide(ending: &Ending, attempt: u32, max_attempts: u32, retry_delay: Dur
             format!("killed by {}", signal_name(*sig)),
         ),
         Ending::NotStarted(why) => failure(EventType::Failed, why.clone()),
-        Ending::TimedOut(after) => failure(
+        Ending::TimedOut { after, .. } => failure(
             EventType::TimedOut,
             format!("timed out after {}", seconds(*after)),
         ),
@@ -261,7 +265,15 @@ mod tests {
 
     #[test]
     fn a_timeout_is_reported_as_such_and_retried_like_a_failure() {
-        let v = decide(&Ending::TimedOut(Duration::from_secs(60)), 1, 2, DELAY);
+        let v = decide(
+            &Ending::TimedOut {
+                after: Duration::from_secs(60),
+                signal: Some(15),
+            },
+            1,
+            2,
+            DELAY,
+        );
         assert_eq!(v.kind, EventType::TimedOut);
         assert_eq!(
             v.action,
@@ -270,7 +282,15 @@ mod tests {
                 failed: true
             }
         );
-        let last = decide(&Ending::TimedOut(Duration::from_secs(60)), 2, 2, DELAY);
+        let last = decide(
+            &Ending::TimedOut {
+                after: Duration::from_secs(60),
+                signal: Some(15),
+            },
+            2,
+            2,
+            DELAY,
+        );
         assert_eq!((last.kind, last.is_final), (EventType::TimedOut, true));
         assert!(last
             .reason
