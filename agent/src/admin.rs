@@ -77,7 +77,13 @@ pub async fn bind(path: &Path) -> Result<UnixListener, AdminError> {
         }
         std::fs::remove_file(path).map_err(io_err("removing stale"))?;
     }
-    let listener = UnixListener::bind(path).map_err(io_err("binding"))?;
+    // The socket is created 0600 (umask), not chmod-ed after bind: no
+    // moment where another user could connect. This runs at start, before
+    // any other thread creates files.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = bound.map_err(io_err("binding"))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(io_err("restricting"))?;
     Ok(listener)
@@ -91,8 +97,14 @@ pub async fn serve(
     drain_timeout: Duration,
 ) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, typically: do not spin on it.
+                tracing::warn!(error = %e, "admin socket cannot accept a connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let board = board.clone();
         let drain = drain.clone();

@@ -262,6 +262,7 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
     // Signal handlers first: from the moment the agent can be seen (its
     // socket), a SIGTERM must mean a drain, never the default death.
     let signals = StopSignals::install()?;
+    raise_open_file_limit(config.jobs.max_concurrent);
     let keys = Keyring::load(&config.signing.keys_file).map_err(usage)?;
     let ledger = Ledger::open(&config.state.dir).map_err(failed)?;
     let settings = settings(config);
@@ -301,13 +302,48 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
     signal_task.abort();
     let _ = std::fs::remove_file(&config.admin.socket);
     let snap = board.snapshot();
+    let reason = drain.current().map(|d| d.reason).unwrap_or_default();
+    let stranded = board.stranded_count();
+    if stranded > 0 {
+        return Err(failed(format!(
+            "drained ({reason}) but {stranded} message(s) could not be finished or released; \
+             the next start of the agent on the same state dir completes them"
+        )));
+    }
     tracing::info!(
-        reason = drain.current().map(|d| d.reason).unwrap_or_default(),
+        reason,
         succeeded = snap.counts.get("succeeded").copied().unwrap_or(0),
         interrupted = snap.counts.get("interrupted").copied().unwrap_or(0),
         "drained; every job finished or was released; exiting"
     );
     Ok(())
+}
+
+/// Descriptors one running job costs the agent (pipes, log, sockets),
+/// with room to spare.
+const FDS_PER_SLOT: u64 = 8;
+/// Descriptors the agent needs besides its jobs.
+const FDS_BASE: u64 = 128;
+
+/// Raises the soft limit on open files to the hard limit (the usual 1024
+/// soft limit is easy to reach with many slots), and warns when even that
+/// cannot cover every slot.
+fn raise_open_file_limit(slots: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < hard {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    let need = FDS_BASE + slots as u64 * FDS_PER_SLOT;
+    if hard < need {
+        tracing::warn!(
+            limit = hard,
+            need,
+            "the open-file limit is low for jobs.max_concurrent; raise LimitNOFILE"
+        );
+    }
 }
 
 /// SIGTERM and SIGINT, caught from the moment they are installed.

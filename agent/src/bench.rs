@@ -106,7 +106,13 @@ pub async fn spawn(jobs: u32, slots: usize) -> Result<SpawnReport, AppError> {
         ..Default::default()
     };
     let texts = submit::job_texts(&request)?;
-    submit::submit_to_dir(&layout.root, &key, &texts, Duration::from_secs(3600))?;
+    submit::submit_to_dir(
+        &layout.root,
+        &key,
+        &texts,
+        Duration::from_secs(3600),
+        |_, _| {},
+    )?;
 
     let source = DirQueue::open(&layout.root).map_err(|e| AppError::Failed(e.to_string()))?;
     let events = JsonlFile::open(&layout.events()).map_err(|e| AppError::Failed(e.to_string()))?;

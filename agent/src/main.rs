@@ -337,14 +337,9 @@ fn submit(args: SubmitArgs) -> Result<(), AppError> {
         }
     };
     let key = SigningKey::load(&key_path).map_err(|e| AppError::Usage(e.to_string()))?;
-    let queued = submit::submit_to_dir(&layout.root, &key, &jobs, ttl)?;
-    for (job, msg) in &queued {
+    let queued = submit::submit_to_dir(&layout.root, &key, &jobs, ttl, |job, msg| {
         println!("{job}\t{msg}");
-    }
-    eprintln!(
-        "queued {} job(s) in {}",
-        queued.len(),
-        layout.root.display()
-    );
+    })?;
+    eprintln!("queued {queued} job(s) in {}", layout.root.display());
     Ok(())
 }

@@ -20,7 +20,25 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::events::JobEvent;
 use crate::queue::Message;
+
+/// What was decided for a message whose attempt has ended, recorded before
+/// anything is done about it: after a crash, recovery completes this
+/// decision (publish the event, delete or release) instead of running the
+/// job again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decided {
+    pub event: JobEvent,
+    pub action: DecidedAction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "do", rename_all = "snake_case")]
+pub enum DecidedAction {
+    Delete,
+    Release { delay_ms: u64, failed: bool },
+}
 
 /// What the agent must remember about one claimed message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,6 +54,8 @@ pub struct InFlight {
     /// `/proc/PID/stat` start time of the leader, to detect pid reuse.
     pub start_time: Option<u64>,
     pub work_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub decided: Option<Decided>,
 }
 
 impl InFlight {
@@ -50,6 +70,7 @@ impl InFlight {
             pid: None,
             start_time: None,
             work_dir: None,
+            decided: None,
         }
     }
 
@@ -62,6 +83,7 @@ impl InFlight {
             receive_count: self.receive_count,
             receipt: self.receipt.clone(),
             queue: self.queue,
+            group: None,
         }
     }
 }
@@ -197,6 +219,7 @@ mod tests {
             pid: Some(4242),
             start_time: Some(99),
             work_dir: None,
+            decided: None,
         }
     }
 

@@ -129,24 +129,29 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-/// Signs and enqueues every job into the `dev` directory `root`. Returns
-/// (job id, message id) pairs.
+/// Signs and enqueues every job into the `dev` directory `root`, calling
+/// `queued(job id, message id)` as each one lands, so a failure part-way
+/// still tells exactly which jobs were queued. Returns how many were.
 pub fn submit_to_dir(
     root: &Path,
     key: &SigningKey,
     jobs: &[(String, String)],
     ttl: Duration,
-) -> Result<Vec<(String, String)>, AppError> {
+    mut queued: impl FnMut(&str, &str),
+) -> Result<usize, AppError> {
     let iat = unix_now();
     let exp = iat.saturating_add(ttl.as_secs() as i64);
-    jobs.iter()
-        .map(|(job_id, text)| {
-            let body = envelope::sign(key, iat, exp, text);
-            let msg_id = dir::enqueue(root, body.as_bytes())
-                .map_err(|e| AppError::Failed(format!("enqueueing {job_id}: {e}")))?;
-            Ok((job_id.clone(), msg_id))
-        })
-        .collect()
+    for (n, (job_id, text)) in jobs.iter().enumerate() {
+        let body = envelope::sign(key, iat, exp, text);
+        let msg_id = dir::enqueue(root, body.as_bytes()).map_err(|e| {
+            AppError::Failed(format!(
+                "enqueueing {job_id}: {e} ({n} of {} jobs were queued before it)",
+                jobs.len()
+            ))
+        })?;
+        queued(job_id, &msg_id);
+    }
+    Ok(jobs.len())
 }
 
 #[cfg(test)]

@@ -83,7 +83,11 @@ fn build_agent() -> PathBuf {
 /// everything that would configure the agent behind the test's back
 /// (`BATCHLY_*` overrides, AWS settings).
 fn agent_command() -> Command {
-    let mut cmd = Command::new(agent_bin());
+    without_agent_env(Command::new(agent_bin()))
+}
+
+/// `cmd` without the test process's `BATCHLY_*` and `AWS_*` variables.
+fn without_agent_env(mut cmd: Command) -> Command {
     for (key, _) in std::env::vars_os() {
         let Some(key) = key.to_str() else { continue };
         if key.starts_with("BATCHLY_") || key.starts_with("AWS_") {
@@ -342,6 +346,7 @@ pub struct DevAgent {
     dir: PathBuf,
     mark: PathBuf,
     env: Vec<(String, String)>,
+    wrapper: Vec<String>,
     child: Option<Child>,
     runs: u32,
 }
@@ -349,6 +354,12 @@ pub struct DevAgent {
 impl DevAgent {
     /// Starts an agent with the harness defaults overridden by `env`.
     pub fn start(env: &[(&str, &str)]) -> DevAgent {
+        DevAgent::start_under(&[], env)
+    }
+
+    /// Starts the agent through a wrapper command (`nohup`, say), the way
+    /// some operators do, with the harness defaults overridden by `env`.
+    pub fn start_under(wrapper: &[&str], env: &[(&str, &str)]) -> DevAgent {
         let root = tempfile::tempdir().expect("tempdir for the agent");
         let dir = root.path().join("dev");
         let mark = root.path().join("mark");
@@ -364,6 +375,7 @@ impl DevAgent {
             dir,
             mark,
             env: merged,
+            wrapper: wrapper.iter().map(|w| w.to_string()).collect(),
             child: None,
             runs: 0,
         };
@@ -378,7 +390,15 @@ impl DevAgent {
     fn spawn(&mut self) {
         self.runs += 1;
         let run = self.runs;
-        let child = agent_command()
+        let mut command = match self.wrapper.split_first() {
+            None => agent_command(),
+            Some((program, args)) => {
+                let mut c = without_agent_env(Command::new(program));
+                c.args(args).arg(agent_bin());
+                c
+            }
+        };
+        let child = command
             .arg("dev")
             .arg("--dir")
             .arg(&self.dir)

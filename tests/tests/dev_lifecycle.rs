@@ -699,3 +699,32 @@ fn a_job_sees_a_scrubbed_environment_and_a_private_work_dir_removed_afterwards()
         || format!("{} still exists", pwd.display()),
     );
 }
+
+#[test]
+fn a_job_does_not_inherit_signals_ignored_by_whoever_started_the_agent() {
+    // nohup starts the agent with SIGHUP ignored; an ignored disposition
+    // survives exec, so without a reset every job would ignore it too (and
+    // a job told to stop with SIGHUP would never hear it).
+    let agent = DevAgent::start_under(&["nohup"], &[]);
+    let mark = agent.mark_env();
+    let job = agent.submit_one(&[
+        "--env",
+        &mark,
+        "--",
+        "sh",
+        "-c",
+        "grep SigIgn /proc/self/status > \"$MARK/sigign\"",
+    ]);
+    let last = agent.wait_final(&job.message_id);
+    assert_eq!(last.kind, "job.succeeded", "{}", agent.diagnostics());
+    let line = read_text(&agent.mark().join("sigign"));
+    let mask = u64::from_str_radix(line.trim().trim_start_matches("SigIgn:").trim(), 16)
+        .expect("SigIgn is a hex mask");
+    // Bits 0-30 are signals 1-31; above them are the C library's own
+    // real-time signals, which no program can change.
+    assert_eq!(
+        mask & 0x7fff_ffff,
+        0,
+        "the job ignores standard signals: {line}"
+    );
+}

@@ -28,8 +28,11 @@ use super::{JobSource, Message, QueueError};
 
 /// How long `receive` waits for a first message before returning none.
 const LONG_POLL: Duration = Duration::from_millis(500);
-/// How often an idle queue directory is re-read for new submissions.
+/// How often an idle queue directory is checked for new submissions.
 const SCAN_INTERVAL: Duration = Duration::from_millis(50);
+/// A listing is re-read at least this often even if the directory's mtime
+/// says nothing changed (coarse mtimes on some file systems).
+const FULL_RESCAN_INTERVAL: Duration = Duration::from_secs(5);
 
 const QUEUE: &str = "queue";
 const CLAIMED: &str = "claimed";
@@ -160,6 +163,22 @@ pub struct DirQueue {
 struct Cache {
     waiting: VecDeque<Waiting>,
     scanned_at: Option<Instant>,
+    scanned_mtime: Option<SystemTime>,
+}
+
+fn dir_mtime(dir: &Path) -> Option<SystemTime> {
+    fs::metadata(dir).and_then(|m| m.modified()).ok()
+}
+
+/// A message body, read up to one byte past the largest body the agent
+/// accepts (so an oversized one is refused without being loaded whole).
+fn read_body(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut body = Vec::new();
+    File::open(path)?
+        .take(super::MAX_BODY_BYTES as u64 + 1)
+        .read_to_end(&mut body)?;
+    Ok(body)
 }
 
 impl DirQueue {
@@ -206,7 +225,13 @@ impl DirQueue {
         let dir = self.root.join(QUEUE);
         let mut found: Vec<Waiting> = fs::read_dir(&dir)
             .map_err(io_err("reading", &dir))?
-            .filter_map(|e| Waiting::parse(e.ok()?.file_name().to_str()?))
+            .filter_map(|e| {
+                let e = e.ok()?;
+                if !e.file_type().ok()?.is_file() {
+                    return None;
+                }
+                Waiting::parse(e.file_name().to_str()?)
+            })
             .collect();
         found.sort();
         Ok(found.into())
@@ -216,16 +241,15 @@ impl DirQueue {
     fn claim_visible(&self, max: usize) -> Result<Vec<Message>, QueueError> {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         let now = now_ms();
-        let stale = cache
-            .scanned_at
-            .is_none_or(|t| t.elapsed() >= SCAN_INTERVAL);
         let front_visible = cache
             .waiting
             .front()
             .is_some_and(|w| w.visible_at_ms <= now);
-        if !front_visible && stale {
+        if !front_visible && self.worth_rescanning(&cache) {
+            let mtime = dir_mtime(&self.root.join(QUEUE));
             cache.waiting = self.scan()?;
             cache.scanned_at = Some(Instant::now());
+            cache.scanned_mtime = mtime;
         }
         let mut out = Vec::new();
         while out.len() < max {
@@ -236,11 +260,36 @@ impl DirQueue {
             let Some(w) = cache.waiting.pop_front() else {
                 break;
             };
-            if let Some(msg) = self.claim(&w)? {
-                out.push(msg);
+            match self.claim(&w) {
+                Ok(Some(msg)) => out.push(msg),
+                Ok(None) => {}
+                // What is already claimed is handed out, never stranded; the
+                // failed one stays waiting for the next try.
+                Err(e) if !out.is_empty() => {
+                    tracing::warn!(error = %e, "cannot claim a message; trying again later");
+                    cache.waiting.push_front(w);
+                    break;
+                }
+                Err(e) => {
+                    cache.waiting.push_front(w);
+                    return Err(e);
+                }
             }
         }
         Ok(out)
+    }
+
+    /// Re-reading `queue/` costs a directory listing: do it only when it may
+    /// show something new (the directory changed) and not too often.
+    fn worth_rescanning(&self, cache: &Cache) -> bool {
+        let Some(at) = cache.scanned_at else {
+            return true;
+        };
+        if at.elapsed() < SCAN_INTERVAL {
+            return false;
+        }
+        at.elapsed() >= FULL_RESCAN_INTERVAL
+            || dir_mtime(&self.root.join(QUEUE)) != cache.scanned_mtime
     }
 
     /// Renames one waiting message into `claimed/`; `None` if it vanished
@@ -255,15 +304,22 @@ impl DirQueue {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err("claiming", &from)(e)),
         }
-        let body = fs::read(&to).map_err(io_err("reading", &to))?;
-        Ok(Some(Message {
-            id: w.id.clone(),
-            body,
-            attempt: w.failures + 1,
-            receive_count: receives,
-            receipt: name,
-            queue: 0,
-        }))
+        match read_body(&to) {
+            Ok(body) => Ok(Some(Message {
+                id: w.id.clone(),
+                body,
+                attempt: w.failures + 1,
+                receive_count: receives,
+                receipt: name,
+                queue: 0,
+                group: None,
+            })),
+            Err(e) => {
+                // Unread, so not received: put it back as it was.
+                let _ = fs::rename(&to, &from);
+                Err(io_err("reading", &to)(e))
+            }
+        }
     }
 
     fn claimed_path(&self, msg: &Message) -> PathBuf {
@@ -345,11 +401,11 @@ impl JobSource for DirQueue {
         fs::rename(&from, &to).map_err(io_err("dead-lettering", &from))
     }
 
-    async fn recover_claims(&self, _known: &[Message]) -> Result<usize, QueueError> {
+    async fn recover_claims(&self, _known: &[Message]) -> Result<Vec<String>, QueueError> {
         // We hold the root's lock, so everything in claimed/ belongs to a
         // previous run that is gone.
         let dir = self.root.join(CLAIMED);
-        let mut released = 0;
+        let mut released = Vec::new();
         for entry in fs::read_dir(&dir).map_err(io_err("reading", &dir))? {
             let entry = entry.map_err(io_err("reading", &dir))?;
             let name = entry.file_name();
@@ -362,12 +418,12 @@ impl JobSource for DirQueue {
             };
             let w = Waiting {
                 visible_at_ms: now_ms(),
-                id,
+                id: id.clone(),
                 failures,
                 receives,
             };
             self.put_back(&entry.path(), w)?;
-            released += 1;
+            released.push(id);
         }
         Ok(released)
     }
@@ -446,7 +502,7 @@ mod tests {
             // dropped without delete or release: like kill -9
         }
         let q = DirQueue::open(tmp.path()).expect("reopen");
-        assert_eq!(q.recover_claims(&[]).await.expect("recover"), 1);
+        assert_eq!(q.recover_claims(&[]).await.expect("recover").len(), 1);
         let m = q.receive(1).await.expect("receive").remove(0);
         assert_eq!(m.body, b"x");
         assert_eq!((m.attempt, m.receive_count), (1, 2));
@@ -473,6 +529,37 @@ mod tests {
         assert_eq!(rec.reason, "malformed");
         assert_eq!(rec.detail, "body is not JSON");
         assert!(q.receive(1).await.expect("receive").is_empty());
+    }
+
+    #[tokio::test]
+    async fn odd_entries_in_the_queue_strand_nothing() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        enqueue(tmp.path(), b"a").expect("enqueue");
+        // A directory with a message's name, sorted before the real one.
+        fs::create_dir(tmp.path().join(QUEUE).join("0000000000001-abc.0.0.msg")).expect("mkdir");
+        enqueue(tmp.path(), b"b").expect("enqueue");
+        let q = DirQueue::open(tmp.path()).expect("open");
+        let got = q.receive(10).await.expect("receive");
+        assert_eq!(
+            got.iter().map(|m| m.body.clone()).collect::<Vec<_>>(),
+            vec![b"a".to_vec(), b"b".to_vec()]
+        );
+        for m in &got {
+            q.delete(m).await.expect("delete");
+        }
+        assert_eq!(
+            fs::read_dir(tmp.path().join(CLAIMED)).expect("ls").count(),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn an_oversized_body_is_read_only_up_to_one_byte_past_the_limit() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        enqueue(tmp.path(), &vec![b'x'; super::super::MAX_BODY_BYTES * 3]).expect("enqueue");
+        let q = DirQueue::open(tmp.path()).expect("open");
+        let m = q.receive(1).await.expect("receive").remove(0);
+        assert_eq!(m.body.len(), super::super::MAX_BODY_BYTES + 1);
     }
 
     #[test]

@@ -7,10 +7,16 @@
 //! source must never lose a message: every call either takes effect or
 //! returns an error and leaves the message where it was.
 
+pub mod batch;
 pub mod dir;
+pub mod sqs;
 
 use std::future::Future;
 use std::time::Duration;
+
+/// Largest message body the agent accepts: SQS's own limit (1 MiB). A
+/// larger body is rejected as `malformed` without being read whole.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
 /// One received message, claimed by this agent until it is deleted,
 /// released or dead-lettered.
@@ -30,6 +36,8 @@ pub struct Message {
     pub receipt: String,
     /// Index of the queue it came from, in priority order.
     pub queue: usize,
+    /// FIFO message group: messages of one group run one at a time, in order.
+    pub group: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +51,12 @@ pub enum QueueError {
     },
     #[error("{0}")]
     Busy(String),
+    #[error("{action} {target}: {detail}")]
+    Service {
+        action: &'static str,
+        target: String,
+        detail: String,
+    },
 }
 
 /// A queue of signed job envelopes with at-least-once delivery.
@@ -74,27 +88,12 @@ pub trait JobSource: Send + Sync + 'static {
         detail: &str,
     ) -> impl Future<Output = Result<(), QueueError>> + Send;
 
-    /// How often in-flight messages need their claim renewed; `None` when
-    /// claims never expire (the local directory).
-    fn heartbeat_interval(&self) -> Option<Duration> {
-        None
-    }
-
-    /// Renew the claim on in-flight messages (visibility heartbeat).
-    fn extend_claims(
-        &self,
-        msgs: &[Message],
-    ) -> impl Future<Output = Result<(), QueueError>> + Send {
-        let _ = msgs;
-        async { Ok(()) }
-    }
-
     /// After a crash: make every message the previous run had claimed
     /// available again. `known` are the ones the ledger remembers; a source
     /// that can find more by itself (the directory) releases those too.
-    /// Returns how many were released.
+    /// Returns the ids of the messages it released.
     fn recover_claims(
         &self,
         known: &[Message],
-    ) -> impl Future<Output = Result<usize, QueueError>> + Send;
+    ) -> impl Future<Output = Result<Vec<String>, QueueError>> + Send;
 }

@@ -4,10 +4,13 @@
 //!
 //! Protocol with the agent (see `process.rs`): fd 0 is a Unix socket. The
 //! launcher reads one JSON `LaunchPlan` until EOF, keeps the socket as a
-//! close-on-exec "report" descriptor and puts `/dev/null` on fd 0. If a step
-//! fails it writes `step<TAB>message` to the report socket and exits 127;
-//! if `execve` succeeds the kernel closes the report descriptor and the agent
-//! reads EOF with nothing written, which means "the job is running".
+//! close-on-exec "report" descriptor and puts `/dev/null` on fd 0. When every
+//! step has passed it writes one `READY` byte and calls `execve`; if that
+//! succeeds the kernel closes the report descriptor. So the agent reads
+//! exactly `READY` then EOF for a running job; `step<TAB>message` (after
+//! `READY` if `execve` itself failed) for a refused one; and nothing at all
+//! if the launcher died on the way (killed, out of memory): never mistaken
+//! for a job that ran.
 //!
 //! It must never return into the agent's code paths or start a runtime.
 
@@ -24,6 +27,15 @@ use super::LaunchPlan;
 
 /// Exit status of a launcher that refused to start the job.
 pub const LAUNCH_REFUSED_EXIT: i32 = 127;
+
+/// Written just before `execve`: every isolation step has been applied.
+pub const READY: u8 = b'+';
+
+/// Signals the launcher resets to their default disposition for the job:
+/// everything but SIGKILL and SIGSTOP, which cannot be changed. Dispositions
+/// set to "ignore" survive `execve` (nohup's SIGHUP, a shell's SIGQUIT for
+/// background commands), and a job must receive its `interrupt.signal`.
+const RESET_SIGNALS: std::ops::RangeInclusive<i32> = 1..=31;
 
 /// One failed launcher step: which step, and what went wrong.
 #[derive(Debug)]
@@ -63,13 +75,20 @@ pub fn main() -> ! {
 enum Never {}
 
 fn run(report: &mut Option<std::fs::File>) -> Result<Never, StepError> {
+    // Out of the agent's process group first, so a Ctrl-C meant for the
+    // agent's terminal does not reach the launcher or the job.
+    new_session()?;
     let plan = read_plan()?;
     *report = Some(keep_report_fd()?);
     stdin_from_dev_null()?;
-    new_session()?;
     default_signal_state()?;
     enter_work_dir(&plan.work_dir)?;
     let program = resolve_program(&plan)?;
+    if let Some(report) = report.as_mut() {
+        report
+            .write_all(&[READY])
+            .map_err(|e| StepError::new("report", format!("telling the agent: {e}")))?;
+    }
     exec(&program, &plan)
 }
 
@@ -117,14 +136,23 @@ fn new_session() -> Result<(), StepError> {
         .map_err(|e| StepError::new("setsid", format!("creating a new session: {e}")))
 }
 
-/// The launcher is a Rust binary, whose runtime ignores SIGPIPE at start;
-/// an ignored signal survives `execve`, so put it back for the job, and
-/// unblock every signal the agent may have blocked.
+/// The launcher is a Rust binary, whose runtime ignores SIGPIPE at start,
+/// and whoever started the agent may have ignored others; an ignored signal
+/// survives `execve`, so every one goes back to its default for the job,
+/// and every signal the agent may have blocked is unblocked.
 fn default_signal_state() -> Result<(), StepError> {
-    // SAFETY: single-threaded process, no handler is installed: restoring the
-    // default disposition cannot race with anything.
-    unsafe { nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) }
-        .map_err(|e| StepError::new("signals", format!("resetting SIGPIPE: {e}")))?;
+    for raw in RESET_SIGNALS {
+        let Ok(sig) = Signal::try_from(raw) else {
+            continue;
+        };
+        if matches!(sig, Signal::SIGKILL | Signal::SIGSTOP) {
+            continue;
+        }
+        // SAFETY: single-threaded process, no handler is installed:
+        // restoring the default disposition cannot race with anything.
+        unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) }
+            .map_err(|e| StepError::new("signals", format!("resetting {sig}: {e}")))?;
+    }
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
         .map_err(|e| StepError::new("signals", format!("clearing the signal mask: {e}")))?;
     Ok(())
@@ -191,6 +219,11 @@ fn exec(program: &Path, plan: &LaunchPlan) -> Result<Never, StepError> {
     };
     let shown = plan.argv.first().map(String::as_str).unwrap_or_default();
     let message = match err {
+        // The file exists (it was resolved above), so what is missing is its
+        // `#!` interpreter or its dynamic loader.
+        nix::errno::Errno::ENOENT if program.exists() => format!(
+            "cannot execute {shown}: its interpreter (#! line) or dynamic loader does not exist"
+        ),
         nix::errno::Errno::ENOENT => format!("command not found: {shown}"),
         nix::errno::Errno::EACCES => format!("permission denied: {shown}"),
         nix::errno::Errno::ENOEXEC => format!("not an executable format: {shown}"),

@@ -17,7 +17,12 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStderr, ChildStdout};
 
+use super::launcher::READY;
 use super::{LaunchPlan, LAUNCHER_ARG};
+
+/// Longest a launcher may take to apply its steps (a hung mount in `chdir`,
+/// say) before the attempt is given up as the agent's fault.
+const PLAN_EXCHANGE_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How to start launchers. In production it is the running binary itself.
 #[derive(Debug, Clone)]
@@ -140,7 +145,13 @@ impl Spawned {
             mut child,
             plan_socket,
         } = self;
-        let reply = match exchange_plan(plan_socket, plan).await {
+        let exchange = tokio::time::timeout(PLAN_EXCHANGE_LIMIT, exchange_plan(plan_socket, plan));
+        let reply = match exchange.await.unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the job launcher did not start the job within {PLAN_EXCHANGE_LIMIT:?}"),
+            ))
+        }) {
             Ok(reply) => reply,
             Err(e) => {
                 let _ = child.start_kill();
@@ -148,14 +159,23 @@ impl Spawned {
                 return Err(LaunchError::Protocol(e));
             }
         };
-        if !reply.is_empty() {
-            let _ = child.wait().await;
-            let text = String::from_utf8_lossy(&reply);
-            let (step, message) = text.split_once('\t').unwrap_or(("launch", &text));
-            return Err(LaunchError::Refused {
-                step: step.to_string(),
-                message: message.to_string(),
-            });
+        match parse_reply(&reply) {
+            Reply::Running => {}
+            Reply::Died => {
+                // Killed or out of memory before every step was done: the
+                // job never ran, and that is not the job's fault.
+                let status = child.wait().await;
+                return Err(LaunchError::Protocol(io::Error::other(format!(
+                    "the job launcher ended before starting the job ({})",
+                    status
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|e| e.to_string())
+                ))));
+            }
+            Reply::Refused { step, message } => {
+                let _ = child.wait().await;
+                return Err(LaunchError::Refused { step, message });
+            }
         }
         Ok(JobProcess {
             pid,
@@ -164,6 +184,29 @@ impl Spawned {
             stderr: child.stderr.take(),
             child,
         })
+    }
+}
+
+/// What the launcher's report says (protocol in `launcher.rs`).
+#[derive(Debug, PartialEq, Eq)]
+enum Reply {
+    Running,
+    Died,
+    Refused { step: String, message: String },
+}
+
+fn parse_reply(reply: &[u8]) -> Reply {
+    let text = match reply {
+        [READY] => return Reply::Running,
+        [] => return Reply::Died,
+        [READY, rest @ ..] => rest,
+        other => other,
+    };
+    let text = String::from_utf8_lossy(text);
+    let (step, message) = text.split_once('\t').unwrap_or(("launch", &text));
+    Reply::Refused {
+        step: step.to_string(),
+        message: message.to_string(),
     }
 }
 
@@ -244,6 +287,14 @@ pub fn kill_orphaned_group(pgid: i32, leader_start_time: u64) -> usize {
     let members = group_members(pgid, leader_start_time);
     if !members.is_empty() {
         let _ = nix::sys::signal::killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        // SIGKILL is not instant: wait (bounded) until the group is gone, so
+        // its message is not released while its job still runs.
+        for _ in 0..500 {
+            if group_members(pgid, leader_start_time).is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
     members.len()
 }
@@ -264,6 +315,28 @@ pub fn group_members(pgid: i32, since: u64) -> Vec<i32> {
 mod tests {
     use super::*;
     use std::os::unix::process::CommandExt;
+
+    #[test]
+    fn a_launcher_that_dies_silently_is_never_taken_for_a_running_job() {
+        assert_eq!(parse_reply(b""), Reply::Died);
+        assert_eq!(parse_reply(&[READY]), Reply::Running);
+        assert_eq!(
+            parse_reply(b"work-dir\tentering work dir /w: No such file or directory"),
+            Reply::Refused {
+                step: "work-dir".into(),
+                message: "entering work dir /w: No such file or directory".into()
+            }
+        );
+        let mut after_ready = vec![READY];
+        after_ready.extend_from_slice(b"exec\tcommand not found: nope");
+        assert_eq!(
+            parse_reply(&after_ready),
+            Reply::Refused {
+                step: "exec".into(),
+                message: "command not found: nope".into()
+            }
+        );
+    }
 
     #[test]
     fn stat_parsing_survives_parentheses_and_spaces_in_the_command_name() {

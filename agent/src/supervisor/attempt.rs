@@ -13,7 +13,7 @@ use nix::sys::signal::Signal;
 
 use super::output;
 use super::status::Running;
-use super::verdict::{self, Action, Ending, Verdict};
+use super::verdict::{self, Action, Ending};
 use super::{Slot, Supervisor};
 use crate::drain;
 use crate::envelope::{self, Envelope};
@@ -21,7 +21,18 @@ use crate::events::{EventSink, EventType, JobEvent};
 use crate::queue::{JobSource, Message};
 use crate::sandbox::process::JobProcess;
 use crate::sandbox::{scrubbed_env, LaunchPlan};
-use crate::state::InFlight;
+use crate::state::{Decided, DecidedAction, InFlight};
+
+/// How a decided action is written in the ledger.
+pub(super) fn decided_action(action: Action) -> DecidedAction {
+    match action {
+        Action::Delete => DecidedAction::Delete,
+        Action::Release { delay, failed } => DecidedAction::Release {
+            delay_ms: delay.as_millis() as u64,
+            failed,
+        },
+    }
+}
 
 /// Time kept back before a drain deadline to release messages and exit.
 const RELEASE_RESERVE: Duration = Duration::from_secs(2);
@@ -56,6 +67,17 @@ enum Watched {
 
 impl<S: JobSource, E: EventSink> Supervisor<S, E> {
     pub(super) async fn handle_message(self: Arc<Self>, msg: Message, slot: &Slot) {
+        if msg.body.len() > crate::queue::MAX_BODY_BYTES {
+            let rejection = envelope::Rejection {
+                reason: envelope::RejectReason::Malformed,
+                detail: format!(
+                    "message body is larger than {} bytes",
+                    crate::queue::MAX_BODY_BYTES
+                ),
+                job_id: None,
+            };
+            return self.reject(msg, rejection).await;
+        }
         match envelope::verify(&msg.body, &self.keys, &self.settings.verify, unix_now()) {
             Ok(env) => self.run_job(msg, env, slot.index()).await,
             Err(rejection) => self.reject(msg, rejection).await,
@@ -140,7 +162,13 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             }
         };
 
-        let delay = self.settings.backoff.delay(msg.attempt, rand::random());
+        // Failures back off by attempt; agent-side trouble by how often the
+        // message has been tried at all.
+        let backoff_step = match ending {
+            Ending::AgentFault(_) => msg.receive_count,
+            _ => msg.attempt,
+        };
+        let delay = self.settings.backoff.delay(backoff_step, rand::random());
         let verdict = verdict::decide(&ending, msg.attempt, job.max_attempts, delay);
         let mut ev = template;
         ev.kind = verdict.kind;
@@ -159,43 +187,84 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             _ => {}
         }
         // Cleaned up before the outcome is published: whoever reacts to the
-        // event finds the job completely gone.
-        if let Err(e) = std::fs::remove_dir_all(&work_dir) {
+        // event finds the job completely gone. Off the runtime's threads: a
+        // job may leave a very large tree behind.
+        let dir = work_dir.clone();
+        let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+        if let Ok(Err(e)) = removed {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(dir = %work_dir.display(), error = %e, "cannot remove work dir");
             }
         }
-        self.finish(&msg, slot, &ev, &verdict).await;
+        self.finish(&msg, slot, &mut entry, ev, verdict.action)
+            .await;
         self.board.finished(&msg.id);
     }
 
-    /// Publishes the outcome, then acts on the message: ack last.
-    async fn finish(&self, msg: &Message, slot: usize, ev: &JobEvent, verdict: &Verdict) {
-        let handed_off = self.publish(ev).await;
-        let mut action = verdict.action;
+    /// Records the decision, publishes the outcome, then acts on the
+    /// message: ack last. A failing delete or release is retried while the
+    /// slot is held, until it works or the drain deadline has passed (then
+    /// the ledger keeps the decision for the next start to complete).
+    pub(super) async fn finish(
+        &self,
+        msg: &Message,
+        slot: usize,
+        entry: &mut InFlight,
+        ev: JobEvent,
+        action: Action,
+    ) {
+        let mut action = action;
+        entry.decided = Some(Decided {
+            event: ev.clone(),
+            action: decided_action(action),
+        });
+        if let Err(e) = self.ledger.record(slot, entry) {
+            tracing::warn!(message_id = %msg.id, error = %e, "cannot record the outcome in the in-flight ledger");
+        }
+        let handed_off = self.publish(&ev).await;
         if !handed_off && action == Action::Delete {
             // Deleting now would lose the only record of the outcome; run
             // the job again later instead (at-least-once).
             action = Action::Release {
-                delay: self.settings.backoff.delay(msg.attempt, rand::random()),
+                delay: self
+                    .settings
+                    .backoff
+                    .delay(msg.receive_count, rand::random()),
                 failed: false,
             };
         }
-        let done = match action {
-            Action::Delete => self.source.delete(msg).await,
-            Action::Release { delay, failed } => self.source.release(msg, delay, failed).await,
-        };
-        match done {
-            Ok(()) => {
-                if let Err(e) = self.ledger.forget(slot) {
-                    tracing::warn!(message_id = %msg.id, error = %e, "cannot update the in-flight ledger");
+        let mut wait = Duration::from_millis(200);
+        loop {
+            let done = match action {
+                Action::Delete => self.source.delete(msg).await,
+                Action::Release { delay, failed } => self.source.release(msg, delay, failed).await,
+            };
+            match done {
+                Ok(()) => break,
+                Err(e) if self.drain_deadline_passed() => {
+                    tracing::error!(
+                        message_id = %msg.id, error = %e,
+                        "cannot finish message before the drain deadline; the next start of the agent completes it"
+                    );
+                    self.board.stranded();
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(message_id = %msg.id, error = %e, retry_in_ms = wait.as_millis() as u64, "cannot finish message; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(30));
                 }
             }
-            Err(e) => tracing::error!(
-                message_id = %msg.id, error = %e,
-                "cannot finish message; it is released at the next start of the agent"
-            ),
         }
+        if let Err(e) = self.ledger.forget(slot) {
+            tracing::warn!(message_id = %msg.id, error = %e, "cannot update the in-flight ledger");
+        }
+    }
+
+    fn drain_deadline_passed(&self) -> bool {
+        self.drain
+            .current()
+            .is_some_and(|d| Instant::now() >= d.deadline)
     }
 
     /// Prepares, launches and watches one attempt.
@@ -259,7 +328,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         started.at = crate::events::rfc3339_now();
         self.publish(&started).await;
 
-        let capture = tokio::spawn(output::capture(
+        let mut capture = tokio::spawn(output::capture(
             proc.stdout.take(),
             proc.stderr.take(),
             log,
@@ -269,15 +338,21 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         let watched = self.watch(&mut proc, timeout, job.interrupt).await;
         // The job is over: whatever it left running in its group goes too.
         proc.signal_group(Signal::SIGKILL);
-        match tokio::time::timeout(OUTPUT_DRAIN_WAIT, capture).await {
+        match tokio::time::timeout(OUTPUT_DRAIN_WAIT, &mut capture).await {
             Ok(Ok(got)) if got.dropped > 0 => tracing::warn!(
                 job = %job.id, dropped = got.dropped, "job output over jobs.log_max_bytes was dropped"
             ),
             Ok(_) => {}
-            Err(_) => tracing::warn!(
-                job = %job.id,
-                "a process that left the job's group still holds its output open; stopped capturing"
-            ),
+            Err(_) => {
+                // Closing our ends gives the escaped process EPIPE and frees
+                // the pipes and the log file now, not when it exits.
+                capture.abort();
+                tracing::warn!(
+                    job = %job.id,
+                    "a process that left the job's process group still holds its output open; \
+                     stopped capturing its output (it keeps running until the sandbox's cgroups can contain it)"
+                );
+            }
         }
         match watched {
             Ok(Watched::Exited(st)) => match (st.code(), st.signal()) {
@@ -310,14 +385,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             st = proc.wait() => Ok(Watched::Exited(st?)),
             _ = tokio::time::sleep(timeout) => {
                 proc.signal_group(Signal::SIGTERM);
-                let grace = self.settings.kill_grace;
-                let st = match tokio::time::timeout(grace, proc.wait()).await {
-                    Ok(st) => st?,
-                    Err(_) => {
-                        proc.signal_group(Signal::SIGKILL);
-                        proc.wait().await?
-                    }
-                };
+                let st = stop_within(proc, self.settings.kill_grace, &mut drain_rx).await?;
                 Ok(Watched::TimedOut(st))
             }
             req = drain::requested(&mut drain_rx) => {

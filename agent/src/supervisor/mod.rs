@@ -25,12 +25,16 @@ use crate::envelope::{Keyring, VerifyPolicy};
 use crate::events::{EventSink, EventType, JobEvent};
 use crate::queue::{JobSource, Message};
 use crate::sandbox::process::{kill_orphaned_group, Launcher};
-use crate::state::{InFlight, Ledger, StateError};
+use crate::state::{Decided, DecidedAction, InFlight, Ledger, StateError};
 use status::StatusBoard;
 use verdict::Backoff;
 
 /// SQS's limit on messages per receive; the directory source honours it too.
 pub const MAX_RECEIVE_BATCH: usize = 10;
+
+/// Past the drain deadline, how long the supervisor still waits for
+/// attempts that did not end by themselves before it returns anyway.
+const FINAL_WAIT_MARGIN: Duration = Duration::from_secs(5);
 
 /// How long to wait before asking a failing source again, at most.
 const RECEIVE_RETRY_MAX: Duration = Duration::from_secs(30);
@@ -162,13 +166,17 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         &self.board
     }
 
-    /// Kills what a previous run left running and gives its messages back.
-    /// Must run before the first receive.
+    /// Kills what a previous run left running, completes the outcomes it
+    /// had decided, and gives every other message it held back to the
+    /// queue. Must run before the first receive.
     pub async fn recover(&self) -> Result<usize, SupervisorError> {
         let entries = self.ledger.load_all()?;
-        for e in &entries {
+        let mut undecided = Vec::new();
+        for e in entries {
             if let (Some(pid), Some(start)) = (e.pid, e.start_time) {
-                let killed = kill_orphaned_group(pid, start);
+                let killed = tokio::task::spawn_blocking(move || kill_orphaned_group(pid, start))
+                    .await
+                    .unwrap_or(0);
                 if killed > 0 {
                     tracing::warn!(
                         job = e.job_id.as_deref().unwrap_or("?"),
@@ -178,17 +186,24 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                     );
                 }
             }
-            if let Some(dir) = &e.work_dir {
-                let _ = std::fs::remove_dir_all(dir);
+            if let Some(dir) = e.work_dir.clone() {
+                let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+            }
+            match &e.decided {
+                Some(decided) => self.complete_decided(&e, decided).await,
+                None => undecided.push(e),
             }
         }
-        let known: Vec<Message> = entries.iter().map(InFlight::to_message).collect();
+        let known: Vec<Message> = undecided.iter().map(InFlight::to_message).collect();
         let released = self
             .source
             .recover_claims(&known)
             .await
             .map_err(SupervisorError::RecoveryQueue)?;
-        for e in &entries {
+        for e in undecided
+            .iter()
+            .filter(|e| released.contains(&e.message_id))
+        {
             let mut ev = JobEvent::new(
                 EventType::Requeued,
                 &e.message_id,
@@ -203,13 +218,40 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             self.publish(&ev).await;
         }
         self.ledger.clear_all()?;
-        if released > 0 {
+        if !released.is_empty() {
             tracing::warn!(
-                released,
+                released = released.len(),
                 "gave back messages claimed by a previous run of the agent (crash or kill -9); they run again"
             );
         }
-        Ok(released)
+        Ok(released.len())
+    }
+
+    /// Finishes what a previous run had decided for a message but may not
+    /// have done: its event again (consumers may see it twice, never
+    /// zero times), then the delete or release.
+    async fn complete_decided(&self, e: &InFlight, decided: &Decided) {
+        let msg = e.to_message();
+        self.publish(&decided.event).await;
+        let done = match decided.action {
+            DecidedAction::Delete => self.source.delete(&msg).await,
+            DecidedAction::Release { delay_ms, failed } => {
+                self.source
+                    .release(&msg, Duration::from_millis(delay_ms), failed)
+                    .await
+            }
+        };
+        match done {
+            Ok(()) => tracing::warn!(
+                message_id = %e.message_id,
+                event = decided.event.kind.as_str(),
+                "completed the outcome a previous run of the agent had decided"
+            ),
+            Err(err) => tracing::warn!(
+                message_id = %e.message_id, error = %err,
+                "could not complete the outcome a previous run had decided (the message may be gone already)"
+            ),
+        }
     }
 
     /// Runs until a drain is requested and every attempt has finished or
@@ -281,7 +323,25 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             "intake stopped; waiting for running jobs to finish or be released"
         );
         tracker.close();
-        tracker.wait().await;
+        // Every attempt watches the drain deadline itself; this bound only
+        // guards against one that cannot (stuck in the kernel, say).
+        let deadline = self
+            .drain
+            .current()
+            .map(|d| d.deadline + FINAL_WAIT_MARGIN)
+            .unwrap_or_else(|| std::time::Instant::now() + FINAL_WAIT_MARGIN);
+        if tokio::time::timeout_at(deadline.into(), tracker.wait())
+            .await
+            .is_err()
+        {
+            let stuck = self.board.snapshot().running;
+            tracing::error!(
+                stuck = stuck.len(),
+                jobs = ?stuck.iter().map(|r| r.job_id.as_str()).collect::<Vec<_>>(),
+                "drain deadline passed with attempts still unfinished; the next start of the agent recovers them"
+            );
+            self.board.stranded();
+        }
     }
 
     /// Releases a message that was received but will not be started.
@@ -352,5 +412,150 @@ fn show_event(ev: &JobEvent) {
                 "{line}"
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::{Alg, SigningKey};
+    use crate::events::JsonlFile;
+    use crate::queue::dir::{self, DirQueue};
+    use std::path::Path;
+
+    fn supervisor(root: &Path, state: &Path, events: &Path) -> Supervisor<DirQueue, JsonlFile> {
+        let key = SigningKey::generate(Alg::Ed25519, "t").expect("key");
+        let keys = Keyring::from_toml(&key.verification_entry_toml(), Path::new("keys.toml"))
+            .expect("keyring");
+        let settings = Settings {
+            slots: 2,
+            default_timeout: Duration::from_secs(60),
+            kill_grace: Duration::from_secs(1),
+            backoff: Backoff {
+                base: Duration::ZERO,
+                max: Duration::ZERO,
+            },
+            work_root: state.join("work"),
+            log_root: state.join("logs"),
+            log_max_bytes: 1024,
+            verify: VerifyPolicy::default(),
+            instance_id: "i-test".into(),
+        };
+        let drain = Drain::new();
+        let board = Arc::new(StatusBoard::new("test", "dir".into(), 2, drain.clone()));
+        Supervisor::new(
+            DirQueue::open(root).expect("open queue"),
+            JsonlFile::open(events).expect("events"),
+            keys,
+            settings,
+            Ledger::open(state).expect("ledger"),
+            Launcher::default(),
+            drain,
+            board,
+        )
+    }
+
+    /// Claims the only message under `root` and records it in slot 0 the
+    /// way a run that then crashed would have.
+    async fn crash_holding(root: &Path, state: &Path, decided: Option<DecidedAction>) -> String {
+        let q = DirQueue::open(root).expect("open queue");
+        let m = q.receive(1).await.expect("receive").remove(0);
+        let mut entry = InFlight::for_message(&m);
+        entry.job_id = Some("job-1".into());
+        entry.decided = decided.map(|action| {
+            let mut ev = JobEvent::new(EventType::Succeeded, &m.id, 1, "i-old");
+            ev.job_id = Some("job-1".into());
+            ev.is_final = true;
+            Decided { event: ev, action }
+        });
+        Ledger::open(state)
+            .expect("ledger")
+            .record(0, &entry)
+            .expect("record");
+        m.id
+    }
+
+    fn event_lines(path: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("event line"))
+            .collect()
+    }
+
+    fn count(dir: &Path) -> usize {
+        std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn an_outcome_decided_before_a_crash_is_completed_at_restart_not_run_again() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (root, state, events) = (
+            tmp.path().join("q"),
+            tmp.path().join("s"),
+            tmp.path().join("ev"),
+        );
+        dir::enqueue(&root, b"body").expect("enqueue");
+        let id = crash_holding(&root, &state, Some(DecidedAction::Delete)).await;
+
+        let sup = supervisor(&root, &state, &events);
+        assert_eq!(
+            sup.recover().await.expect("recover"),
+            0,
+            "nothing to run again"
+        );
+        assert_eq!(count(&root.join("claimed")), 0);
+        assert_eq!(count(&root.join("queue")), 0, "the decided delete was done");
+        let lines = event_lines(&events);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(lines[0]["type"], "job.succeeded");
+        assert_eq!(lines[0]["message_id"], id.as_str());
+        assert_eq!(lines[0]["final"], true);
+        assert!(Ledger::open(&state)
+            .expect("ledger")
+            .load_all()
+            .expect("load")
+            .is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_undecided_message_of_a_crashed_run_is_released_with_a_requeued_event() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (root, state, events) = (
+            tmp.path().join("q"),
+            tmp.path().join("s"),
+            tmp.path().join("ev"),
+        );
+        dir::enqueue(&root, b"body").expect("enqueue");
+        let id = crash_holding(&root, &state, None).await;
+
+        let sup = supervisor(&root, &state, &events);
+        assert_eq!(sup.recover().await.expect("recover"), 1);
+        assert_eq!(count(&root.join("claimed")), 0);
+        assert_eq!(count(&root.join("queue")), 1, "released to run again");
+        let lines = event_lines(&events);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(lines[0]["type"], "job.requeued");
+        assert_eq!(lines[0]["job_id"], "job-1");
+        assert_eq!(lines[0]["message_id"], id.as_str());
+    }
+
+    #[tokio::test]
+    async fn a_message_already_gone_gets_no_requeued_event() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (root, state, events) = (
+            tmp.path().join("q"),
+            tmp.path().join("s"),
+            tmp.path().join("ev"),
+        );
+        dir::enqueue(&root, b"body").expect("enqueue");
+        crash_holding(&root, &state, None).await;
+        // Deleted, then the crash came before the ledger was emptied.
+        for e in std::fs::read_dir(root.join("claimed")).expect("ls") {
+            std::fs::remove_file(e.expect("entry").path()).expect("rm");
+        }
+        let sup = supervisor(&root, &state, &events);
+        assert_eq!(sup.recover().await.expect("recover"), 0);
+        assert!(event_lines(&events).is_empty(), "no false requeued event");
     }
 }

@@ -27,9 +27,12 @@ pub fn create_log(path: &Path) -> std::io::Result<File> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    use std::os::unix::fs::OpenOptionsExt;
+    // Job output may hold the job's secrets: readable by the agent only.
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(path)
 }
 

@@ -42,6 +42,7 @@ pub struct StatusBoard {
     drain: Drain,
     running: Mutex<BTreeMap<String, Running>>,
     counts: [AtomicU64; COUNTED.len()],
+    stranded: AtomicU64,
 }
 
 /// A point-in-time copy of the board, as sent over the admin socket.
@@ -86,7 +87,17 @@ impl StatusBoard {
             drain,
             running: Mutex::new(BTreeMap::new()),
             counts: Default::default(),
+            stranded: AtomicU64::new(0),
         }
+    }
+
+    /// A message this run could not finish (the next start will).
+    pub fn stranded(&self) {
+        self.stranded.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn stranded_count(&self) -> u64 {
+        self.stranded.load(Ordering::Relaxed)
     }
 
     pub fn count(&self, kind: EventType) {

@@ -1,0 +1,126 @@
+//! Batches single requests into SQS's batch APIs (`DeleteMessageBatch`,
+//! `ChangeMessageVisibilityBatch`): up to 10 entries per call, gathered for
+//! at most a short linger after the first one arrives. Each caller still
+//! gets its own entry's result, so batching never hides a failure.
+//!
+//! The linger trades a few milliseconds of latency for fewer API calls (and
+//! a lower SQS bill); it is bounded, and a full batch goes out at once.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+/// SQS's limit on entries per batch call.
+pub const MAX_BATCH_ENTRIES: usize = 10;
+
+/// Requests waiting for a batch; more callers than this wait to enqueue.
+const QUEUE_DEPTH: usize = 1024;
+
+type Reply = oneshot::Sender<Result<(), String>>;
+
+pub struct Batcher<T> {
+    tx: mpsc::Sender<(T, Reply)>,
+}
+
+impl<T> Clone for Batcher<T> {
+    fn clone(&self) -> Self {
+        Batcher {
+            tx: self.tx.clone(),
+        }
+    }
+}
+
+impl<T: Send + 'static> Batcher<T> {
+    /// Starts the batching task. `flush` performs one batch call and returns
+    /// one result per entry, in order.
+    pub fn spawn<F, Fut>(linger: Duration, flush: F) -> Batcher<T>
+    where
+        F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<Result<(), String>>> + Send,
+    {
+        let (tx, mut rx) = mpsc::channel::<(T, Reply)>(QUEUE_DEPTH);
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                let deadline = tokio::time::Instant::now() + linger;
+                while batch.len() < MAX_BATCH_ENTRIES {
+                    tokio::select! {
+                        next = rx.recv() => match next {
+                            Some(item) => batch.push(item),
+                            None => break,
+                        },
+                        _ = tokio::time::sleep_until(deadline) => break,
+                    }
+                }
+                let (items, replies): (Vec<T>, Vec<Reply>) = batch.into_iter().unzip();
+                let mut results = flush(items).await.into_iter();
+                for reply in replies {
+                    let result = results
+                        .next()
+                        .unwrap_or_else(|| Err("no result for this entry".to_string()));
+                    let _ = reply.send(result);
+                }
+            }
+        });
+        Batcher { tx }
+    }
+
+    /// Queues one entry and waits for its own result.
+    pub async fn submit(&self, item: T) -> Result<(), String> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send((item, reply))
+            .await
+            .map_err(|_| "the batching task has stopped".to_string())?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err("the batching task dropped the request".to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[tokio::test]
+    async fn entries_arriving_together_share_one_call_of_at_most_ten() {
+        let calls = Arc::new(Mutex::new(Vec::<usize>::new()));
+        let seen = calls.clone();
+        let batcher = Arc::new(Batcher::spawn(
+            Duration::from_millis(50),
+            move |items: Vec<u32>| {
+                seen.lock().expect("lock").push(items.len());
+                let results = items
+                    .iter()
+                    .map(|i| {
+                        if i % 7 == 0 {
+                            Err(format!("entry {i} failed"))
+                        } else {
+                            Ok(())
+                        }
+                    })
+                    .collect();
+                async move { results }
+            },
+        ));
+        let mut tasks = Vec::new();
+        for i in 1..=15u32 {
+            let b = batcher.clone();
+            tasks.push(tokio::spawn(async move { (i, b.submit(i).await) }));
+        }
+        for t in tasks {
+            let (i, result) = t.await.expect("task");
+            assert_eq!(result.is_err(), i % 7 == 0, "entry {i} got {result:?}");
+        }
+        let calls = calls.lock().expect("lock").clone();
+        assert_eq!(calls.iter().sum::<usize>(), 15);
+        assert!(calls.iter().all(|n| *n <= MAX_BATCH_ENTRIES), "{calls:?}");
+        assert_eq!(
+            calls.len(),
+            2,
+            "15 entries at once take two calls: {calls:?}"
+        );
+    }
+}

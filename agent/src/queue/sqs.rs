@@ -1,0 +1,666 @@
+//! The production job source: one or more SQS queues (standard or FIFO) in
+//! priority order. It owns everything SQS-specific: long polling, the
+//! visibility lease of each message it hands out (heartbeats in batches,
+//! ahead of expiry, never past SQS's 12-hour limit), batched deletes and
+//! releases, and the dead-letter queue for rejected messages.
+//!
+//! It never holds a message nobody asked for: `receive(n)` asks SQS for at
+//! most `n`. A lease stays renewed from receive until the supervisor deletes,
+//! releases or dead-letters the message.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_sqs::types::{
+    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
+    MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName,
+};
+use aws_sdk_sqs::Client;
+
+use super::batch::Batcher;
+use super::{JobSource, Message, QueueError};
+
+/// SQS hides a received message for at most 12 hours from its receipt.
+pub const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 3600);
+/// SQS's longest long poll (WaitTimeSeconds).
+const LONG_POLL_S: i32 = 20;
+/// With several queues each is polled briefly in turn, so a busy urgent
+/// queue is never starved by waiting on an idle one.
+const PRIORITY_POLL_S: i32 = 1;
+/// How long deletes and visibility changes wait to share a batch call.
+const BATCH_LINGER: Duration = Duration::from_millis(50);
+/// Kept back from the 12-hour limit when renewing a lease.
+const LIMIT_MARGIN: Duration = Duration::from_secs(60);
+/// Message attributes a dead-lettered message carries (SQS allows 10).
+pub const ATTR_REASON: &str = "batchly-reject-reason";
+pub const ATTR_DETAIL: &str = "batchly-reject-detail";
+pub const ATTR_SOURCE_QUEUE: &str = "batchly-source-queue";
+pub const ATTR_SOURCE_MESSAGE: &str = "batchly-source-message-id";
+/// SQS limits a message attribute value with the rest of the message to
+/// 256 KiB; a reason detail never needs more than this.
+const MAX_DETAIL_BYTES: usize = 1024;
+
+/// What the agent learned about one queue at start.
+#[derive(Debug, Clone)]
+pub struct QueueInfo {
+    pub url: String,
+    pub fifo: bool,
+    pub visibility: Duration,
+    pub dead_letter_url: String,
+}
+
+/// A problem found while checking the queues at start: the operator's to
+/// fix (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{key} {url}: {detail}")]
+pub struct SetupError {
+    pub key: &'static str,
+    pub url: String,
+    pub detail: String,
+}
+
+struct Lease {
+    queue: usize,
+    received_at: Instant,
+    visible_until: Instant,
+}
+
+pub struct SqsQueue {
+    client: Client,
+    queues: Vec<QueueInfo>,
+    deletes: Vec<Batcher<String>>,
+    visibility: Vec<Batcher<(String, i32)>>,
+    leases: Arc<Mutex<HashMap<String, Lease>>>,
+    heartbeat: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SqsQueue {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+    }
+}
+
+fn describe<E: std::error::Error + 'static>(e: &SdkError<E>) -> String {
+    format!("{}", DisplayErrorContext(e))
+}
+
+/// Service errors that no retry will fix: the queue is missing or we may
+/// not use it.
+fn is_permanent<E: ProvideErrorMetadata>(e: &SdkError<E>) -> bool {
+    let Some(code) = e.as_service_error().and_then(|s| s.code()) else {
+        return false;
+    };
+    matches!(
+        code,
+        "AWS.SimpleQueueService.NonExistentQueue"
+            | "QueueDoesNotExist"
+            | "AccessDenied"
+            | "AccessDeniedException"
+            | "InvalidAddress"
+            | "InvalidClientTokenId"
+            | "InvalidSecurity"
+            | "UnrecognizedClientException"
+    )
+}
+
+impl SqsQueue {
+    /// Checks every queue (and the dead-letter and events queues) and starts
+    /// the lease heartbeat. A queue that does not exist or may not be used
+    /// is a `SetupError`; an unreachable endpoint is retried until it
+    /// answers.
+    pub async fn connect(
+        client: Client,
+        urls: &[String],
+        dead_letter_override: Option<&str>,
+    ) -> Result<SqsQueue, SetupError> {
+        let mut queues = Vec::new();
+        for url in urls {
+            let attrs = queue_attributes(&client, "queue.url", url).await?;
+            let fifo = attrs.get("FifoQueue").is_some_and(|v| v == "true");
+            let visibility = attrs
+                .get("VisibilityTimeout")
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(Duration::from_secs)
+                .unwrap_or(Duration::from_secs(30));
+            let dead_letter_url = match dead_letter_override {
+                Some(dlq) => {
+                    queue_attributes(&client, "queue.dead_letter_url", dlq).await?;
+                    dlq.to_string()
+                }
+                None => redrive_target(&client, url, attrs.get("RedrivePolicy")).await?,
+            };
+            queues.push(QueueInfo {
+                url: url.clone(),
+                fifo,
+                visibility,
+                dead_letter_url,
+            });
+        }
+        let deletes = queues
+            .iter()
+            .map(|q| delete_batcher(client.clone(), q.url.clone()))
+            .collect();
+        let visibility = queues
+            .iter()
+            .map(|q| visibility_batcher(client.clone(), q.url.clone()))
+            .collect();
+        let leases = Arc::new(Mutex::new(HashMap::new()));
+        let mut me = SqsQueue {
+            client,
+            queues,
+            deletes,
+            visibility,
+            leases,
+            heartbeat: tokio::spawn(async {}),
+        };
+        me.heartbeat = tokio::spawn(heartbeat(
+            me.leases.clone(),
+            me.queues.iter().map(|q| q.visibility).collect(),
+            me.visibility_handles(),
+        ));
+        Ok(me)
+    }
+
+    pub fn queues(&self) -> &[QueueInfo] {
+        &self.queues
+    }
+
+    fn visibility_handles(&self) -> Vec<Batcher<(String, i32)>> {
+        self.visibility.clone()
+    }
+
+    fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn receive_from(
+        &self,
+        index: usize,
+        max: usize,
+        wait_s: i32,
+    ) -> Result<Vec<Message>, QueueError> {
+        let q = &self.queues[index];
+        let asked_at = Instant::now();
+        let out = self
+            .client
+            .receive_message()
+            .queue_url(&q.url)
+            .max_number_of_messages(max.min(10) as i32)
+            .wait_time_seconds(wait_s)
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
+            .send()
+            .await
+            .map_err(|e| QueueError::Service {
+                action: "receiving from",
+                target: q.url.clone(),
+                detail: describe(&e),
+            })?;
+        let mut got = Vec::new();
+        for m in out.messages.unwrap_or_default() {
+            let (Some(id), Some(receipt)) = (m.message_id.clone(), m.receipt_handle.clone()) else {
+                continue;
+            };
+            let attrs = m.attributes.unwrap_or_default();
+            let receive_count = attrs
+                .get(&MessageSystemAttributeName::ApproximateReceiveCount)
+                .and_then(|v| v.parse::<u32>().ok())
+                .unwrap_or(1)
+                .max(1);
+            let group = attrs
+                .get(&MessageSystemAttributeName::MessageGroupId)
+                .cloned();
+            self.leases().insert(
+                receipt.clone(),
+                Lease {
+                    queue: index,
+                    received_at: asked_at,
+                    visible_until: asked_at + q.visibility,
+                },
+            );
+            got.push(Message {
+                id,
+                body: m.body.unwrap_or_default().into_bytes(),
+                attempt: receive_count,
+                receive_count,
+                receipt,
+                queue: index,
+                group,
+            });
+        }
+        Ok(got)
+    }
+
+    fn forget_lease(&self, receipt: &str) {
+        self.leases().remove(receipt);
+    }
+}
+
+/// `GetQueueAttributes` as a map; errors name the config key and the URL.
+async fn queue_attributes(
+    client: &Client,
+    key: &'static str,
+    url: &str,
+) -> Result<HashMap<String, String>, SetupError> {
+    let mut wait = Duration::from_secs(1);
+    loop {
+        let res = client
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(QueueAttributeName::All)
+            .send()
+            .await;
+        match res {
+            Ok(out) => {
+                return Ok(out
+                    .attributes
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k.as_str().to_string(), v))
+                    .collect())
+            }
+            Err(e) if is_permanent(&e) || e.as_service_error().is_some() => {
+                return Err(SetupError {
+                    key,
+                    url: url.to_string(),
+                    detail: describe(&e),
+                })
+            }
+            Err(e) => {
+                tracing::warn!(queue = url, error = %describe(&e), retry_in_s = wait.as_secs(), "cannot reach SQS; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// The dead-letter queue named by the queue's RedrivePolicy.
+async fn redrive_target(
+    client: &Client,
+    url: &str,
+    policy: Option<&String>,
+) -> Result<String, SetupError> {
+    let missing = || SetupError {
+        key: "queue.url",
+        url: url.to_string(),
+        detail:
+            "has no dead-letter queue: set queue.dead_letter_url or give the queue a RedrivePolicy \
+                 (without one, rejected messages could only be lost or retried forever)"
+                .to_string(),
+    };
+    let policy = policy.ok_or_else(missing)?;
+    let arn = serde_json::from_str::<serde_json::Value>(policy)
+        .ok()
+        .and_then(|v| v.get("deadLetterTargetArn")?.as_str().map(str::to_string))
+        .ok_or_else(missing)?;
+    // arn:aws:sqs:REGION:ACCOUNT:NAME
+    let parts: Vec<&str> = arn.split(':').collect();
+    let (Some(account), Some(name)) = (parts.get(4), parts.get(5)) else {
+        return Err(SetupError {
+            key: "queue.url",
+            url: url.to_string(),
+            detail: format!(
+                "RedrivePolicy names a dead-letter queue by an ARN that cannot be read: {arn}"
+            ),
+        });
+    };
+    let out = client
+        .get_queue_url()
+        .queue_name(*name)
+        .queue_owner_aws_account_id(*account)
+        .send()
+        .await
+        .map_err(|e| SetupError {
+            key: "queue.url",
+            url: url.to_string(),
+            detail: format!("its dead-letter queue {arn}: {}", describe(&e)),
+        })?;
+    out.queue_url.ok_or_else(missing)
+}
+
+fn delete_batcher(client: Client, url: String) -> Batcher<String> {
+    Batcher::spawn(BATCH_LINGER, move |receipts: Vec<String>| {
+        let client = client.clone();
+        let url = url.clone();
+        async move {
+            let entries = receipts
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    DeleteMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(r)
+                        .build()
+                })
+                .collect::<Result<Vec<_>, _>>();
+            let entries = match entries {
+                Ok(e) => e,
+                Err(e) => return vec![Err(e.to_string()); receipts.len()],
+            };
+            let call = || {
+                client
+                    .delete_message_batch()
+                    .queue_url(&url)
+                    .set_entries(Some(entries.clone()))
+                    .send()
+            };
+            match retry_transient(call).await {
+                Ok(out) => per_entry(receipts.len(), out.failed()),
+                Err(e) => vec![Err(e); receipts.len()],
+            }
+        }
+    })
+}
+
+fn visibility_batcher(client: Client, url: String) -> Batcher<(String, i32)> {
+    Batcher::spawn(BATCH_LINGER, move |changes: Vec<(String, i32)>| {
+        let client = client.clone();
+        let url = url.clone();
+        async move {
+            let entries = changes
+                .iter()
+                .enumerate()
+                .map(|(i, (r, secs))| {
+                    ChangeMessageVisibilityBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(r)
+                        .visibility_timeout(*secs)
+                        .build()
+                })
+                .collect::<Result<Vec<_>, _>>();
+            let entries = match entries {
+                Ok(e) => e,
+                Err(e) => return vec![Err(e.to_string()); changes.len()],
+            };
+            let call = || {
+                client
+                    .change_message_visibility_batch()
+                    .queue_url(&url)
+                    .set_entries(Some(entries.clone()))
+                    .send()
+            };
+            match retry_transient(call).await {
+                Ok(out) => per_entry(changes.len(), out.failed()),
+                Err(e) => vec![Err(e); changes.len()],
+            }
+        }
+    })
+}
+
+/// One result per entry from a batch answer's failures (ids are indexes).
+fn per_entry(
+    n: usize,
+    failed: &[aws_sdk_sqs::types::BatchResultErrorEntry],
+) -> Vec<Result<(), String>> {
+    let mut out = vec![Ok(()); n];
+    for f in failed {
+        if let Some(slot) = f.id().parse::<usize>().ok().and_then(|i| out.get_mut(i)) {
+            *slot = Err(format!("{}: {}", f.code(), f.message().unwrap_or("")));
+        }
+    }
+    out
+}
+
+/// Longest the agent keeps retrying one call while SQS cannot be reached.
+const RETRY_FOR: Duration = Duration::from_secs(600);
+
+/// Retries a call that failed for a transient reason (unreachable, throttled,
+/// 5xx) with capped exponential backoff and jitter; the SDK's own retries
+/// come first. Gives up after `RETRY_FOR`, or at once on a client error.
+async fn retry_transient<T, E, F, Fut>(call: F) -> Result<T, String>
+where
+    E: std::error::Error + ProvideErrorMetadata + 'static,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, SdkError<E>>>,
+{
+    let start = Instant::now();
+    let mut wait = Duration::from_millis(500);
+    loop {
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                let transient = match &e {
+                    SdkError::ServiceError(s) => {
+                        let status = s.raw().status().as_u16();
+                        status >= 500
+                            || status == 429
+                            || matches!(e.code(), Some(c) if c.contains("Throttl"))
+                    }
+                    _ => true,
+                };
+                if !transient || start.elapsed() >= RETRY_FOR {
+                    return Err(describe(&e));
+                }
+                let jittered = wait / 2 + wait.mul_f64(rand::random::<f64>() / 2.0);
+                tracing::warn!(error = %describe(&e), retry_in_ms = jittered.as_millis() as u64, "SQS call failed; retrying");
+                tokio::time::sleep(jittered).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Renews leases before they expire, in batches, never beyond 12 hours
+/// after receipt.
+async fn heartbeat(
+    leases: Arc<Mutex<HashMap<String, Lease>>>,
+    visibility: Vec<Duration>,
+    batchers: Vec<Batcher<(String, i32)>>,
+) {
+    let shortest = visibility
+        .iter()
+        .min()
+        .copied()
+        .unwrap_or(Duration::from_secs(30));
+    let tick = (shortest / 3).clamp(Duration::from_millis(200), Duration::from_secs(30));
+    let mut warned_limit = std::collections::HashSet::new();
+    loop {
+        tokio::time::sleep(tick).await;
+        let now = Instant::now();
+        let due: Vec<(String, usize, i32, Instant)> = {
+            let map = leases.lock().unwrap_or_else(|p| p.into_inner());
+            map.iter()
+                .filter_map(|(receipt, lease)| {
+                    let vis = visibility[lease.queue];
+                    // Renew once less than two ticks and a third of the
+                    // lease are left.
+                    let remaining = lease.visible_until.saturating_duration_since(now);
+                    if remaining > vis / 3 + tick * 2 {
+                        return None;
+                    }
+                    let limit = lease.received_at + MAX_VISIBILITY - LIMIT_MARGIN;
+                    let until = (now + vis.max(tick * 4)).min(limit);
+                    let secs = until.saturating_duration_since(now).as_secs() as i32;
+                    Some((receipt.clone(), lease.queue, secs, until))
+                })
+                .collect()
+        };
+        let mut renewals = tokio::task::JoinSet::new();
+        for (receipt, queue, secs, until) in due {
+            if secs <= 0 {
+                if warned_limit.insert(receipt.clone()) {
+                    tracing::error!("a job has held its message for 12 hours, SQS's limit; the message becomes visible again and may run elsewhere");
+                }
+                continue;
+            }
+            let batcher = batchers[queue].clone();
+            renewals.spawn(async move {
+                let result = batcher.submit((receipt.clone(), secs)).await;
+                (receipt, until, result)
+            });
+        }
+        while let Some(Ok((receipt, until, result))) = renewals.join_next().await {
+            match result {
+                Ok(()) => {
+                    if let Some(l) = leases
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_mut(&receipt)
+                    {
+                        l.visible_until = until;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot extend a message's visibility; will retry")
+                }
+            }
+        }
+        warned_limit.retain(|r| {
+            leases
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(r)
+        });
+    }
+}
+
+impl JobSource for SqsQueue {
+    fn describe(&self) -> String {
+        let urls: Vec<&str> = self.queues.iter().map(|q| q.url.as_str()).collect();
+        format!("SQS {}", urls.join(" > "))
+    }
+
+    async fn receive(&self, max: usize) -> Result<Vec<Message>, QueueError> {
+        let single = self.queues.len() == 1;
+        let mut got = Vec::new();
+        for index in 0..self.queues.len() {
+            let want = max.saturating_sub(got.len());
+            if want == 0 {
+                break;
+            }
+            // Once something came back, the remaining queues are only
+            // sampled without waiting: the slots are not left idle for them.
+            let wait = match (single, got.is_empty()) {
+                (true, _) => LONG_POLL_S,
+                (false, true) => PRIORITY_POLL_S,
+                (false, false) => 0,
+            };
+            got.extend(self.receive_from(index, want, wait).await?);
+        }
+        Ok(got)
+    }
+
+    async fn delete(&self, msg: &Message) -> Result<(), QueueError> {
+        let q = &self.queues[msg.queue];
+        let result = self.deletes[msg.queue].submit(msg.receipt.clone()).await;
+        self.forget_lease(&msg.receipt);
+        result.map_err(|detail| QueueError::Service {
+            action: "deleting a message from",
+            target: q.url.clone(),
+            detail,
+        })
+    }
+
+    async fn release(
+        &self,
+        msg: &Message,
+        delay: Duration,
+        _failed: bool,
+    ) -> Result<(), QueueError> {
+        let q = &self.queues[msg.queue];
+        // The new visibility counts from now but SQS still ends it 12 hours
+        // after the receipt; a longer backoff is shortened to fit.
+        let held = self
+            .leases()
+            .get(&msg.receipt)
+            .map(|l| l.received_at.elapsed())
+            .unwrap_or_default();
+        let room = MAX_VISIBILITY.saturating_sub(held + LIMIT_MARGIN);
+        let secs = delay.min(room).as_secs() as i32;
+        let result = self.visibility[msg.queue]
+            .submit((msg.receipt.clone(), secs))
+            .await;
+        self.forget_lease(&msg.receipt);
+        result.map_err(|detail| QueueError::Service {
+            action: "releasing a message to",
+            target: q.url.clone(),
+            detail,
+        })
+    }
+
+    async fn dead_letter(
+        &self,
+        msg: &Message,
+        reason: &str,
+        detail: &str,
+    ) -> Result<(), QueueError> {
+        let q = &self.queues[msg.queue];
+        let mut detail = detail.to_string();
+        if detail.len() > MAX_DETAIL_BYTES {
+            let mut cut = MAX_DETAIL_BYTES;
+            while !detail.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            detail.truncate(cut);
+        }
+        let attr = |v: &str| {
+            MessageAttributeValue::builder()
+                .data_type("String")
+                .string_value(v)
+                .build()
+        };
+        let attrs = [
+            (ATTR_REASON, attr(reason)),
+            (
+                ATTR_DETAIL,
+                attr(if detail.is_empty() { "-" } else { &detail }),
+            ),
+            (ATTR_SOURCE_QUEUE, attr(&q.url)),
+            (ATTR_SOURCE_MESSAGE, attr(&msg.id)),
+        ];
+        let mut send = self
+            .client
+            .send_message()
+            .queue_url(&q.dead_letter_url)
+            .message_body(String::from_utf8_lossy(&msg.body));
+        for (name, value) in attrs {
+            let value = value.map_err(|e| QueueError::Service {
+                action: "dead-lettering to",
+                target: q.dead_letter_url.clone(),
+                detail: e.to_string(),
+            })?;
+            send = send.message_attributes(name, value);
+        }
+        if q.dead_letter_url.ends_with(".fifo") {
+            send = send
+                .message_group_id(
+                    msg.group
+                        .clone()
+                        .unwrap_or_else(|| "batchly-rejected".into()),
+                )
+                .message_deduplication_id(&msg.id);
+        }
+        let dlq = q.dead_letter_url.clone();
+        retry_transient(|| send.clone().send())
+            .await
+            .map_err(|detail| QueueError::Service {
+                action: "dead-lettering to",
+                target: dlq,
+                detail,
+            })?;
+        // Copied first, deleted second: a crash in between leaves a copy in
+        // both places, never in neither.
+        self.delete(msg).await
+    }
+
+    async fn recover_claims(&self, known: &[Message]) -> Result<Vec<String>, QueueError> {
+        let mut released = Vec::new();
+        for msg in known {
+            let Some(batcher) = self.visibility.get(msg.queue) else {
+                continue;
+            };
+            // A receipt from before the crash may have expired already; then
+            // SQS has made the message visible by itself.
+            match batcher.submit((msg.receipt.clone(), 0)).await {
+                Ok(()) => released.push(msg.id.clone()),
+                Err(e) => {
+                    tracing::info!(message_id = %msg.id, error = %e, "message of a previous run was not released (its receipt has expired; it is visible again anyway)")
+                }
+            }
+        }
+        Ok(released)
+    }
+}
