@@ -15,14 +15,16 @@ use crate::admin;
 use crate::config::{Config, ConfigFile};
 use crate::drain::Drain;
 use crate::envelope::{Alg, Keyring, SigningKey, VerifyPolicy};
-use crate::events::{EventSink, JsonlFile};
+use crate::events::{EventSink, JsonlFile, SqsEvents};
 use crate::queue::dir::DirQueue;
+use crate::queue::sqs::{check_queue, SqsQueue};
 use crate::queue::JobSource;
 use crate::sandbox::process::Launcher;
 use crate::state::Ledger;
 use crate::supervisor::status::StatusBoard;
 use crate::supervisor::verdict::Backoff;
 use crate::supervisor::{Settings, Supervisor};
+use crate::transfer::Transfers;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -234,10 +236,100 @@ fn print_dev_banner(layout: &DevLayout, config: &Config) {
 pub async fn run(explicit_config: Option<&Path>) -> Result<(), AppError> {
     let config = load_config(explicit_config)?;
     config.require_queue().map_err(usage)?;
+    // Checked before any network call: a bad keys file is exit 2 at once.
     Keyring::load(&config.signing.keys_file).map_err(usage)?;
-    Err(failed(
-        "SQS support is not built yet: configuration and keys are valid, but `run` cannot pull from SQS in this version; use `batchly-agent dev` to run jobs locally",
-    ))
+    let sdk = aws_sdk_config().await?;
+    let sqs = aws_sdk_sqs::Client::new(&sdk);
+    let source = SqsQueue::connect(
+        sqs.clone(),
+        &config.queue.urls,
+        config.queue.dead_letter_url.as_deref(),
+    )
+    .await
+    .map_err(usage)?;
+    for q in source.queues() {
+        tracing::info!(
+            queue = %q.url,
+            fifo = q.fifo,
+            visibility_s = q.visibility.as_secs(),
+            dead_letter = %q.dead_letter_url,
+            "queue ready"
+        );
+    }
+    let events = match &config.queue.events_url {
+        Some(url) => {
+            check_queue(&sqs, "queue.events_url", url)
+                .await
+                .map_err(usage)?;
+            Some(SqsEvents::new(sqs.clone(), url.clone()))
+        }
+        None => {
+            tracing::warn!(
+                "queue.events_url is not set: job events go only to the agent's own log"
+            );
+            None
+        }
+    };
+    let transfers = Transfers::new(s3_client(&sdk));
+    serve_with(
+        &config,
+        source,
+        events,
+        "run",
+        Drain::new(),
+        Some(transfers),
+    )
+    .await
+}
+
+/// The AWS SDK's configuration from its standard chain (environment,
+/// profile, ECS container credentials, instance profile via IMDSv2), with
+/// bounded timeouts and the SDK's retries (exponential backoff, jitter).
+pub async fn aws_sdk_config() -> Result<aws_config::SdkConfig, AppError> {
+    use aws_config::retry::RetryConfig;
+    use aws_config::timeout::TimeoutConfig;
+    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .retry_config(RetryConfig::standard().with_max_attempts(4))
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(5))
+                // Longer than SQS's 20-second long poll.
+                .operation_attempt_timeout(Duration::from_secs(40))
+                .build(),
+        )
+        .load()
+        .await;
+    if sdk.region().is_none() {
+        return Err(usage(
+            "no AWS region: set AWS_REGION (on EC2 the SDK reads it from instance metadata)",
+        ));
+    }
+    Ok(sdk)
+}
+
+/// S3 with path-style addressing when the endpoint is a local address (an
+/// IP or localhost cannot carry a bucket name as a subdomain); AWS's own
+/// endpoints use virtual-hosted style.
+fn s3_client(sdk: &aws_config::SdkConfig) -> aws_sdk_s3::Client {
+    let endpoint = std::env::var("AWS_ENDPOINT_URL_S3")
+        .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
+        .ok();
+    let path_style = endpoint.as_deref().is_some_and(is_local_endpoint);
+    let conf = aws_sdk_s3::config::Builder::from(sdk)
+        .force_path_style(path_style)
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
+
+fn is_local_endpoint(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or("");
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+    };
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok()
 }
 
 /// Runs the supervisor on `source` until a drain (signal or admin
@@ -248,7 +340,7 @@ pub async fn serve<S: JobSource, E: EventSink>(
     events: E,
     mode: &str,
 ) -> Result<(), AppError> {
-    serve_with(config, source, events, mode, Drain::new()).await
+    serve_with(config, source, events, mode, Drain::new(), None).await
 }
 
 /// `serve` with a drain the caller can also trigger (the bench does).
@@ -258,6 +350,7 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
     events: E,
     mode: &str,
     drain: Drain,
+    transfers: Option<Transfers>,
 ) -> Result<(), AppError> {
     // Signal handlers first: from the moment the agent can be seen (its
     // socket), a SIGTERM must mean a drain, never the default death.
@@ -273,7 +366,7 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
         drain.clone(),
     ));
     let listener = admin::bind(&config.admin.socket).await.map_err(failed)?;
-    let supervisor = Arc::new(Supervisor::new(
+    let mut supervisor = Supervisor::new(
         source,
         events,
         keys,
@@ -282,7 +375,11 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
         Launcher::default(),
         drain.clone(),
         board.clone(),
-    ));
+    );
+    if let Some(t) = transfers {
+        supervisor = supervisor.with_transfers(t);
+    }
+    let supervisor = Arc::new(supervisor);
     supervisor.recover().await.map_err(failed)?;
     let admin_task = tokio::spawn(admin::serve(
         listener,
@@ -482,4 +579,18 @@ pub fn init_logging(format: crate::config::LogFormat, level: &str) -> Result<(),
         crate::config::LogFormat::Text => builder.with_target(false).compact().try_init(),
     };
     res.map_err(|e| failed(format!("setting up logging: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_endpoints_get_path_style_and_aws_endpoints_do_not() {
+        assert!(is_local_endpoint("http://127.0.0.1:5000"));
+        assert!(is_local_endpoint("http://localhost:4566/"));
+        assert!(is_local_endpoint("http://[::1]:9000"));
+        assert!(!is_local_endpoint("https://s3.eu-west-1.amazonaws.com"));
+        assert!(!is_local_endpoint("https://minio.internal.example:9000"));
+    }
 }

@@ -134,7 +134,7 @@ pub async fn spawn(jobs: u32, slots: usize) -> Result<SpawnReport, AppError> {
     };
     let cpu_before = cpu_time();
     let start = Instant::now();
-    app::serve_with(&config, source, events, "bench", drain).await?;
+    app::serve_with(&config, source, events, "bench", drain, None).await?;
     let elapsed = start.elapsed();
     let cpu = cpu_time().saturating_sub(cpu_before);
     watcher.abort();

@@ -114,11 +114,79 @@ pub enum EventError {
         #[source]
         source: std::io::Error,
     },
+    #[error("sending event to {url}: {detail}")]
+    Sqs { url: String, detail: String },
 }
 
 /// Where job events go.
 pub trait EventSink: Send + Sync + 'static {
     fn publish(&self, event: &JobEvent) -> impl Future<Output = Result<(), EventError>> + Send;
+}
+
+/// No sink configured: events only appear in the agent's own log.
+impl<E: EventSink> EventSink for Option<E> {
+    async fn publish(&self, event: &JobEvent) -> Result<(), EventError> {
+        match self {
+            Some(sink) => sink.publish(event).await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// Sends each event as one message to an SQS queue (`queue.events_url`).
+/// On a FIFO queue the events of one job keep their order (group = job id)
+/// and a re-sent event (after a crash) is deduplicated by SQS.
+pub struct SqsEvents {
+    client: aws_sdk_sqs::Client,
+    url: String,
+    fifo: bool,
+}
+
+impl SqsEvents {
+    pub fn new(client: aws_sdk_sqs::Client, url: String) -> SqsEvents {
+        let fifo = url.ends_with(".fifo");
+        SqsEvents { client, url, fifo }
+    }
+}
+
+/// SQS accepts 1-128 characters of `A-Za-z0-9` and punctuation in group
+/// and deduplication ids.
+fn sqs_id(parts: &[&str]) -> String {
+    let joined = parts.join(":");
+    joined
+        .chars()
+        .map(|c| if c.is_ascii_graphic() { c } else { '_' })
+        .take(128)
+        .collect()
+}
+
+impl EventSink for SqsEvents {
+    async fn publish(&self, event: &JobEvent) -> Result<(), EventError> {
+        let body = serde_json::to_string(event).map_err(|e| EventError::Sqs {
+            url: self.url.clone(),
+            detail: e.to_string(),
+        })?;
+        let mut send = self
+            .client
+            .send_message()
+            .queue_url(&self.url)
+            .message_body(body);
+        if self.fifo {
+            let group = event.job_id.as_deref().unwrap_or(&event.message_id);
+            let attempt = event.attempt.to_string();
+            send = send
+                .message_group_id(sqs_id(&[group]))
+                .message_deduplication_id(sqs_id(&[
+                    &event.message_id,
+                    event.kind.as_str(),
+                    &attempt,
+                ]));
+        }
+        send.send().await.map(|_| ()).map_err(|e| EventError::Sqs {
+            url: self.url.clone(),
+            detail: crate::aws_errors::describe(&e),
+        })
+    }
 }
 
 /// Appends each event as one JSON line to a local file (the `dev` sink).

@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod aws_errors;
 pub mod bench;
 pub mod config;
 pub mod drain;
@@ -20,3 +21,4 @@ pub mod sandbox;
 pub mod state;
 pub mod submit;
 pub mod supervisor;
+pub mod transfer;

@@ -88,7 +88,7 @@ enum Command {
         log_format: Option<LogFormatArg>,
     },
     /// Sign a job and put it on a queue: a `dev` directory (--dir) or SQS (--queue-url)
-    Submit(SubmitArgs),
+    Submit(Box<SubmitArgs>),
     /// Make a signing key file (mode 0600) and print the entry to add to the agents' keys file
     Keygen {
         /// Signature algorithm; ed25519 lets workers hold only public keys
@@ -150,9 +150,12 @@ struct SubmitArgs {
     /// Send to this SQS queue
     #[arg(long, value_name = "URL", conflicts_with = "dir")]
     queue_url: Option<String>,
-    /// Signing key file [default with --dir: DIR/keys/signing.toml]
+    /// Signing key file [default with --dir: DIR/keys/signing.toml; required with --queue-url]
     #[arg(long, value_name = "FILE")]
     key: Option<PathBuf>,
+    /// FIFO queues: the message group [default: each job's id]
+    #[arg(long, value_name = "GROUP", requires = "queue_url")]
+    group: Option<String>,
     /// A full job spec (JSON) instead of a command
     #[arg(long, value_name = "FILE", conflicts_with_all = ["command", "timeout_s", "max_attempts", "env", "tag", "signal", "grace_s"])]
     spec: Option<PathBuf>,
@@ -241,7 +244,7 @@ fn dispatch(cli: Cli) -> Result<(), AppError> {
             )?;
             runtime()?.block_on(app::dev(&dir, config.as_deref(), false))
         }
-        Command::Submit(args) => submit(args),
+        Command::Submit(args) => submit(*args),
         Command::Keygen { alg, kid, out } => {
             let alg = match alg {
                 AlgArg::Ed25519 => Alg::Ed25519,
@@ -320,10 +323,32 @@ fn submit(args: SubmitArgs) -> Result<(), AppError> {
     };
     let jobs = submit::job_texts(&request)?;
     let ttl = std::time::Duration::from_secs(args.ttl_s);
-    if args.queue_url.is_some() {
-        return Err(AppError::Failed(
-            "submitting to SQS comes with SQS support, which is not built yet; use --dir".into(),
-        ));
+    if let Some(url) = &args.queue_url {
+        let Some(key_path) = &args.key else {
+            return Err(AppError::Usage(
+                "--queue-url needs --key FILE (a signing key file)".into(),
+            ));
+        };
+        let key = SigningKey::load(key_path).map_err(|e| AppError::Usage(e.to_string()))?;
+        let rt = runtime()?;
+        let queued = rt.block_on(async {
+            let sdk = app::aws_sdk_config().await?;
+            let client = aws_sdk_sqs::Client::new(&sdk);
+            submit::submit_to_sqs(
+                &client,
+                url,
+                &key,
+                &jobs,
+                ttl,
+                args.group.as_deref(),
+                |job, msg| {
+                    println!("{job}\t{msg}");
+                },
+            )
+            .await
+        })?;
+        eprintln!("queued {queued} job(s) on {url}");
+        return Ok(());
     }
     let Some(dir) = args.dir else {
         return Err(AppError::Usage("give --dir DIR or --queue-url URL".into()));

@@ -154,6 +154,69 @@ pub fn submit_to_dir(
     Ok(jobs.len())
 }
 
+/// Signs and sends every job to the SQS queue `url` (10 per
+/// `SendMessageBatch`), calling `queued(job id, message id)` for each one
+/// SQS accepted. On a FIFO queue each message goes to `group` (default: its
+/// job id, so jobs run in parallel but each job's messages in order), with
+/// the job id and signing time as deduplication id.
+pub async fn submit_to_sqs(
+    client: &aws_sdk_sqs::Client,
+    url: &str,
+    key: &SigningKey,
+    jobs: &[(String, String)],
+    ttl: Duration,
+    group: Option<&str>,
+    mut queued: impl FnMut(&str, &str),
+) -> Result<usize, AppError> {
+    use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
+    let iat = unix_now();
+    let exp = iat.saturating_add(ttl.as_secs() as i64);
+    let fifo = url.ends_with(".fifo");
+    let mut sent = 0;
+    for batch in jobs.chunks(crate::queue::batch::MAX_BATCH_ENTRIES) {
+        let mut entries = Vec::with_capacity(batch.len());
+        for (i, (job_id, text)) in batch.iter().enumerate() {
+            let mut entry = SendMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .message_body(envelope::sign(key, iat, exp, text));
+            if fifo {
+                entry = entry
+                    .message_group_id(group.unwrap_or(job_id))
+                    .message_deduplication_id(format!("{job_id}-{iat}"));
+            }
+            entries.push(entry.build().map_err(|e| AppError::Failed(e.to_string()))?);
+        }
+        let out = client
+            .send_message_batch()
+            .queue_url(url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .map_err(|e| {
+                AppError::Failed(format!(
+                    "sending to {url}: {} ({sent} of {} jobs were queued before)",
+                    crate::aws_errors::describe(&e),
+                    jobs.len()
+                ))
+            })?;
+        for ok in out.successful() {
+            if let Some((job_id, _)) = ok.id().parse::<usize>().ok().and_then(|i| batch.get(i)) {
+                queued(job_id, ok.message_id());
+                sent += 1;
+            }
+        }
+        if let Some(failed) = out.failed().first() {
+            return Err(AppError::Failed(format!(
+                "SQS refused a message for {url}: {}: {} ({sent} of {} jobs were queued)",
+                failed.code(),
+                failed.message().unwrap_or(""),
+                jobs.len()
+            )));
+        }
+    }
+    Ok(sent)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

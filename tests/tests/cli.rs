@@ -89,7 +89,7 @@ fn zero_job_slots_from_the_environment_exits_2_naming_the_variable() {
 }
 
 #[test]
-fn run_with_a_valid_config_exits_1_saying_sqs_support_is_not_built_yet() {
+fn run_without_an_aws_region_exits_2_saying_how_to_set_one() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let keys = keys_file(tmp.path());
     let config = tmp.path().join("agent.toml");
@@ -102,13 +102,17 @@ fn run_with_a_valid_config_exits_1_saying_sqs_support_is_not_built_yet() {
         ),
     )
     .expect("writing config");
-    let run = run_cli_within(&["run", "--config", &path_str(&config)], &[], REFUSAL_WAIT);
-    assert_eq!(run.code(), 1, "{run:#?}");
-    assert!(
-        run.stderr.contains("SQS support is not built yet"),
-        "{}",
-        run.stderr
+    // No region anywhere: not in the environment, no profile, and no
+    // instance metadata to ask.
+    let home = tmp.path().to_string_lossy().to_string();
+    let run = run_cli_within(
+        &["run", "--config", &path_str(&config)],
+        &[("AWS_EC2_METADATA_DISABLED", "true"), ("HOME", &home)],
+        REFUSAL_WAIT,
     );
+    assert_eq!(run.code(), 2, "{run:#?}");
+    assert!(run.stderr.contains("no AWS region"), "{}", run.stderr);
+    assert!(run.stderr.contains("AWS_REGION"), "{}", run.stderr);
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
     MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName,
@@ -82,9 +82,7 @@ impl Drop for SqsQueue {
     }
 }
 
-fn describe<E: std::error::Error + 'static>(e: &SdkError<E>) -> String {
-    format!("{}", DisplayErrorContext(e))
-}
+use crate::aws_errors::describe;
 
 /// Service errors that no retry will fix: the queue is missing or we may
 /// not use it.
@@ -236,6 +234,12 @@ impl SqsQueue {
     fn forget_lease(&self, receipt: &str) {
         self.leases().remove(receipt);
     }
+}
+
+/// Checks that a queue exists and may be used; the error names the config
+/// key and the URL.
+pub async fn check_queue(client: &Client, key: &'static str, url: &str) -> Result<(), SetupError> {
+    queue_attributes(client, key, url).await.map(|_| ())
 }
 
 /// `GetQueueAttributes` as a map; errors name the config key and the URL.

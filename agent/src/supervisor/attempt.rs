@@ -66,7 +66,10 @@ enum Watched {
 }
 
 impl<S: JobSource, E: EventSink> Supervisor<S, E> {
-    pub(super) async fn handle_message(self: Arc<Self>, msg: Message, slot: &Slot) {
+    /// Runs one message to its end; true when the message is gone from the
+    /// queue for good (done, failed for good, dead-lettered), false when it
+    /// was released to run again (or could not be finished).
+    pub(super) async fn handle_message(self: Arc<Self>, msg: Message, slot: &Slot) -> bool {
         if msg.body.len() > crate::queue::MAX_BODY_BYTES {
             let rejection = envelope::Rejection {
                 reason: envelope::RejectReason::Malformed,
@@ -86,7 +89,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
 
     /// A message that fails verification is never run: it goes to the
     /// dead-letter place with its reason, then the event says so.
-    async fn reject(&self, msg: Message, rejection: envelope::Rejection) {
+    async fn reject(&self, msg: Message, rejection: envelope::Rejection) -> bool {
         let reason = rejection.reason.as_str();
         if let Err(e) = self
             .source
@@ -101,20 +104,21 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             if let Err(e) = self.source.release(&msg, delay, false).await {
                 tracing::error!(message_id = %msg.id, error = %e, "cannot release message either; it returns at the next start");
             }
-            return;
+            return false;
         }
         let mut ev = self.event(EventType::Rejected, &msg);
         ev.job_id = rejection.job_id.clone();
         ev.reason = Some(format!("{reason}: {}", rejection.detail));
         ev.is_final = true;
         self.publish(&ev).await;
+        true
     }
 
     fn event(&self, kind: EventType, msg: &Message) -> JobEvent {
         JobEvent::new(kind, &msg.id, msg.attempt, &self.settings.instance_id)
     }
 
-    async fn run_job(&self, msg: Message, env: Envelope, slot: usize) {
+    async fn run_job(&self, msg: Message, env: Envelope, slot: usize) -> bool {
         let job = &env.job;
         let log_stream = format!("{}.{}.{}", job.id, msg.id, msg.receive_count);
         let work_dir = self
@@ -196,15 +200,18 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 tracing::warn!(dir = %work_dir.display(), error = %e, "cannot remove work dir");
             }
         }
-        self.finish(&msg, slot, &mut entry, ev, verdict.action)
+        let deleted = self
+            .finish(&msg, slot, &mut entry, ev, verdict.action)
             .await;
         self.board.finished(&msg.id);
+        deleted
     }
 
     /// Records the decision, publishes the outcome, then acts on the
     /// message: ack last. A failing delete or release is retried while the
     /// slot is held, until it works or the drain deadline has passed (then
     /// the ledger keeps the decision for the next start to complete).
+    /// Returns true when the message was deleted.
     pub(super) async fn finish(
         &self,
         msg: &Message,
@@ -212,7 +219,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         entry: &mut InFlight,
         ev: JobEvent,
         action: Action,
-    ) {
+    ) -> bool {
         let mut action = action;
         entry.decided = Some(Decided {
             event: ev.clone(),
@@ -247,7 +254,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                         "cannot finish message before the drain deadline; the next start of the agent completes it"
                     );
                     self.board.stranded();
-                    return;
+                    return false;
                 }
                 Err(e) => {
                     tracing::warn!(message_id = %msg.id, error = %e, retry_in_ms = wait.as_millis() as u64, "cannot finish message; retrying");
@@ -259,6 +266,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         if let Err(e) = self.ledger.forget(slot) {
             tracing::warn!(message_id = %msg.id, error = %e, "cannot update the in-flight ledger");
         }
+        action == Action::Delete
     }
 
     fn drain_deadline_passed(&self) -> bool {
@@ -279,13 +287,20 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             started_event,
         } = a;
         let job = &env.job;
-        if !job.inputs.is_empty() || !job.outputs.is_empty() {
-            return Ending::NotStarted(
-                "inputs and outputs need S3, which this agent is not set up to use".into(),
+        let uses_s3 = !job.inputs.is_empty() || !job.outputs.is_empty();
+        if uses_s3 && self.transfers.is_none() {
+            return Ending::JobFault(
+                "inputs and outputs need S3, which this agent does not use (`dev` runs without AWS)"
+                    .into(),
             );
         }
         if let Err(e) = prepare_work_dir(work_dir) {
             return Ending::AgentFault(format!("creating work dir {}: {e}", work_dir.display()));
+        }
+        if let (Some(transfers), false) = (&self.transfers, job.inputs.is_empty()) {
+            if let Err(e) = transfers.download_inputs(&job.inputs, work_dir).await {
+                return transfer_ending(e);
+            }
         }
         let log_path = self.settings.log_root.join(log_stream);
         let log = match output::create_log(&log_path) {
@@ -320,7 +335,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         }
         let mut proc = match spawned.start(&plan).await {
             Ok(p) => p,
-            Err(e) if e.is_job_fault() => return Ending::NotStarted(e.to_string()),
+            Err(e) if e.is_job_fault() => return Ending::JobFault(e.to_string()),
             Err(e) => return Ending::AgentFault(e.to_string()),
         };
         self.board.set_pid(&msg.id, proc.pid());
@@ -354,6 +369,22 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 );
             }
         }
+        let ending = self.judge(watched, timeout);
+        // Outputs go up only after a clean exit; a job that cannot deliver
+        // them has not succeeded.
+        let clean = matches!(
+            ending,
+            Ending::Exited(0) | Ending::Interrupted { code: Some(0), .. }
+        );
+        if let (Some(transfers), true, false) = (&self.transfers, clean, job.outputs.is_empty()) {
+            if let Err(e) = transfers.upload_outputs(&job.outputs, work_dir).await {
+                return transfer_ending(e);
+            }
+        }
+        ending
+    }
+
+    fn judge(&self, watched: std::io::Result<Watched>, timeout: Duration) -> Ending {
         match watched {
             Ok(Watched::Exited(st)) => match (st.code(), st.signal()) {
                 (Some(code), _) => Ending::Exited(code),
@@ -435,6 +466,15 @@ async fn stop_within(
                 }
             }
         }
+    }
+}
+
+/// A transfer problem is the job's (missing input, missing output) or the
+/// agent's (S3 unreachable, access denied).
+fn transfer_ending(e: crate::transfer::TransferError) -> Ending {
+    match e {
+        crate::transfer::TransferError::Job(why) => Ending::JobFault(why),
+        crate::transfer::TransferError::Agent(why) => Ending::AgentFault(why),
     }
 }
 

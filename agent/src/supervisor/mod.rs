@@ -36,8 +36,37 @@ pub const MAX_RECEIVE_BATCH: usize = 10;
 /// attempts that did not end by themselves before it returns anyway.
 const FINAL_WAIT_MARGIN: Duration = Duration::from_secs(5);
 
+/// A long poll still running this close to the drain deadline is given up.
+const LONG_POLL_CUTOFF: Duration = Duration::from_secs(3);
+
 /// How long to wait before asking a failing source again, at most.
 const RECEIVE_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Groups received messages into chains: the messages of one FIFO message
+/// group (from one queue) in the order received, every other message alone.
+/// Each chain takes as many free slots as it has messages.
+fn fifo_chains(messages: Vec<Message>, free: &mut Vec<Slot>) -> Vec<(Vec<Message>, Vec<Slot>)> {
+    let mut chains: Vec<Vec<Message>> = Vec::new();
+    for msg in messages {
+        let same_group = msg.group.as_ref().and_then(|g| {
+            chains
+                .iter()
+                .position(|c| c[0].queue == msg.queue && c[0].group.as_ref() == Some(g))
+        });
+        match same_group {
+            Some(i) => chains[i].push(msg),
+            None => chains.push(vec![msg]),
+        }
+    }
+    chains
+        .into_iter()
+        .map(|chain| {
+            let take = chain.len().min(free.len());
+            let slots = free.split_off(free.len() - take);
+            (chain, slots)
+        })
+        .collect()
+}
 
 /// The job slots: a count to wait on, and which numbered slot is free.
 /// A slot's number names its ledger entry (and, with the sandbox, its
@@ -136,9 +165,16 @@ pub struct Supervisor<S, E> {
     launcher: Launcher,
     drain: Drain,
     board: Arc<StatusBoard>,
+    transfers: Option<crate::transfer::Transfers>,
 }
 
 impl<S: JobSource, E: EventSink> Supervisor<S, E> {
+    /// Lets jobs have S3 inputs and outputs (without, such jobs fail).
+    pub fn with_transfers(mut self, transfers: crate::transfer::Transfers) -> Self {
+        self.transfers = Some(transfers);
+        self
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         source: S,
@@ -159,6 +195,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             launcher,
             drain,
             board,
+            transfers: None,
         }
     }
 
@@ -277,9 +314,12 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                     None => break,
                 }
             }
-            // A receive in flight is never abandoned: what it claims must be
-            // started or given back, not dropped.
-            let received = self.source.receive(free.len()).await;
+            let Some(received) = self
+                .receive_unless_too_late(free.len(), &mut drain_rx)
+                .await
+            else {
+                break;
+            };
             let messages = match received {
                 Ok(m) => {
                     receive_failures = 0;
@@ -300,22 +340,17 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 }
             };
             let draining = self.drain.current().is_some();
-            for msg in messages {
-                let Some(slot) = free.pop() else {
-                    // Cannot happen (receive is bounded by `free`), but a
-                    // message without a slot goes straight back.
-                    self.give_back(&msg, "no free slot").await;
-                    continue;
-                };
-                if draining {
-                    self.give_back(&msg, "the agent is draining").await;
+            for (chain, chain_slots) in fifo_chains(messages, &mut free) {
+                if draining || chain_slots.len() < chain.len() {
+                    // Draining, or (cannot happen: receive is bounded by the
+                    // free slots) a message without a slot: straight back.
+                    for msg in &chain {
+                        self.give_back(msg, "the agent is draining").await;
+                    }
                     continue;
                 }
                 let me = self.clone();
-                tracker.spawn(async move {
-                    me.handle_message(msg, &slot).await;
-                    drop(slot);
-                });
+                tracker.spawn(async move { me.run_chain(chain, chain_slots).await });
             }
         }
         tracing::info!(
@@ -341,6 +376,74 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 "drain deadline passed with attempts still unfinished; the next start of the agent recovers them"
             );
             self.board.stranded();
+        }
+    }
+
+    /// Receives, but lets a drain end a long poll that would outlast its
+    /// deadline. A receive in flight is otherwise never abandoned: what it
+    /// claims is started or given back. Abandoning one near the deadline
+    /// can only delay a message SQS handed out in that instant (it becomes
+    /// visible again after its visibility timeout), never lose it.
+    async fn receive_unless_too_late(
+        &self,
+        max: usize,
+        drain_rx: &mut tokio::sync::watch::Receiver<Option<drain::DrainRequest>>,
+    ) -> Option<Result<Vec<Message>, crate::queue::QueueError>> {
+        let receive = self.source.receive(max);
+        tokio::pin!(receive);
+        tokio::select! {
+            r = &mut receive => return Some(r),
+            _ = drain::requested(drain_rx) => {}
+        }
+        loop {
+            let deadline = self.drain.current().map(|d| d.deadline)?;
+            let cut_off = deadline.checked_sub(LONG_POLL_CUTOFF).unwrap_or(deadline);
+            // Once every running job has finished there is nothing left to
+            // wait for: an idle long poll does not hold up the exit.
+            if self.board.snapshot().busy == 0 {
+                return None;
+            }
+            tokio::select! {
+                r = &mut receive => return Some(r),
+                _ = tokio::time::sleep_until(cut_off.into()) => return None,
+                // The deadline may move earlier (a second Ctrl-C).
+                _ = drain_rx.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    }
+
+    /// Runs messages that must not overlap (one FIFO message group) one
+    /// after the other, each in its own slot; a message that does not end
+    /// for good stops the chain and the rest go back unstarted, so the
+    /// group's order holds. Ordinary messages are chains of one.
+    async fn run_chain(self: Arc<Self>, chain: Vec<Message>, slots: Vec<Slot>) {
+        for (msg, slot) in chain.iter().skip(1).zip(slots.iter().skip(1)) {
+            // Waiting members are claimed too: the ledger must know them.
+            if let Err(e) = self
+                .ledger
+                .record(slot.index(), &InFlight::for_message(msg))
+            {
+                tracing::warn!(message_id = %msg.id, error = %e, "cannot record a waiting message in the ledger");
+            }
+        }
+        let mut members = chain.into_iter().zip(slots);
+        while let Some((msg, slot)) = members.next() {
+            let group = msg.group.clone();
+            if self.clone().handle_message(msg, &slot).await {
+                continue;
+            }
+            for (rest, rest_slot) in members.by_ref() {
+                self.give_back(
+                    &rest,
+                    "an earlier message of its FIFO group was not finished",
+                )
+                .await;
+                let _ = self.ledger.forget(rest_slot.index());
+            }
+            if let Some(g) = group {
+                tracing::info!(group = %g, "FIFO group paused until its earlier message runs again");
+            }
         }
     }
 

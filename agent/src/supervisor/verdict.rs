@@ -23,9 +23,10 @@ pub const EXIT_REQUEUE: i32 = 75;
 pub enum Ending {
     Exited(i32),
     Signaled(i32),
-    /// The launcher refused the job because of the job itself, e.g. its
-    /// command does not exist.
-    NotStarted(String),
+    /// The job itself is at fault although it may not have run at all: its
+    /// command does not exist, an input is missing, it did not create a
+    /// declared output. Counts as a failure, like a non-zero exit.
+    JobFault(String),
     /// Killed at its time limit (`signal`: what ended it, if a signal did).
     TimedOut {
         after: Duration,
@@ -141,7 +142,7 @@ pub fn decide(ending: &Ending, attempt: u32, max_attempts: u32, retry_delay: Dur
             EventType::Failed,
             format!("killed by {}", signal_name(*sig)),
         ),
-        Ending::NotStarted(why) => failure(EventType::Failed, why.clone()),
+        Ending::JobFault(why) => failure(EventType::Failed, why.clone()),
         Ending::TimedOut { after, .. } => failure(
             EventType::TimedOut,
             format!("timed out after {}", seconds(*after)),
@@ -251,7 +252,7 @@ mod tests {
     #[test]
     fn a_missing_command_fails_with_its_name() {
         let v = decide(
-            &Ending::NotStarted("command not found: nope".into()),
+            &Ending::JobFault("command not found: nope".into()),
             1,
             1,
             DELAY,
