@@ -68,6 +68,13 @@ pub trait JobSource: Send + Sync + 'static {
     /// for the first one; may return none.
     fn receive(&self, max: usize) -> impl Future<Output = Result<Vec<Message>, QueueError>> + Send;
 
+    /// How long the supervisor may wait for more free slots before asking a
+    /// busy queue for work, so one call fetches several messages. Zero for
+    /// sources where a receive costs nothing.
+    fn receive_gather(&self) -> Duration {
+        Duration::ZERO
+    }
+
     /// The job's outcome is final: remove the message for good.
     fn delete(&self, msg: &Message) -> impl Future<Output = Result<(), QueueError>> + Send;
 

@@ -29,6 +29,9 @@ const LONG_POLL_S: i32 = 20;
 /// With several queues each is polled briefly in turn, so a busy urgent
 /// queue is never starved by waiting on an idle one.
 const PRIORITY_POLL_S: i32 = 1;
+/// How long the supervisor lets slots free up before asking a busy queue
+/// for more work (see `JobSource::receive_gather`).
+const RECEIVE_GATHER: Duration = Duration::from_millis(50);
 /// How long deletes and visibility changes wait to share a batch call.
 const BATCH_LINGER: Duration = Duration::from_millis(50);
 /// Kept back from the 12-hour limit when renewing a lease.
@@ -522,6 +525,10 @@ async fn heartbeat(
 }
 
 impl JobSource for SqsQueue {
+    fn receive_gather(&self) -> Duration {
+        RECEIVE_GATHER
+    }
+
     fn describe(&self) -> String {
         let urls: Vec<&str> = self.queues.iter().map(|q| q.url.as_str()).collect();
         format!("SQS {}", urls.join(" > "))

@@ -298,6 +298,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         let tracker = TaskTracker::new();
         let mut drain_rx = self.drain.subscribe();
         let mut receive_failures: u32 = 0;
+        let mut queue_busy = false;
         loop {
             let first = tokio::select! {
                 biased;
@@ -308,12 +309,29 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 },
             };
             let mut free = vec![first];
-            while free.len() < MAX_RECEIVE_BATCH {
+            let batch = MAX_RECEIVE_BATCH.min(self.settings.slots);
+            while free.len() < batch {
                 match slots.try_acquire() {
                     Some(slot) => free.push(slot),
                     None => break,
                 }
             }
+            // While the queue is busy, a few milliseconds spent letting more
+            // slots free up turn many one-message receives into one batch
+            // (fewer API calls). An idle queue is asked at once.
+            if queue_busy && free.len() < batch {
+                let until = tokio::time::Instant::now() + self.source.receive_gather();
+                while free.len() < batch {
+                    tokio::select! {
+                        slot = slots.acquire() => match slot {
+                            Some(slot) => free.push(slot),
+                            None => break,
+                        },
+                        _ = tokio::time::sleep_until(until) => break,
+                    }
+                }
+            }
+            let asked = free.len();
             let Some(received) = self
                 .receive_unless_too_late(free.len(), &mut drain_rx)
                 .await
@@ -323,6 +341,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             let messages = match received {
                 Ok(m) => {
                     receive_failures = 0;
+                    queue_busy = m.len() == asked;
                     m
                 }
                 Err(e) => {
