@@ -450,6 +450,21 @@ where
     }
 }
 
+/// Whether a lease is due for renewal at `now`, and if so for how many
+/// seconds and until when: once half of it is used up, by the queue's
+/// visibility timeout, never past 12 hours (less a margin) after receipt.
+/// Zero seconds means the 12-hour limit has been reached.
+fn renewal(lease: &Lease, vis: Duration, tick: Duration, now: Instant) -> Option<(i32, Instant)> {
+    let remaining = lease.visible_until.saturating_duration_since(now);
+    if remaining > vis / 2 {
+        return None;
+    }
+    let limit = lease.received_at + MAX_VISIBILITY - LIMIT_MARGIN;
+    let until = (now + vis.max(tick * 4)).min(limit);
+    let secs = until.saturating_duration_since(now).as_secs() as i32;
+    Some((secs, until))
+}
+
 /// Renews leases before they expire, in batches, never beyond 12 hours
 /// after receipt.
 async fn heartbeat(
@@ -462,7 +477,9 @@ async fn heartbeat(
         .min()
         .copied()
         .unwrap_or(Duration::from_secs(30));
-    let tick = (shortest / 3).clamp(Duration::from_millis(200), Duration::from_secs(30));
+    // Renewals are due at half the lease; ticking at a quarter of it
+    // catches each one in time without waking needlessly.
+    let tick = (shortest / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
     let mut warned_limit = std::collections::HashSet::new();
     loop {
         tokio::time::sleep(tick).await;
@@ -471,16 +488,7 @@ async fn heartbeat(
             let map = leases.lock().unwrap_or_else(|p| p.into_inner());
             map.iter()
                 .filter_map(|(receipt, lease)| {
-                    let vis = visibility[lease.queue];
-                    // Renew once less than two ticks and a third of the
-                    // lease are left.
-                    let remaining = lease.visible_until.saturating_duration_since(now);
-                    if remaining > vis / 3 + tick * 2 {
-                        return None;
-                    }
-                    let limit = lease.received_at + MAX_VISIBILITY - LIMIT_MARGIN;
-                    let until = (now + vis.max(tick * 4)).min(limit);
-                    let secs = until.saturating_duration_since(now).as_secs() as i32;
+                    let (secs, until) = renewal(lease, visibility[lease.queue], tick, now)?;
                     Some((receipt.clone(), lease.queue, secs, until))
                 })
                 .collect()
@@ -673,5 +681,51 @@ impl JobSource for SqsQueue {
             }
         }
         Ok(released)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VIS: Duration = Duration::from_secs(30);
+    const TICK: Duration = Duration::from_millis(7500);
+
+    fn lease(received_ago: Duration, visible_for: Duration, now: Instant) -> Lease {
+        Lease {
+            queue: 0,
+            received_at: now - received_ago,
+            visible_until: now + visible_for,
+        }
+    }
+
+    #[test]
+    fn a_lease_is_renewed_only_once_half_of_it_is_used_up() {
+        let now = Instant::now();
+        let fresh = lease(Duration::from_secs(10), Duration::from_secs(20), now);
+        assert_eq!(renewal(&fresh, VIS, TICK, now), None);
+        let due = lease(Duration::from_secs(16), Duration::from_secs(14), now);
+        let (secs, until) = renewal(&due, VIS, TICK, now).expect("due");
+        assert_eq!(secs, 30);
+        assert_eq!(until, now + VIS);
+    }
+
+    #[test]
+    fn renewals_never_reach_past_twelve_hours_after_receipt() {
+        let now = Instant::now();
+        let old = lease(
+            MAX_VISIBILITY - Duration::from_secs(70),
+            Duration::from_secs(5),
+            now,
+        );
+        let (secs, _) = renewal(&old, VIS, TICK, now).expect("due");
+        assert_eq!(secs, 10, "only up to 12 h less the margin");
+        let at_limit = lease(
+            MAX_VISIBILITY - Duration::from_secs(30),
+            Duration::from_secs(5),
+            now,
+        );
+        let (secs, _) = renewal(&at_limit, VIS, TICK, now).expect("due");
+        assert_eq!(secs, 0, "nothing left to renew: the limit is reached");
     }
 }
