@@ -244,6 +244,7 @@ pub async fn run(explicit_config: Option<&Path>) -> Result<(), AppError> {
         sqs.clone(),
         &config.queue.urls,
         config.queue.dead_letter_url.as_deref(),
+        &config.state.dir,
     )
     .await
     .map_err(usage)?;

@@ -8,6 +8,7 @@
 //! returns an error and leaves the message where it was.
 
 pub mod batch;
+pub mod custody;
 pub mod dir;
 pub mod sqs;
 

@@ -20,6 +20,7 @@ use aws_sdk_sqs::types::{
 use aws_sdk_sqs::Client;
 
 use super::batch::Batcher;
+use super::custody::{CustodyStore, Held};
 use super::{JobSource, Message, QueueError};
 
 /// SQS hides a received message for at most 12 hours from its receipt.
@@ -34,8 +35,9 @@ const PRIORITY_POLL_S: i32 = 1;
 const RECEIVE_GATHER: Duration = Duration::from_millis(50);
 /// How long deletes and visibility changes wait to share a batch call.
 const BATCH_LINGER: Duration = Duration::from_millis(50);
-/// Kept back from the 12-hour limit when renewing a lease.
-const LIMIT_MARGIN: Duration = Duration::from_secs(60);
+/// How long before the 12-hour limit the agent takes custody of a message
+/// whose job still runs.
+const CUSTODY_LEAD: Duration = Duration::from_secs(600);
 /// Message attributes a dead-lettered message carries (SQS allows 10).
 pub const ATTR_REASON: &str = "batchly-reject-reason";
 pub const ATTR_DETAIL: &str = "batchly-reject-detail";
@@ -68,14 +70,39 @@ struct Lease {
     queue: usize,
     received_at: Instant,
     visible_until: Instant,
+    message_id: String,
+    body: String,
+    group: Option<String>,
+    /// Deleted from SQS and held in the custody store instead.
+    in_custody: bool,
 }
 
-pub struct SqsQueue {
+/// What the source and its heartbeat task share.
+struct Shared {
     client: Client,
     queues: Vec<QueueInfo>,
     deletes: Vec<Batcher<String>>,
     visibility: Vec<Batcher<(String, i32)>>,
-    leases: Arc<Mutex<HashMap<String, Lease>>>,
+    leases: Mutex<HashMap<String, Lease>>,
+    custody: CustodyStore,
+    /// How long SQS may hide a message after its receipt (12 hours).
+    max_hold: Duration,
+}
+
+impl Shared {
+    fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Time kept back from `max_hold`: custody is taken this long before
+    /// it, and leases are never renewed into its second half.
+    fn lead(&self) -> Duration {
+        (self.max_hold / 8).min(CUSTODY_LEAD)
+    }
+}
+
+pub struct SqsQueue {
+    shared: Arc<Shared>,
     heartbeat: tokio::task::JoinHandle<()>,
 }
 
@@ -115,7 +142,31 @@ impl SqsQueue {
         client: Client,
         urls: &[String],
         dead_letter_override: Option<&str>,
+        state_dir: &std::path::Path,
     ) -> Result<SqsQueue, SetupError> {
+        SqsQueue::connect_with_hold(
+            client,
+            urls,
+            dead_letter_override,
+            state_dir,
+            MAX_VISIBILITY,
+        )
+        .await
+    }
+
+    /// `connect` with another limit than SQS's 12 hours (tests).
+    pub async fn connect_with_hold(
+        client: Client,
+        urls: &[String],
+        dead_letter_override: Option<&str>,
+        state_dir: &std::path::Path,
+        max_hold: Duration,
+    ) -> Result<SqsQueue, SetupError> {
+        let custody = CustodyStore::open(state_dir).map_err(|e| SetupError {
+            key: "state.dir",
+            url: state_dir.display().to_string(),
+            detail: format!("cannot create its custody directory: {e}"),
+        })?;
         let mut queues = Vec::new();
         for url in urls {
             let attrs = queue_attributes(&client, "queue.url", url).await?;
@@ -147,33 +198,44 @@ impl SqsQueue {
             .iter()
             .map(|q| visibility_batcher(client.clone(), q.url.clone()))
             .collect();
-        let leases = Arc::new(Mutex::new(HashMap::new()));
-        let mut me = SqsQueue {
+        let shared = Arc::new(Shared {
             client,
             queues,
             deletes,
             visibility,
-            leases,
-            heartbeat: tokio::spawn(async {}),
-        };
-        me.heartbeat = tokio::spawn(heartbeat(
-            me.leases.clone(),
-            me.queues.iter().map(|q| q.visibility).collect(),
-            me.visibility_handles(),
-        ));
-        Ok(me)
+            leases: Mutex::new(HashMap::new()),
+            custody,
+            max_hold,
+        });
+        let heartbeat = tokio::spawn(heartbeat(shared.clone()));
+        Ok(SqsQueue { shared, heartbeat })
     }
 
     pub fn queues(&self) -> &[QueueInfo] {
-        &self.queues
-    }
-
-    fn visibility_handles(&self) -> Vec<Batcher<(String, i32)>> {
-        self.visibility.clone()
+        &self.shared.queues
     }
 
     fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
-        self.leases.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared.leases()
+    }
+
+    /// Whether the message is in the agent's custody (no longer in SQS).
+    fn in_custody(&self, receipt: &str) -> bool {
+        self.leases().get(receipt).is_some_and(|l| l.in_custody)
+    }
+
+    /// Sends a held message back to its queue as a new message (visible
+    /// after `delay`, at most SQS's 15 minutes) and forgets the copy.
+    async fn return_held(&self, held: &Held, delay: Duration) -> Result<(), QueueError> {
+        send_back(&self.shared.client, held, delay).await?;
+        self.shared
+            .custody
+            .release(&held.message_id)
+            .map_err(|e| QueueError::Service {
+                action: "releasing custody of",
+                target: held.message_id.clone(),
+                detail: e.to_string(),
+            })
     }
 
     async fn receive_from(
@@ -182,9 +244,10 @@ impl SqsQueue {
         max: usize,
         wait_s: i32,
     ) -> Result<Vec<Message>, QueueError> {
-        let q = &self.queues[index];
+        let q = &self.shared.queues[index];
         let asked_at = Instant::now();
         let out = self
+            .shared
             .client
             .receive_message()
             .queue_url(&q.url)
@@ -213,17 +276,22 @@ impl SqsQueue {
             let group = attrs
                 .get(&MessageSystemAttributeName::MessageGroupId)
                 .cloned();
+            let body = m.body.unwrap_or_default();
             self.leases().insert(
                 receipt.clone(),
                 Lease {
                     queue: index,
                     received_at: asked_at,
                     visible_until: asked_at + q.visibility,
+                    message_id: id.clone(),
+                    body: body.clone(),
+                    group: group.clone(),
+                    in_custody: false,
                 },
             );
             got.push(Message {
                 id,
-                body: m.body.unwrap_or_default().into_bytes(),
+                body: body.into_bytes(),
                 attempt: receive_count,
                 receive_count,
                 receipt,
@@ -452,56 +520,94 @@ where
 
 /// Whether a lease is due for renewal at `now`, and if so for how many
 /// seconds and until when: once half of it is used up, by the queue's
-/// visibility timeout, never past 12 hours (less a margin) after receipt.
-/// Zero seconds means the 12-hour limit has been reached.
-fn renewal(lease: &Lease, vis: Duration, tick: Duration, now: Instant) -> Option<(i32, Instant)> {
+/// visibility timeout, never into the last `lead / 2` before `max_hold`
+/// after receipt. Zero seconds means that limit has been reached.
+fn renewal(
+    lease: &Lease,
+    vis: Duration,
+    tick: Duration,
+    now: Instant,
+    max_hold: Duration,
+    lead: Duration,
+) -> Option<(i32, Instant)> {
     let remaining = lease.visible_until.saturating_duration_since(now);
     if remaining > vis / 2 {
         return None;
     }
-    let limit = lease.received_at + MAX_VISIBILITY - LIMIT_MARGIN;
+    let limit = lease.received_at + max_hold - lead / 2;
     let until = (now + vis.max(tick * 4)).min(limit);
     let secs = until.saturating_duration_since(now).as_secs() as i32;
     Some((secs, until))
 }
 
-/// Renews leases before they expire, in batches, never beyond 12 hours
-/// after receipt.
-async fn heartbeat(
-    leases: Arc<Mutex<HashMap<String, Lease>>>,
-    visibility: Vec<Duration>,
-    batchers: Vec<Batcher<(String, i32)>>,
-) {
-    let shortest = visibility
+/// Sends a held message back to its queue as a new message.
+async fn send_back(client: &Client, held: &Held, delay: Duration) -> Result<(), QueueError> {
+    // SQS delays a new message by at most 15 minutes.
+    let delay_s = delay.as_secs().min(900) as i32;
+    let mut send = client
+        .send_message()
+        .queue_url(&held.queue_url)
+        .message_body(&held.body);
+    if held.queue_url.ends_with(".fifo") {
+        // FIFO queues take no per-message delay; order within the group
+        // restarts from this message.
+        send = send
+            .message_group_id(
+                held.group
+                    .clone()
+                    .unwrap_or_else(|| held.message_id.clone()),
+            )
+            .message_deduplication_id(format!(
+                "{}-returned-{}",
+                held.message_id,
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis())
+                    .unwrap_or(0)
+            ));
+    } else {
+        send = send.delay_seconds(delay_s);
+    }
+    retry_transient(|| send.clone().send())
+        .await
+        .map(|_| ())
+        .map_err(|detail| QueueError::Service {
+            action: "returning a held message to",
+            target: held.queue_url.clone(),
+            detail,
+        })
+}
+
+/// Renews leases before they expire, in batches, and takes custody of the
+/// messages of jobs that approach the 12-hour limit.
+async fn heartbeat(shared: Arc<Shared>) {
+    let shortest = shared
+        .queues
         .iter()
+        .map(|q| q.visibility)
         .min()
-        .copied()
         .unwrap_or(Duration::from_secs(30));
     // Renewals are due at half the lease; ticking at a quarter of it
     // catches each one in time without waking needlessly.
     let tick = (shortest / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
-    let mut warned_limit = std::collections::HashSet::new();
+    let (max_hold, lead) = (shared.max_hold, shared.lead());
     loop {
         tokio::time::sleep(tick).await;
         let now = Instant::now();
-        let due: Vec<(String, usize, i32, Instant)> = {
-            let map = leases.lock().unwrap_or_else(|p| p.into_inner());
-            map.iter()
-                .filter_map(|(receipt, lease)| {
-                    let (secs, until) = renewal(lease, visibility[lease.queue], tick, now)?;
-                    Some((receipt.clone(), lease.queue, secs, until))
-                })
-                .collect()
-        };
+        take_custody_where_due(&shared, now).await;
+        let due: Vec<(String, usize, i32, Instant)> = shared
+            .leases()
+            .iter()
+            .filter(|(_, lease)| !lease.in_custody)
+            .filter_map(|(receipt, lease)| {
+                let vis = shared.queues[lease.queue].visibility;
+                let (secs, until) = renewal(lease, vis, tick, now, max_hold, lead)?;
+                (secs > 0).then(|| (receipt.clone(), lease.queue, secs, until))
+            })
+            .collect();
         let mut renewals = tokio::task::JoinSet::new();
         for (receipt, queue, secs, until) in due {
-            if secs <= 0 {
-                if warned_limit.insert(receipt.clone()) {
-                    tracing::error!("a job has held its message for 12 hours, SQS's limit; the message becomes visible again and may run elsewhere");
-                }
-                continue;
-            }
-            let batcher = batchers[queue].clone();
+            let batcher = shared.visibility[queue].clone();
             renewals.spawn(async move {
                 let result = batcher.submit((receipt.clone(), secs)).await;
                 (receipt, until, result)
@@ -510,11 +616,7 @@ async fn heartbeat(
         while let Some(Ok((receipt, until, result))) = renewals.join_next().await {
             match result {
                 Ok(()) => {
-                    if let Some(l) = leases
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get_mut(&receipt)
-                    {
+                    if let Some(l) = shared.leases().get_mut(&receipt) {
                         l.visible_until = until;
                     }
                 }
@@ -523,12 +625,47 @@ async fn heartbeat(
                 }
             }
         }
-        warned_limit.retain(|r| {
-            leases
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains_key(r)
-        });
+    }
+}
+
+/// Takes custody (copy kept on disk, then deleted from SQS) of every
+/// message held for `max_hold - lead` whose job still runs.
+async fn take_custody_where_due(shared: &Shared, now: Instant) {
+    let due: Vec<(String, usize, Held)> = shared
+        .leases()
+        .iter()
+        .filter(|(_, l)| !l.in_custody && now >= l.received_at + shared.max_hold - shared.lead())
+        .map(|(receipt, l)| {
+            let held = Held {
+                message_id: l.message_id.clone(),
+                queue_url: shared.queues[l.queue].url.clone(),
+                body: l.body.clone(),
+                group: l.group.clone(),
+            };
+            (receipt.clone(), l.queue, held)
+        })
+        .collect();
+    for (receipt, queue, held) in due {
+        if let Err(e) = shared.custody.keep(&held) {
+            tracing::error!(message_id = %held.message_id, error = %e, "cannot keep a copy of a message nearing SQS's 12-hour limit; it will become visible again");
+            continue;
+        }
+        match shared.deletes[queue].submit(receipt.clone()).await {
+            Ok(()) => {
+                if let Some(l) = shared.leases().get_mut(&receipt) {
+                    l.in_custody = true;
+                }
+                tracing::warn!(
+                    message_id = %held.message_id,
+                    "a job has held its message nearly as long as SQS allows (12 hours): the agent took custody of it \
+                     (deleted from SQS, kept in state.dir until the job ends; sent back to the queue if it must run again)"
+                );
+            }
+            Err(e) => {
+                let _ = shared.custody.release(&held.message_id);
+                tracing::warn!(message_id = %held.message_id, error = %e, "cannot take custody of a message yet; will retry");
+            }
+        }
     }
 }
 
@@ -538,14 +675,14 @@ impl JobSource for SqsQueue {
     }
 
     fn describe(&self) -> String {
-        let urls: Vec<&str> = self.queues.iter().map(|q| q.url.as_str()).collect();
+        let urls: Vec<&str> = self.shared.queues.iter().map(|q| q.url.as_str()).collect();
         format!("SQS {}", urls.join(" > "))
     }
 
     async fn receive(&self, max: usize) -> Result<Vec<Message>, QueueError> {
-        let single = self.queues.len() == 1;
+        let single = self.shared.queues.len() == 1;
         let mut got = Vec::new();
-        for index in 0..self.queues.len() {
+        for index in 0..self.shared.queues.len() {
             let want = max.saturating_sub(got.len());
             if want == 0 {
                 break;
@@ -563,8 +700,23 @@ impl JobSource for SqsQueue {
     }
 
     async fn delete(&self, msg: &Message) -> Result<(), QueueError> {
-        let q = &self.queues[msg.queue];
-        let result = self.deletes[msg.queue].submit(msg.receipt.clone()).await;
+        let q = &self.shared.queues[msg.queue];
+        if self.in_custody(&msg.receipt) {
+            // Already gone from SQS: dropping the copy finishes it.
+            self.forget_lease(&msg.receipt);
+            return self
+                .shared
+                .custody
+                .release(&msg.id)
+                .map_err(|e| QueueError::Service {
+                    action: "releasing custody of",
+                    target: msg.id.clone(),
+                    detail: e.to_string(),
+                });
+        }
+        let result = self.shared.deletes[msg.queue]
+            .submit(msg.receipt.clone())
+            .await;
         self.forget_lease(&msg.receipt);
         result.map_err(|detail| QueueError::Service {
             action: "deleting a message from",
@@ -579,7 +731,7 @@ impl JobSource for SqsQueue {
         delay: Duration,
         _failed: bool,
     ) -> Result<(), QueueError> {
-        let q = &self.queues[msg.queue];
+        let q = &self.shared.queues[msg.queue];
         // The new visibility counts from now but SQS still ends it 12 hours
         // after the receipt; a longer backoff is shortened to fit.
         let held = self
@@ -587,9 +739,12 @@ impl JobSource for SqsQueue {
             .get(&msg.receipt)
             .map(|l| l.received_at.elapsed())
             .unwrap_or_default();
-        let room = MAX_VISIBILITY.saturating_sub(held + LIMIT_MARGIN);
+        let room = self
+            .shared
+            .max_hold
+            .saturating_sub(held + self.shared.lead() / 2);
         let secs = delay.min(room).as_secs() as i32;
-        let result = self.visibility[msg.queue]
+        let result = self.shared.visibility[msg.queue]
             .submit((msg.receipt.clone(), secs))
             .await;
         self.forget_lease(&msg.receipt);
@@ -606,7 +761,7 @@ impl JobSource for SqsQueue {
         reason: &str,
         detail: &str,
     ) -> Result<(), QueueError> {
-        let q = &self.queues[msg.queue];
+        let q = &self.shared.queues[msg.queue];
         let mut detail = detail.to_string();
         if detail.len() > MAX_DETAIL_BYTES {
             let mut cut = MAX_DETAIL_BYTES;
@@ -631,6 +786,7 @@ impl JobSource for SqsQueue {
             (ATTR_SOURCE_MESSAGE, attr(&msg.id)),
         ];
         let mut send = self
+            .shared
             .client
             .send_message()
             .queue_url(&q.dead_letter_url)
@@ -667,8 +823,20 @@ impl JobSource for SqsQueue {
 
     async fn recover_claims(&self, known: &[Message]) -> Result<Vec<String>, QueueError> {
         let mut released = Vec::new();
-        for msg in known {
-            let Some(batcher) = self.visibility.get(msg.queue) else {
+        // Messages a previous run held in custody go back to their queues.
+        let held = self.shared.custody.all().map_err(|e| QueueError::Service {
+            action: "reading the custody store in",
+            target: "state.dir".into(),
+            detail: e.to_string(),
+        })?;
+        for h in held {
+            self.return_held(&h, Duration::ZERO).await?;
+            tracing::warn!(message_id = %h.message_id, queue = %h.queue_url, "sent a message held in custody by a previous run back to its queue");
+            released.push(h.message_id);
+        }
+        let returned = released.clone();
+        for msg in known.iter().filter(|m| !returned.contains(&m.id)) {
+            let Some(batcher) = self.shared.visibility.get(msg.queue) else {
                 continue;
             };
             // A receipt from before the crash may have expired already; then
@@ -696,6 +864,10 @@ mod tests {
             queue: 0,
             received_at: now - received_ago,
             visible_until: now + visible_for,
+            message_id: "m".into(),
+            body: String::new(),
+            group: None,
+            in_custody: false,
         }
     }
 
@@ -703,9 +875,13 @@ mod tests {
     fn a_lease_is_renewed_only_once_half_of_it_is_used_up() {
         let now = Instant::now();
         let fresh = lease(Duration::from_secs(10), Duration::from_secs(20), now);
-        assert_eq!(renewal(&fresh, VIS, TICK, now), None);
+        assert_eq!(
+            renewal(&fresh, VIS, TICK, now, MAX_VISIBILITY, CUSTODY_LEAD),
+            None
+        );
         let due = lease(Duration::from_secs(16), Duration::from_secs(14), now);
-        let (secs, until) = renewal(&due, VIS, TICK, now).expect("due");
+        let (secs, until) =
+            renewal(&due, VIS, TICK, now, MAX_VISIBILITY, CUSTODY_LEAD).expect("due");
         assert_eq!(secs, 30);
         assert_eq!(until, now + VIS);
     }
@@ -713,19 +889,21 @@ mod tests {
     #[test]
     fn renewals_never_reach_past_twelve_hours_after_receipt() {
         let now = Instant::now();
+        // The last renewal ends half the custody lead (5 min) before 12 h.
         let old = lease(
-            MAX_VISIBILITY - Duration::from_secs(70),
+            MAX_VISIBILITY - Duration::from_secs(310),
             Duration::from_secs(5),
             now,
         );
-        let (secs, _) = renewal(&old, VIS, TICK, now).expect("due");
-        assert_eq!(secs, 10, "only up to 12 h less the margin");
+        let (secs, _) = renewal(&old, VIS, TICK, now, MAX_VISIBILITY, CUSTODY_LEAD).expect("due");
+        assert_eq!(secs, 10, "only up to 12 h less half the lead");
         let at_limit = lease(
-            MAX_VISIBILITY - Duration::from_secs(30),
+            MAX_VISIBILITY - Duration::from_secs(290),
             Duration::from_secs(5),
             now,
         );
-        let (secs, _) = renewal(&at_limit, VIS, TICK, now).expect("due");
+        let (secs, _) =
+            renewal(&at_limit, VIS, TICK, now, MAX_VISIBILITY, CUSTODY_LEAD).expect("due");
         assert_eq!(secs, 0, "nothing left to renew: the limit is reached");
     }
 }
