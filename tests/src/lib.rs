@@ -8,6 +8,10 @@
 //! poll of a condition with a generous limit, and a wait that runs out
 //! panics with everything needed to see why (the events so far and the
 //! agent's own log).
+//!
+//! `sqs` drives `batchly-agent run` against a local AWS server (moto).
+
+pub mod sqs;
 
 use std::fs::File;
 use std::io::Read;

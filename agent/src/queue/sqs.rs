@@ -66,8 +66,13 @@ pub struct SetupError {
     pub detail: String,
 }
 
+/// One message handed out and not yet finished, keyed by message id. If
+/// SQS hands the same message out again while its job still runs here
+/// (its visibility lapsed, say during an outage), the lease takes the new
+/// receipt and no second copy is started.
 struct Lease {
     queue: usize,
+    receipt: String,
     received_at: Instant,
     visible_until: Instant,
     message_id: String,
@@ -220,8 +225,17 @@ impl SqsQueue {
     }
 
     /// Whether the message is in the agent's custody (no longer in SQS).
-    fn in_custody(&self, receipt: &str) -> bool {
-        self.leases().get(receipt).is_some_and(|l| l.in_custody)
+    fn in_custody(&self, message_id: &str) -> bool {
+        self.leases().get(message_id).is_some_and(|l| l.in_custody)
+    }
+
+    /// The newest receipt of a message (it changes if SQS hands the message
+    /// out again while its job runs).
+    fn current_receipt(&self, msg: &Message) -> String {
+        self.leases()
+            .get(&msg.id)
+            .map(|l| l.receipt.clone())
+            .unwrap_or_else(|| msg.receipt.clone())
     }
 
     /// Sends a held message back to its queue as a new message (visible
@@ -277,10 +291,21 @@ impl SqsQueue {
                 .get(&MessageSystemAttributeName::MessageGroupId)
                 .cloned();
             let body = m.body.unwrap_or_default();
+            if let Some(running) = self.leases().get_mut(&id) {
+                // Already running here: its visibility lapsed (an outage
+                // longer than the visibility timeout) and SQS handed it out
+                // again, to us. Keep the job, take the new receipt.
+                running.receipt = receipt;
+                running.received_at = asked_at;
+                running.visible_until = asked_at + q.visibility;
+                tracing::warn!(message_id = %id, "a message came back while its job still runs here (its visibility lapsed); not starting a second copy");
+                continue;
+            }
             self.leases().insert(
-                receipt.clone(),
+                id.clone(),
                 Lease {
                     queue: index,
+                    receipt: receipt.clone(),
                     received_at: asked_at,
                     visible_until: asked_at + q.visibility,
                     message_id: id.clone(),
@@ -302,8 +327,8 @@ impl SqsQueue {
         Ok(got)
     }
 
-    fn forget_lease(&self, receipt: &str) {
-        self.leases().remove(receipt);
+    fn forget_lease(&self, message_id: &str) {
+        self.leases().remove(message_id);
     }
 }
 
@@ -595,28 +620,28 @@ async fn heartbeat(shared: Arc<Shared>) {
         tokio::time::sleep(tick).await;
         let now = Instant::now();
         take_custody_where_due(&shared, now).await;
-        let due: Vec<(String, usize, i32, Instant)> = shared
+        let due: Vec<(String, String, usize, i32, Instant)> = shared
             .leases()
             .iter()
             .filter(|(_, lease)| !lease.in_custody)
-            .filter_map(|(receipt, lease)| {
+            .filter_map(|(id, lease)| {
                 let vis = shared.queues[lease.queue].visibility;
                 let (secs, until) = renewal(lease, vis, tick, now, max_hold, lead)?;
-                (secs > 0).then(|| (receipt.clone(), lease.queue, secs, until))
+                (secs > 0).then(|| (id.clone(), lease.receipt.clone(), lease.queue, secs, until))
             })
             .collect();
         let mut renewals = tokio::task::JoinSet::new();
-        for (receipt, queue, secs, until) in due {
+        for (id, receipt, queue, secs, until) in due {
             let batcher = shared.visibility[queue].clone();
             renewals.spawn(async move {
-                let result = batcher.submit((receipt.clone(), secs)).await;
-                (receipt, until, result)
+                let result = batcher.submit((receipt, secs)).await;
+                (id, until, result)
             });
         }
-        while let Some(Ok((receipt, until, result))) = renewals.join_next().await {
+        while let Some(Ok((id, until, result))) = renewals.join_next().await {
             match result {
                 Ok(()) => {
-                    if let Some(l) = shared.leases().get_mut(&receipt) {
+                    if let Some(l) = shared.leases().get_mut(&id) {
                         l.visible_until = until;
                     }
                 }
@@ -631,28 +656,28 @@ async fn heartbeat(shared: Arc<Shared>) {
 /// Takes custody (copy kept on disk, then deleted from SQS) of every
 /// message held for `max_hold - lead` whose job still runs.
 async fn take_custody_where_due(shared: &Shared, now: Instant) {
-    let due: Vec<(String, usize, Held)> = shared
+    let due: Vec<(String, String, usize, Held)> = shared
         .leases()
         .iter()
         .filter(|(_, l)| !l.in_custody && now >= l.received_at + shared.max_hold - shared.lead())
-        .map(|(receipt, l)| {
+        .map(|(id, l)| {
             let held = Held {
                 message_id: l.message_id.clone(),
                 queue_url: shared.queues[l.queue].url.clone(),
                 body: l.body.clone(),
                 group: l.group.clone(),
             };
-            (receipt.clone(), l.queue, held)
+            (id.clone(), l.receipt.clone(), l.queue, held)
         })
         .collect();
-    for (receipt, queue, held) in due {
+    for (id, receipt, queue, held) in due {
         if let Err(e) = shared.custody.keep(&held) {
             tracing::error!(message_id = %held.message_id, error = %e, "cannot keep a copy of a message nearing SQS's 12-hour limit; it will become visible again");
             continue;
         }
-        match shared.deletes[queue].submit(receipt.clone()).await {
+        match shared.deletes[queue].submit(receipt).await {
             Ok(()) => {
-                if let Some(l) = shared.leases().get_mut(&receipt) {
+                if let Some(l) = shared.leases().get_mut(&id) {
                     l.in_custody = true;
                 }
                 tracing::warn!(
@@ -701,9 +726,9 @@ impl JobSource for SqsQueue {
 
     async fn delete(&self, msg: &Message) -> Result<(), QueueError> {
         let q = &self.shared.queues[msg.queue];
-        if self.in_custody(&msg.receipt) {
+        if self.in_custody(&msg.id) {
             // Already gone from SQS: dropping the copy finishes it.
-            self.forget_lease(&msg.receipt);
+            self.forget_lease(&msg.id);
             return self
                 .shared
                 .custody
@@ -715,9 +740,9 @@ impl JobSource for SqsQueue {
                 });
         }
         let result = self.shared.deletes[msg.queue]
-            .submit(msg.receipt.clone())
+            .submit(self.current_receipt(msg))
             .await;
-        self.forget_lease(&msg.receipt);
+        self.forget_lease(&msg.id);
         result.map_err(|detail| QueueError::Service {
             action: "deleting a message from",
             target: q.url.clone(),
@@ -732,11 +757,26 @@ impl JobSource for SqsQueue {
         _failed: bool,
     ) -> Result<(), QueueError> {
         let q = &self.shared.queues[msg.queue];
+        let custody = self
+            .leases()
+            .get(&msg.id)
+            .filter(|l| l.in_custody)
+            .map(|l| Held {
+                message_id: l.message_id.clone(),
+                queue_url: q.url.clone(),
+                body: l.body.clone(),
+                group: l.group.clone(),
+            });
+        if let Some(copy) = custody {
+            self.return_held(&copy, delay).await?;
+            self.forget_lease(&msg.id);
+            return Ok(());
+        }
         // The new visibility counts from now but SQS still ends it 12 hours
         // after the receipt; a longer backoff is shortened to fit.
         let held = self
             .leases()
-            .get(&msg.receipt)
+            .get(&msg.id)
             .map(|l| l.received_at.elapsed())
             .unwrap_or_default();
         let room = self
@@ -745,9 +785,9 @@ impl JobSource for SqsQueue {
             .saturating_sub(held + self.shared.lead() / 2);
         let secs = delay.min(room).as_secs() as i32;
         let result = self.shared.visibility[msg.queue]
-            .submit((msg.receipt.clone(), secs))
+            .submit((self.current_receipt(msg), secs))
             .await;
-        self.forget_lease(&msg.receipt);
+        self.forget_lease(&msg.id);
         result.map_err(|detail| QueueError::Service {
             action: "releasing a message to",
             target: q.url.clone(),
@@ -862,6 +902,7 @@ mod tests {
     fn lease(received_ago: Duration, visible_for: Duration, now: Instant) -> Lease {
         Lease {
             queue: 0,
+            receipt: "r".into(),
             received_at: now - received_ago,
             visible_until: now + visible_for,
             message_id: "m".into(),
