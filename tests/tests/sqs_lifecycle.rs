@@ -226,57 +226,6 @@ fn exit_75_requeues_the_job_which_then_runs_again_and_succeeds() {
 }
 
 #[test]
-fn exit_75_does_not_count_against_max_attempts() {
-    let t = SqsTest::start();
-    let q = t.job_queue("jobs");
-    let mark = t.mark_env();
-    // Run 1 asks to run again, run 2 fails, run 3 succeeds: with two
-    // attempts allowed, only run 2 is a failed attempt.
-    let script = marked(
-        "n=$(($(cat \"$MARK/n\" 2>/dev/null || echo 0) + 1)); echo $n > \"$MARK/n\"\n\
-         case $n in 1) exit 75 ;; 2) exit 3 ;; *) exit 0 ;; esac",
-    );
-    let job = t.submit(
-        &q.url,
-        &[
-            "--id",
-            "checkpointed",
-            "--max-attempts",
-            "2",
-            "--env",
-            &mark,
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ],
-    );
-    let agent = t.agent(AgentSettings::new(&q.url));
-
-    let events = t.wait_events("the final event", &[&agent], |ev| all_final(ev, &job));
-    t.wait_queue_empty(&q.url, &[&agent]);
-
-    let mut evs = of_message(&events, &job[0].message_id);
-    // In the order they happened (`at` is fixed-width RFC 3339).
-    evs.sort_by_key(|e| e.raw["at"].as_str().unwrap_or("").to_string());
-    let kinds: Vec<(&str, bool)> = evs
-        .iter()
-        .filter(|e| e.kind != "job.started")
-        .map(|e| (e.kind.as_str(), e.is_final))
-        .collect();
-    assert_eq!(
-        kinds,
-        vec![
-            ("job.requeued", false),
-            ("job.failed", false),
-            ("job.succeeded", true)
-        ],
-        "the requeue is not a failed attempt, so the failure is retried: {evs:#?}"
-    );
-    assert_eq!(t.runs().starts("checkpointed"), 3);
-}
-
-#[test]
 fn messages_of_a_fifo_group_run_one_at_a_time_in_order() {
     let t = SqsTest::start();
     let q = t.job_queue_with(
