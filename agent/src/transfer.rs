@@ -160,6 +160,7 @@ impl Transfers {
                 .await?;
         } else {
             let body = read_exactly(&mut file, size, &upload.file, &context).await?;
+            ensure_no_more_bytes(&mut file, &upload.file, &context).await?;
             self.client
                 .put_object()
                 .bucket(&upload.bucket)
@@ -1403,6 +1404,7 @@ mod tests {
         write(job.path(), "out/parts/0001.csv", b"a");
         write(job.path(), "out/parts/deep/er/0002.csv", b"b");
         std::fs::create_dir_all(job.path().join("out/empty")).expect("mkdir");
+        write(job.path(), "out/zero.bin", b"");
         write(job.path(), "not-an-output.txt", b"stays home");
 
         let uploaded = transfers
@@ -1416,13 +1418,14 @@ mod tests {
             )
             .await
             .expect("upload");
-        assert_eq!(uploaded, 5);
+        assert_eq!(uploaded, 6);
         assert_eq!(
             keys_in(&client, "tree").await,
             [
                 "job-1/parts/0001.csv",
                 "job-1/parts/deep/er/0002.csv",
                 "job-1/summary.json",
+                "job-1/zero.bin",
                 "job-2/0001.csv",
                 "job-2/deep/er/0002.csv",
             ]
@@ -1431,6 +1434,7 @@ mod tests {
             object(&client, "tree", "job-2/deep/er/0002.csv").await,
             b"b"
         );
+        assert!(object(&client, "tree", "job-1/zero.bin").await.is_empty());
     }
 
     #[tokio::test]
@@ -1939,6 +1943,20 @@ mod tests {
         assert_eq!(
             message,
             "output /etc/passwd: /etc/passwd is not a relative path inside the work dir"
+        );
+    }
+
+    #[test]
+    fn file_name_that_is_not_utf8_cannot_become_a_key() {
+        use std::os::unix::ffi::OsStrExt;
+        let job = TempDir::new().expect("tempdir");
+        std::fs::create_dir(job.path().join("out")).expect("mkdir");
+        let name = OsStr::from_bytes(b"caf\xe9.txt");
+        std::fs::write(job.path().join("out").join(name), b"x").expect("write");
+        let message = job_error(plan_uploads(&[transfer("s3://b/", "out")], job.path()));
+        assert_eq!(
+            message,
+            "output out: the name of out/caf\u{FFFD}.txt is not UTF-8, which an S3 key must be"
         );
     }
 
