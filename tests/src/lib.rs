@@ -320,6 +320,16 @@ pub fn of_message<'a>(events: &'a [Event], message_id: &str) -> Vec<&'a Event> {
         .collect()
 }
 
+/// The events of one job, by its id: on SQS a release that is not a
+/// failure (exit 75, drain) replaces the message with a copy under a new
+/// message id, so a job's events may span several message ids.
+pub fn of_job<'a>(events: &'a [Event], job_id: &str) -> Vec<&'a Event> {
+    events
+        .iter()
+        .filter(|e| e.job_id.as_deref() == Some(job_id))
+        .collect()
+}
+
 /// How many events have `final: true` and type `kind` (any type if `None`).
 pub fn count_final(events: &[Event], kind: Option<&str>) -> usize {
     events

@@ -13,13 +13,13 @@ use std::time::Duration;
 
 use batchly_e2e::sqs::proxy::Proxy;
 use batchly_e2e::sqs::{marked, AgentSettings, QueueOptions, RunLine, SqsTest, LONG_WAIT};
-use batchly_e2e::{count_final, eventually, of_message, Event, Submitted};
+use batchly_e2e::{count_final, eventually, of_job, of_message, Event, Submitted};
 
 /// How long the outage test keeps the SQS endpoint away.
 const OUTAGE: Duration = Duration::from_secs(30);
 
-fn finals<'a>(events: &'a [Event], message: &str) -> Vec<&'a Event> {
-    of_message(events, message)
+fn finals<'a>(events: &'a [Event], job: &Submitted) -> Vec<&'a Event> {
+    of_job(events, &job.job_id)
         .into_iter()
         .filter(|e| e.is_final)
         .collect()
@@ -33,7 +33,7 @@ fn all_final(events: &[Event], jobs: &[Submitted]) -> bool {
     jobs.iter().all(|j| {
         events
             .iter()
-            .any(|e| e.message_id == j.message_id && e.is_final)
+            .any(|e| e.job_id.as_deref() == Some(j.job_id.as_str()) && e.is_final)
     })
 }
 
@@ -133,7 +133,7 @@ fn a_job_outliving_the_visibility_timeout_keeps_its_message_and_runs_once() {
     t.wait_queue_empty(&q.url, &[&a, &b]);
 
     let message = &job[0].message_id;
-    let fin = finals(&events, message);
+    let fin = finals(&events, &job[0]);
     assert_eq!(fin.len(), 1, "{fin:?}");
     assert_eq!(fin[0].kind, "job.succeeded", "{:?}", fin[0]);
     let started: Vec<_> = of_message(&events, message)
@@ -177,7 +177,7 @@ fn a_failing_job_is_retried_to_max_attempts_then_failed_and_deleted() {
         assert_eq!(e.exit_code, Some(4), "{e:?}");
         assert_eq!(e.is_final, e.attempt == 3, "only the last is final: {e:?}");
     }
-    assert_eq!(finals(&events, &job[0].message_id).len(), 1, "{evs:?}");
+    assert_eq!(finals(&events, &job[0]).len(), 1, "{evs:?}");
     assert!(
         t.aws.depth(q.dlq()).is_empty(),
         "a failure is not a rejection"
@@ -211,18 +211,76 @@ fn exit_75_requeues_the_job_which_then_runs_again_and_succeeds() {
     let events = t.wait_events("the final event", &[&agent], |ev| all_final(ev, &job));
     t.wait_queue_empty(&q.url, &[&agent]);
 
-    let evs = of_message(&events, &job[0].message_id);
+    let evs = of_job(&events, &job[0].job_id);
     let requeued: Vec<_> = evs.iter().filter(|e| e.kind == "job.requeued").collect();
     assert_eq!(requeued.len(), 1, "{evs:?}");
     assert!(!requeued[0].is_final, "{evs:?}");
     assert_eq!(requeued[0].exit_code, Some(75), "{evs:?}");
-    let fin = finals(&events, &job[0].message_id);
+    let fin = finals(&events, &job[0]);
     assert_eq!(fin.len(), 1, "{evs:?}");
     assert_eq!(
         fin[0].kind, "job.succeeded",
         "exit 75 is not a failure, even with max_attempts 1: {evs:?}"
     );
     assert_eq!(t.runs().starts("again"), 2);
+}
+
+#[test]
+fn exit_75_does_not_count_against_max_attempts() {
+    let t = SqsTest::start();
+    let q = t.job_queue("jobs");
+    let mark = t.mark_env();
+    // Run 1 asks to run again, run 2 fails, run 3 succeeds: with two
+    // attempts allowed, only run 2 is a failed attempt.
+    let script = marked(
+        "n=$(($(cat \"$MARK/n\" 2>/dev/null || echo 0) + 1)); echo $n > \"$MARK/n\"\n\
+         case $n in 1) exit 75 ;; 2) exit 3 ;; *) exit 0 ;; esac",
+    );
+    let job = t.submit(
+        &q.url,
+        &[
+            "--id",
+            "checkpointed",
+            "--max-attempts",
+            "2",
+            "--env",
+            &mark,
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    let agent = t.agent(AgentSettings::new(&q.url));
+
+    let events = t.wait_events("the final event", &[&agent], |ev| all_final(ev, &job));
+    t.wait_queue_empty(&q.url, &[&agent]);
+
+    let mut evs = of_job(&events, &job[0].job_id);
+    // In the order they happened (`at` is fixed-width RFC 3339).
+    evs.sort_by_key(|e| e.raw["at"].as_str().unwrap_or("").to_string());
+    let outcomes: Vec<(&str, u64, bool)> = evs
+        .iter()
+        .filter(|e| e.kind != "job.started")
+        .map(|e| (e.kind.as_str(), e.attempt, e.is_final))
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            ("job.requeued", 1, false),
+            ("job.failed", 1, false),
+            ("job.succeeded", 2, true)
+        ],
+        "the requeue is not a failed attempt, so the failure is retried: {evs:#?}"
+    );
+    assert_eq!(t.runs().starts("checkpointed"), 3);
+    // The requeue replaced the message with a copy; the copy carried the
+    // job to its end.
+    assert_ne!(
+        evs.last().map(|e| e.message_id.as_str()),
+        Some(job[0].message_id.as_str()),
+        "{evs:#?}"
+    );
 }
 
 #[test]
@@ -253,7 +311,7 @@ fn messages_of_a_fifo_group_run_one_at_a_time_in_order() {
     t.wait_queue_empty(&q.url, &[&agent]);
 
     for job in &jobs {
-        let fin = finals(&events, &job.message_id);
+        let fin = finals(&events, job);
         assert_eq!(fin.len(), 1, "{}: {fin:?}", job.job_id);
         assert_eq!(fin[0].kind, "job.succeeded", "{:?}", fin[0]);
     }
@@ -310,7 +368,7 @@ fn an_urgent_queue_goes_before_a_bulk_queue() {
     let events = t.wait_events("every final event", &[&agent], |ev| all_final(ev, &all));
 
     for job in &all {
-        let fin = finals(&events, &job.message_id);
+        let fin = finals(&events, job);
         assert_eq!(fin.len(), 1, "{}: {fin:?}", job.job_id);
         assert_eq!(fin[0].kind, "job.succeeded", "{:?}", fin[0]);
     }
@@ -450,7 +508,7 @@ fn an_sqs_outage_of_thirty_seconds_loses_nothing_and_never_runs_a_job_twice_at_o
         if runs.ends(&job.job_id) == 0 {
             unfinished.push(job.job_id.clone());
         }
-        let fin = finals(&events, &job.message_id);
+        let fin = finals(&events, job);
         assert!(
             fin.iter().any(|e| e.kind == "job.succeeded"),
             "{} has a job.succeeded final event: {fin:?}",

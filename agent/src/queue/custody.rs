@@ -22,6 +22,23 @@ pub struct Held {
     pub queue_url: String,
     pub body: String,
     pub group: Option<String>,
+    /// Failed attempts counted before this message was received; the copy
+    /// sent back carries it on (with the outcome of the running attempt).
+    #[serde(default)]
+    pub failures: u32,
+    /// The producer's message attributes, sent back with the copy.
+    #[serde(default)]
+    pub attributes: Vec<Attribute>,
+}
+
+/// One SQS message attribute, kept as SQS gives it (binary values in
+/// base64).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attribute {
+    pub name: String,
+    pub data_type: String,
+    pub string_value: Option<String>,
+    pub binary_base64: Option<String>,
 }
 
 pub struct CustodyStore {
@@ -113,6 +130,13 @@ mod tests {
             queue_url: "http://127.0.0.1/1/jobs".into(),
             body: "{\"v\":1}".into(),
             group: Some("g".into()),
+            failures: 2,
+            attributes: vec![Attribute {
+                name: "trace".into(),
+                data_type: "String".into(),
+                string_value: Some("abc".into()),
+                binary_base64: None,
+            }],
         };
         CustodyStore::open(tmp.path())
             .expect("open")
@@ -125,5 +149,19 @@ mod tests {
             .release(&held.message_id)
             .expect("releasing twice is fine");
         assert!(again.all().expect("all").is_empty());
+    }
+
+    #[test]
+    fn a_copy_written_before_failure_counts_were_kept_reads_as_no_failures() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = CustodyStore::open(tmp.path()).expect("open");
+        fs::write(
+            tmp.path().join("custody").join("old.json"),
+            r#"{"message_id":"old","queue_url":"u","body":"b","group":null}"#,
+        )
+        .expect("write");
+        let all = store.all().expect("all");
+        assert_eq!(all.len(), 1);
+        assert_eq!((all[0].failures, all[0].attributes.len()), (0, 0));
     }
 }

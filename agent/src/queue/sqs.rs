@@ -20,7 +20,7 @@ use aws_sdk_sqs::types::{
 use aws_sdk_sqs::Client;
 
 use super::batch::Batcher;
-use super::custody::{CustodyStore, Held};
+use super::custody::{Attribute, CustodyStore, Held};
 use super::{JobSource, Message, QueueError};
 
 /// SQS hides a received message for at most 12 hours from its receipt.
@@ -43,6 +43,16 @@ pub const ATTR_REASON: &str = "batchly-reject-reason";
 pub const ATTR_DETAIL: &str = "batchly-reject-detail";
 pub const ATTR_SOURCE_QUEUE: &str = "batchly-source-queue";
 pub const ATTR_SOURCE_MESSAGE: &str = "batchly-source-message-id";
+/// Failed attempts of the job before this copy of its message was sent. A
+/// release that is not a failure (exit 75, drain) sends the message again
+/// as a new one carrying this count, so SQS's receive count, which starts
+/// over with the copy, only grows with failures. Not signed: a producer
+/// that sets it only shortens its own job's retries.
+pub const ATTR_FAILURES: &str = "batchly-failures";
+/// SQS allows at most this many message attributes.
+const MAX_ATTRIBUTES: usize = 10;
+/// SQS delays a new message by at most 15 minutes.
+const MAX_SEND_DELAY: Duration = Duration::from_secs(900);
 /// SQS limits a message attribute value with the rest of the message to
 /// 256 KiB; a reason detail never needs more than this.
 const MAX_DETAIL_BYTES: usize = 1024;
@@ -78,8 +88,27 @@ struct Lease {
     message_id: String,
     body: String,
     group: Option<String>,
+    /// Failed attempts counted before this copy was sent.
+    failures: u32,
+    /// The producer's message attributes, kept for copies sent back.
+    attributes: Vec<Attribute>,
     /// Deleted from SQS and held in the custody store instead.
     in_custody: bool,
+    /// A copy was sent for a release; only the original's delete is left.
+    copy_sent: bool,
+}
+
+impl Lease {
+    fn held(&self, queue_url: &str, failures: u32) -> Held {
+        Held {
+            message_id: self.message_id.clone(),
+            queue_url: queue_url.to_string(),
+            body: self.body.clone(),
+            group: self.group.clone(),
+            failures,
+            attributes: self.attributes.clone(),
+        }
+    }
 }
 
 /// What the source and its heartbeat task share.
@@ -241,7 +270,8 @@ impl SqsQueue {
     /// Sends a held message back to its queue as a new message (visible
     /// after `delay`, at most SQS's 15 minutes) and forgets the copy.
     async fn return_held(&self, held: &Held, delay: Duration) -> Result<(), QueueError> {
-        send_back(&self.shared.client, held, delay).await?;
+        let copy = send_back(&self.shared.client, held, delay).await?;
+        tracing::info!(message_id = %held.message_id, copy = %copy, "message held in custody sent back to its queue");
         self.shared
             .custody
             .release(&held.message_id)
@@ -269,6 +299,7 @@ impl SqsQueue {
             .wait_time_seconds(wait_s)
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
             .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
+            .message_attribute_names("All")
             .send()
             .await
             .map_err(|e| QueueError::Service {
@@ -291,6 +322,7 @@ impl SqsQueue {
                 .get(&MessageSystemAttributeName::MessageGroupId)
                 .cloned();
             let body = m.body.unwrap_or_default();
+            let (failures, attributes) = split_attributes(m.message_attributes.unwrap_or_default());
             if let Some(running) = self.leases().get_mut(&id) {
                 // Already running here: its visibility lapsed (an outage
                 // longer than the visibility timeout) and SQS handed it out
@@ -311,13 +343,16 @@ impl SqsQueue {
                     message_id: id.clone(),
                     body: body.clone(),
                     group: group.clone(),
+                    failures,
+                    attributes,
                     in_custody: false,
+                    copy_sent: false,
                 },
             );
             got.push(Message {
                 id,
                 body: body.into_bytes(),
-                attempt: receive_count,
+                attempt: failures.saturating_add(receive_count),
                 receive_count,
                 receipt,
                 queue: index,
@@ -330,6 +365,61 @@ impl SqsQueue {
     fn forget_lease(&self, message_id: &str) {
         self.leases().remove(message_id);
     }
+}
+
+/// The failure count a message carries, and the producer's attributes
+/// (everything else) to send back with a copy.
+fn split_attributes(attrs: HashMap<String, MessageAttributeValue>) -> (u32, Vec<Attribute>) {
+    let mut failures = 0;
+    let mut kept = Vec::new();
+    for (name, value) in attrs {
+        if name == ATTR_FAILURES {
+            failures = value
+                .string_value()
+                .and_then(|v| v.trim().parse::<u32>().ok())
+                .unwrap_or(0);
+            continue;
+        }
+        kept.push(Attribute {
+            name,
+            data_type: value.data_type().to_string(),
+            string_value: value.string_value().map(str::to_string),
+            binary_base64: value.binary_value().map(|b| {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD.encode(b.as_ref())
+            }),
+        });
+    }
+    kept.sort_by(|a, b| a.name.cmp(&b.name));
+    (failures, kept)
+}
+
+/// The attributes of a copy sent back: the producer's and the failure
+/// count. None when they do not fit SQS's limit of ten.
+fn copy_attributes(held: &Held) -> Option<Vec<(String, MessageAttributeValue)>> {
+    if held.attributes.len() >= MAX_ATTRIBUTES {
+        return None;
+    }
+    let mut out = Vec::with_capacity(held.attributes.len() + 1);
+    for a in &held.attributes {
+        let mut value = MessageAttributeValue::builder().data_type(&a.data_type);
+        if let Some(s) = &a.string_value {
+            value = value.string_value(s);
+        }
+        if let Some(b) = &a.binary_base64 {
+            use base64::Engine;
+            let bytes = base64::engine::general_purpose::STANDARD.decode(b).ok()?;
+            value = value.binary_value(aws_smithy_types::Blob::new(bytes));
+        }
+        out.push((a.name.clone(), value.build().ok()?));
+    }
+    let failures = MessageAttributeValue::builder()
+        .data_type("Number")
+        .string_value(held.failures.to_string())
+        .build()
+        .ok()?;
+    out.push((ATTR_FAILURES.to_string(), failures));
+    Some(out)
 }
 
 /// Checks that a queue exists and may be used; the error names the config
@@ -565,14 +655,24 @@ fn renewal(
     Some((secs, until))
 }
 
-/// Sends a held message back to its queue as a new message.
-async fn send_back(client: &Client, held: &Held, delay: Duration) -> Result<(), QueueError> {
-    // SQS delays a new message by at most 15 minutes.
-    let delay_s = delay.as_secs().min(900) as i32;
+/// Sends a copy of a message back to its queue as a new message (with its
+/// attributes and failure count); returns the new message's id.
+async fn send_back(client: &Client, held: &Held, delay: Duration) -> Result<String, QueueError> {
+    let delay_s = delay.min(MAX_SEND_DELAY).as_secs() as i32;
     let mut send = client
         .send_message()
         .queue_url(&held.queue_url)
         .message_body(&held.body);
+    match copy_attributes(held) {
+        Some(attrs) => {
+            for (name, value) in attrs {
+                send = send.message_attributes(name, value);
+            }
+        }
+        None => {
+            tracing::warn!(message_id = %held.message_id, "message has too many attributes to add its failure count; the copy sent back starts counting attempts over");
+        }
+    }
     if held.queue_url.ends_with(".fifo") {
         // FIFO queues take no per-message delay; order within the group
         // restarts from this message.
@@ -595,9 +695,9 @@ async fn send_back(client: &Client, held: &Held, delay: Duration) -> Result<(), 
     }
     retry_transient(|| send.clone().send())
         .await
-        .map(|_| ())
+        .map(|out| out.message_id.unwrap_or_default())
         .map_err(|detail| QueueError::Service {
-            action: "returning a held message to",
+            action: "sending a copy of a message back to",
             target: held.queue_url.clone(),
             detail,
         })
@@ -661,12 +761,7 @@ async fn take_custody_where_due(shared: &Shared, now: Instant) {
         .iter()
         .filter(|(_, l)| !l.in_custody && now >= l.received_at + shared.max_hold - shared.lead())
         .map(|(id, l)| {
-            let held = Held {
-                message_id: l.message_id.clone(),
-                queue_url: shared.queues[l.queue].url.clone(),
-                body: l.body.clone(),
-                group: l.group.clone(),
-            };
+            let held = l.held(&shared.queues[l.queue].url, l.failures);
             (id.clone(), l.receipt.clone(), l.queue, held)
         })
         .collect();
@@ -742,7 +837,11 @@ impl JobSource for SqsQueue {
         let result = self.shared.deletes[msg.queue]
             .submit(self.current_receipt(msg))
             .await;
-        self.forget_lease(&msg.id);
+        // Until the delete works the lease stays and is renewed: the message
+        // stays hidden while the caller retries.
+        if result.is_ok() {
+            self.forget_lease(&msg.id);
+        }
         result.map_err(|detail| QueueError::Service {
             action: "deleting a message from",
             target: q.url.clone(),
@@ -754,23 +853,43 @@ impl JobSource for SqsQueue {
         &self,
         msg: &Message,
         delay: Duration,
-        _failed: bool,
+        failed: bool,
     ) -> Result<(), QueueError> {
         let q = &self.shared.queues[msg.queue];
-        let custody = self
-            .leases()
-            .get(&msg.id)
-            .filter(|l| l.in_custody)
-            .map(|l| Held {
-                message_id: l.message_id.clone(),
-                queue_url: q.url.clone(),
-                body: l.body.clone(),
-                group: l.group.clone(),
-            });
-        if let Some(copy) = custody {
-            self.return_held(&copy, delay).await?;
+        // Failures the job has had, this attempt's outcome included.
+        let failures = msg.attempt.saturating_sub(1) + u32::from(failed);
+        let lease = self.leases().get(&msg.id).map(|l| {
+            (
+                l.held(&q.url, failures),
+                l.in_custody,
+                l.copy_sent,
+                l.attributes.len() < MAX_ATTRIBUTES,
+            )
+        });
+        if let Some((copy, true, _, _)) = &lease {
+            self.return_held(copy, delay).await?;
             self.forget_lease(&msg.id);
             return Ok(());
+        }
+        // Not a failure, on a standard queue: a copy carrying the failure
+        // count replaces the message, so the release is not counted as an
+        // attempt. FIFO queues would put the copy behind the rest of its
+        // group, so there (and for messages recovered after a crash, whose
+        // body is not kept) the message itself is made visible again and
+        // SQS counts the receive.
+        if let Some((copy, false, copy_sent, fits)) = lease {
+            if !failed && !q.fifo && fits {
+                if !copy_sent {
+                    let new_id = send_back(&self.shared.client, &copy, delay).await?;
+                    tracing::debug!(message_id = %msg.id, copy = %new_id, "released as a new copy of the message");
+                    if let Some(l) = self.leases().get_mut(&msg.id) {
+                        l.copy_sent = true;
+                    }
+                }
+                // Sent first, deleted second: a crash in between leaves the
+                // job queued twice (at least once), never not at all.
+                return self.delete(msg).await;
+            }
         }
         // The new visibility counts from now but SQS still ends it 12 hours
         // after the receipt; a longer backoff is shortened to fit.
@@ -787,7 +906,9 @@ impl JobSource for SqsQueue {
         let result = self.shared.visibility[msg.queue]
             .submit((self.current_receipt(msg), secs))
             .await;
-        self.forget_lease(&msg.id);
+        if result.is_ok() {
+            self.forget_lease(&msg.id);
+        }
         result.map_err(|detail| QueueError::Service {
             action: "releasing a message to",
             target: q.url.clone(),
@@ -908,8 +1029,84 @@ mod tests {
             message_id: "m".into(),
             body: String::new(),
             group: None,
+            failures: 0,
+            attributes: Vec::new(),
             in_custody: false,
+            copy_sent: false,
         }
+    }
+
+    fn string_attr(value: &str, data_type: &str) -> MessageAttributeValue {
+        MessageAttributeValue::builder()
+            .data_type(data_type)
+            .string_value(value)
+            .build()
+            .expect("attribute")
+    }
+
+    #[test]
+    fn the_failure_count_is_read_apart_from_the_producers_attributes_and_sent_back_with_them() {
+        let mut attrs = HashMap::new();
+        attrs.insert(ATTR_FAILURES.to_string(), string_attr("3", "Number"));
+        attrs.insert("trace".to_string(), string_attr("t-1", "String"));
+        attrs.insert(
+            "blob".to_string(),
+            MessageAttributeValue::builder()
+                .data_type("Binary")
+                .binary_value(aws_smithy_types::Blob::new(vec![0u8, 255, 7]))
+                .build()
+                .expect("attribute"),
+        );
+        let (failures, kept) = split_attributes(attrs);
+        assert_eq!(failures, 3);
+        let names: Vec<&str> = kept.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["blob", "trace"]);
+
+        let held = Held {
+            message_id: "m".into(),
+            queue_url: "q".into(),
+            body: "b".into(),
+            group: None,
+            failures: 4,
+            attributes: kept,
+        };
+        let sent: HashMap<String, MessageAttributeValue> =
+            copy_attributes(&held).expect("fits").into_iter().collect();
+        assert_eq!(sent[ATTR_FAILURES].string_value(), Some("4"));
+        assert_eq!(sent[ATTR_FAILURES].data_type(), "Number");
+        assert_eq!(sent["trace"].string_value(), Some("t-1"));
+        assert_eq!(
+            sent["blob"].binary_value().map(|b| b.as_ref().to_vec()),
+            Some(vec![0u8, 255, 7])
+        );
+    }
+
+    #[test]
+    fn an_unreadable_failure_count_counts_as_none() {
+        let mut attrs = HashMap::new();
+        attrs.insert(ATTR_FAILURES.to_string(), string_attr("-2", "Number"));
+        assert_eq!(split_attributes(attrs).0, 0);
+    }
+
+    #[test]
+    fn a_message_with_ten_attributes_has_no_room_for_the_failure_count() {
+        let attributes = (0..MAX_ATTRIBUTES)
+            .map(|i| Attribute {
+                name: format!("a{i}"),
+                data_type: "String".into(),
+                string_value: Some("v".into()),
+                binary_base64: None,
+            })
+            .collect();
+        let held = Held {
+            message_id: "m".into(),
+            queue_url: "q".into(),
+            body: "b".into(),
+            group: None,
+            failures: 1,
+            attributes,
+        };
+        assert!(copy_attributes(&held).is_none());
     }
 
     #[test]
