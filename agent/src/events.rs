@@ -1,7 +1,7 @@
 //! Job events: the schema every consumer relies on (one JSON object per
 //! event, see the README's "Job events") and the sinks that publish them.
 //! The local sink appends one line per event to `events.jsonl`; the SQS
-//! sink sends one message per event.
+//! sink sends one message per event, several per `SendMessageBatch` call.
 //!
 //! A sink must not drop an event silently: `publish` either hands the event
 //! off durably or returns an error, and the supervisor does not finish a
@@ -12,7 +12,10 @@ use std::fs::{File, OpenOptions};
 use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use crate::queue::batch::Batcher;
 
 use serde::{Deserialize, Serialize};
 
@@ -118,9 +121,17 @@ pub enum EventError {
     Sqs { url: String, detail: String },
 }
 
+/// How many events may be on their way at once (one per job being worked
+/// on); a batching sink sends as soon as that many are waiting.
+pub type Publishers = Arc<dyn Fn() -> usize + Send + Sync>;
+
 /// Where job events go.
 pub trait EventSink: Send + Sync + 'static {
     fn publish(&self, event: &JobEvent) -> impl Future<Output = Result<(), EventError>> + Send;
+
+    /// Tells a batching sink how to count who may publish (see
+    /// `Publishers`). Sinks that do not batch ignore it.
+    fn count_publishers(&self, _publishers: Publishers) {}
 }
 
 /// No sink configured: events only appear in the agent's own log.
@@ -131,21 +142,104 @@ impl<E: EventSink> EventSink for Option<E> {
             None => Ok(()),
         }
     }
+
+    fn count_publishers(&self, publishers: Publishers) {
+        if let Some(sink) = self {
+            sink.count_publishers(publishers);
+        }
+    }
 }
 
 /// Sends each event as one message to an SQS queue (`queue.events_url`).
-/// On a FIFO queue the events of one job keep their order (group = job id)
-/// and a re-sent event (after a crash) is deduplicated by SQS.
+/// Events published at about the same time share a `SendMessageBatch`
+/// call; each publisher still learns whether its own event was taken. On a
+/// FIFO queue the events of one job keep their order (group = job id) and a
+/// re-sent event (after a crash) is deduplicated by SQS.
 pub struct SqsEvents {
-    client: aws_sdk_sqs::Client,
     url: String,
     fifo: bool,
+    batcher: Batcher<Outgoing>,
+    publishers: Arc<OnceLock<Publishers>>,
 }
+
+/// One event on its way.
+struct Outgoing {
+    body: String,
+    group: Option<String>,
+    dedup: Option<String>,
+}
+
+/// Longest an event waits for others to share its call.
+const EVENT_LINGER: Duration = Duration::from_millis(50);
 
 impl SqsEvents {
     pub fn new(client: aws_sdk_sqs::Client, url: String) -> SqsEvents {
         let fifo = url.ends_with(".fifo");
-        SqsEvents { client, url, fifo }
+        let publishers: Arc<OnceLock<Publishers>> = Arc::default();
+        let counted = publishers.clone();
+        // Everyone who could publish has: nothing else can join the batch.
+        let complete = move |waiting: usize| match counted.get() {
+            Some(count) => waiting >= count().max(1),
+            None => false,
+        };
+        let target = url.clone();
+        let batcher = Batcher::spawn_until(EVENT_LINGER, complete, move |events: Vec<Outgoing>| {
+            send_batch(client.clone(), target.clone(), events)
+        });
+        SqsEvents {
+            url,
+            fifo,
+            batcher,
+            publishers,
+        }
+    }
+}
+
+async fn send_batch(
+    client: aws_sdk_sqs::Client,
+    url: String,
+    events: Vec<Outgoing>,
+) -> Vec<Result<(), String>> {
+    use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
+    let mut entries = Vec::with_capacity(events.len());
+    for (i, ev) in events.iter().enumerate() {
+        let entry = SendMessageBatchRequestEntry::builder()
+            .id(i.to_string())
+            .message_body(&ev.body)
+            .set_message_group_id(ev.group.clone())
+            .set_message_deduplication_id(ev.dedup.clone())
+            .build();
+        match entry {
+            Ok(e) => entries.push(e),
+            Err(e) => return vec![Err(e.to_string()); events.len()],
+        }
+    }
+    let sent = client
+        .send_message_batch()
+        .queue_url(&url)
+        .set_entries(Some(entries))
+        .send()
+        .await;
+    match sent {
+        Ok(out) => {
+            let mut results = vec![Ok(()); events.len()];
+            for failed in out.failed() {
+                if let Some(r) = failed
+                    .id()
+                    .parse::<usize>()
+                    .ok()
+                    .and_then(|i| results.get_mut(i))
+                {
+                    *r = Err(format!(
+                        "{}: {}",
+                        failed.code(),
+                        failed.message().unwrap_or("")
+                    ));
+                }
+            }
+            results
+        }
+        Err(e) => vec![Err(crate::aws_errors::describe(&e)); events.len()],
     }
 }
 
@@ -166,26 +260,27 @@ impl EventSink for SqsEvents {
             url: self.url.clone(),
             detail: e.to_string(),
         })?;
-        let mut send = self
-            .client
-            .send_message()
-            .queue_url(&self.url)
-            .message_body(body);
-        if self.fifo {
+        let (group, dedup) = if self.fifo {
             let group = event.job_id.as_deref().unwrap_or(&event.message_id);
             let attempt = event.attempt.to_string();
-            send = send
-                .message_group_id(sqs_id(&[group]))
-                .message_deduplication_id(sqs_id(&[
-                    &event.message_id,
-                    event.kind.as_str(),
-                    &attempt,
-                ]));
-        }
-        send.send().await.map(|_| ()).map_err(|e| EventError::Sqs {
-            url: self.url.clone(),
-            detail: crate::aws_errors::describe(&e),
-        })
+            (
+                Some(sqs_id(&[group])),
+                Some(sqs_id(&[&event.message_id, event.kind.as_str(), &attempt])),
+            )
+        } else {
+            (None, None)
+        };
+        self.batcher
+            .submit(Outgoing { body, group, dedup })
+            .await
+            .map_err(|detail| EventError::Sqs {
+                url: self.url.clone(),
+                detail,
+            })
+    }
+
+    fn count_publishers(&self, publishers: Publishers) {
+        let _ = self.publishers.set(publishers);
     }
 }
 

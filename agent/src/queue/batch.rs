@@ -4,7 +4,8 @@
 //! gets its own entry's result, so batching never hides a failure.
 //!
 //! The linger trades a few milliseconds of latency for fewer API calls (and
-//! a lower SQS bill); it is bounded, and a full batch goes out at once.
+//! a lower SQS bill); it is bounded, and a full batch goes out at once, as
+//! does one that `complete` says nothing more can join.
 
 use std::future::Future;
 use std::time::Duration;
@@ -39,12 +40,24 @@ impl<T: Send + 'static> Batcher<T> {
         F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<Result<(), String>>> + Send,
     {
+        Batcher::spawn_until(linger, |_| false, flush)
+    }
+
+    /// Like `spawn`, but a batch goes out before the linger ends once
+    /// `complete(entries)` says no other entry can join it (every message
+    /// that could be deleted is in it, say).
+    pub fn spawn_until<C, F, Fut>(linger: Duration, complete: C, flush: F) -> Batcher<T>
+    where
+        C: Fn(usize) -> bool + Send + 'static,
+        F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<Result<(), String>>> + Send,
+    {
         let (tx, mut rx) = mpsc::channel::<(T, Reply)>(QUEUE_DEPTH);
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
                 let mut batch = vec![first];
                 let deadline = tokio::time::Instant::now() + linger;
-                while batch.len() < MAX_BATCH_ENTRIES {
+                while batch.len() < MAX_BATCH_ENTRIES && !complete(batch.len()) {
                     tokio::select! {
                         next = rx.recv() => match next {
                             Some(item) => batch.push(item),
@@ -121,6 +134,36 @@ mod tests {
             calls.len(),
             2,
             "15 entries at once take two calls: {calls:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_nothing_more_can_join_goes_out_before_the_linger_ends() {
+        let calls = Arc::new(Mutex::new(Vec::<usize>::new()));
+        let seen = calls.clone();
+        // Three entries are all there can be.
+        let batcher = Arc::new(Batcher::spawn_until(
+            Duration::from_secs(3600),
+            |n| n >= 3,
+            move |items: Vec<u32>| {
+                seen.lock().expect("lock").push(items.len());
+                let results = vec![Ok(()); items.len()];
+                async move { results }
+            },
+        ));
+        let began = tokio::time::Instant::now();
+        let mut tasks = Vec::new();
+        for i in 0..3u32 {
+            let b = batcher.clone();
+            tasks.push(tokio::spawn(async move { b.submit(i).await }));
+        }
+        for t in tasks {
+            t.await.expect("task").expect("entry");
+        }
+        assert_eq!(*calls.lock().expect("lock"), vec![3]);
+        assert!(
+            began.elapsed() < Duration::from_secs(3600),
+            "flushed without waiting out the linger"
         );
     }
 }

@@ -33,8 +33,11 @@ const PRIORITY_POLL_S: i32 = 1;
 /// How long the supervisor lets slots free up before asking a busy queue
 /// for more work (see `JobSource::receive_gather`).
 const RECEIVE_GATHER: Duration = Duration::from_millis(50);
-/// How long deletes and visibility changes wait to share a batch call.
+/// How long visibility changes wait to share a batch call.
 const BATCH_LINGER: Duration = Duration::from_millis(50);
+/// How long deletes wait to share a batch call (less when nothing else can
+/// join, see `delete_batcher`).
+const DELETE_LINGER: Duration = Duration::from_millis(250);
 /// How long before the 12-hour limit the agent takes custody of a message
 /// whose job still runs.
 const CUSTODY_LEAD: Duration = Duration::from_secs(600);
@@ -88,15 +91,30 @@ struct Lease {
     message_id: String,
     body: String,
     group: Option<String>,
-    /// Failed attempts counted before this copy was sent.
-    failures: u32,
     /// The producer's message attributes, kept for copies sent back.
     attributes: Vec<Attribute>,
-    /// Deleted from SQS and held in the custody store instead.
-    in_custody: bool,
+    /// The attempt this receive is (see `Message::attempt`).
+    attempt: u32,
+    /// Whether the message is still in SQS or in the custody store.
+    custody: Custody,
     /// A copy was sent for a release; only the original's delete is left.
     copy_sent: bool,
 }
+
+/// Where a held message lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Custody {
+    /// In SQS, kept hidden by heartbeats.
+    No,
+    /// Being copied to the custody store and deleted from SQS; deletes and
+    /// releases wait until that has settled either way.
+    Taking,
+    /// Deleted from SQS; the custody store has the only copy.
+    Yes,
+}
+
+/// How often a delete or release looks whether custody has settled.
+const CUSTODY_SETTLE_POLL: Duration = Duration::from_millis(20);
 
 impl Lease {
     fn held(&self, queue_url: &str, failures: u32) -> Held {
@@ -111,13 +129,19 @@ impl Lease {
     }
 }
 
+type Leases = Arc<Mutex<HashMap<String, Lease>>>;
+
+fn lock(leases: &Leases) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
+    leases.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// What the source and its heartbeat task share.
 struct Shared {
     client: Client,
     queues: Vec<QueueInfo>,
     deletes: Vec<Batcher<String>>,
     visibility: Vec<Batcher<(String, i32)>>,
-    leases: Mutex<HashMap<String, Lease>>,
+    leases: Leases,
     custody: CustodyStore,
     /// How long SQS may hide a message after its receipt (12 hours).
     max_hold: Duration,
@@ -125,7 +149,7 @@ struct Shared {
 
 impl Shared {
     fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
-        self.leases.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.leases)
     }
 
     /// Time kept back from `max_hold`: custody is taken this long before
@@ -224,9 +248,11 @@ impl SqsQueue {
                 dead_letter_url,
             });
         }
+        let leases = Leases::default();
         let deletes = queues
             .iter()
-            .map(|q| delete_batcher(client.clone(), q.url.clone()))
+            .enumerate()
+            .map(|(index, q)| delete_batcher(client.clone(), q.url.clone(), index, leases.clone()))
             .collect();
         let visibility = queues
             .iter()
@@ -237,7 +263,7 @@ impl SqsQueue {
             queues,
             deletes,
             visibility,
-            leases: Mutex::new(HashMap::new()),
+            leases,
             custody,
             max_hold,
         });
@@ -253,9 +279,16 @@ impl SqsQueue {
         self.shared.leases()
     }
 
-    /// Whether the message is in the agent's custody (no longer in SQS).
-    fn in_custody(&self, message_id: &str) -> bool {
-        self.leases().get(message_id).is_some_and(|l| l.in_custody)
+    /// Whether the message is in the agent's custody (no longer in SQS),
+    /// once any custody being taken right now has settled.
+    async fn in_custody(&self, message_id: &str) -> bool {
+        loop {
+            let state = self.leases().get(message_id).map(|l| l.custody);
+            match state {
+                Some(Custody::Taking) => tokio::time::sleep(CUSTODY_SETTLE_POLL).await,
+                state => return state == Some(Custody::Yes),
+            }
+        }
     }
 
     /// The newest receipt of a message (it changes if SQS hands the message
@@ -343,9 +376,9 @@ impl SqsQueue {
                     message_id: id.clone(),
                     body: body.clone(),
                     group: group.clone(),
-                    failures,
                     attributes,
-                    in_custody: false,
+                    attempt: failures.saturating_add(receive_count),
+                    custody: Custody::No,
                     copy_sent: false,
                 },
             );
@@ -511,8 +544,18 @@ async fn redrive_target(
     out.queue_url.ok_or_else(missing)
 }
 
-fn delete_batcher(client: Client, url: String) -> Batcher<String> {
-    Batcher::spawn(BATCH_LINGER, move |receipts: Vec<String>| {
+/// Deletes wait up to `DELETE_LINGER` for company, but go out as soon as
+/// every message held from the queue is in the batch: nothing else could
+/// join it, so jobs that ended together are deleted in one call at once.
+fn delete_batcher(client: Client, url: String, queue: usize, leases: Leases) -> Batcher<String> {
+    let complete = move |entries: usize| {
+        let held = lock(&leases)
+            .values()
+            .filter(|l| l.queue == queue && l.custody != Custody::Yes)
+            .count();
+        entries >= held
+    };
+    Batcher::spawn_until(DELETE_LINGER, complete, move |receipts: Vec<String>| {
         let client = client.clone();
         let url = url.clone();
         async move {
@@ -651,7 +694,10 @@ fn renewal(
     }
     let limit = lease.received_at + max_hold - lead / 2;
     let until = (now + vis.max(tick * 4)).min(limit);
-    let secs = until.saturating_duration_since(now).as_secs() as i32;
+    // SQS takes whole seconds: the lease ends where the seconds sent say.
+    let secs = until.saturating_duration_since(now).as_secs();
+    let until = now + Duration::from_secs(secs);
+    let secs = secs as i32;
     Some((secs, until))
 }
 
@@ -715,15 +761,18 @@ async fn heartbeat(shared: Arc<Shared>) {
     // Renewals are due at half the lease; ticking at a quarter of it
     // catches each one in time without waking needlessly.
     let tick = (shortest / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
-    let (max_hold, lead) = (shared.max_hold, shared.lead());
+    // Custody must be taken while the lease can still be renewed: a few
+    // ticks at least before the last renewal (only short test limits need
+    // more than the usual lead).
+    let (max_hold, lead) = (shared.max_hold, shared.lead().max(tick * 4));
     loop {
         tokio::time::sleep(tick).await;
         let now = Instant::now();
-        take_custody_where_due(&shared, now).await;
+        take_custody_where_due(&shared, now, lead).await;
         let due: Vec<(String, String, usize, i32, Instant)> = shared
             .leases()
             .iter()
-            .filter(|(_, lease)| !lease.in_custody)
+            .filter(|(_, lease)| lease.custody == Custody::No)
             .filter_map(|(id, lease)| {
                 let vis = shared.queues[lease.queue].visibility;
                 let (secs, until) = renewal(lease, vis, tick, now, max_hold, lead)?;
@@ -754,27 +803,36 @@ async fn heartbeat(shared: Arc<Shared>) {
 }
 
 /// Takes custody (copy kept on disk, then deleted from SQS) of every
-/// message held for `max_hold - lead` whose job still runs.
-async fn take_custody_where_due(shared: &Shared, now: Instant) {
+/// message held for `max_hold - lead` whose job still runs. The copy counts
+/// the running attempt as failed: it is only ever sent from the store by
+/// itself after the agent died under the job (a release computes its own
+/// count), and such a job must not loop forever.
+async fn take_custody_where_due(shared: &Shared, now: Instant, lead: Duration) {
     let due: Vec<(String, String, usize, Held)> = shared
         .leases()
-        .iter()
-        .filter(|(_, l)| !l.in_custody && now >= l.received_at + shared.max_hold - shared.lead())
+        .iter_mut()
+        .filter(|(_, l)| l.custody == Custody::No && now >= l.received_at + shared.max_hold - lead)
         .map(|(id, l)| {
-            let held = l.held(&shared.queues[l.queue].url, l.failures);
+            // From here until it settles, deletes and releases wait.
+            l.custody = Custody::Taking;
+            let held = l.held(&shared.queues[l.queue].url, l.attempt);
             (id.clone(), l.receipt.clone(), l.queue, held)
         })
         .collect();
     for (id, receipt, queue, held) in due {
+        let settle = |state: Custody| {
+            if let Some(l) = shared.leases().get_mut(&id) {
+                l.custody = state;
+            }
+        };
         if let Err(e) = shared.custody.keep(&held) {
+            settle(Custody::No);
             tracing::error!(message_id = %held.message_id, error = %e, "cannot keep a copy of a message nearing SQS's 12-hour limit; it will become visible again");
             continue;
         }
         match shared.deletes[queue].submit(receipt).await {
             Ok(()) => {
-                if let Some(l) = shared.leases().get_mut(&id) {
-                    l.in_custody = true;
-                }
+                settle(Custody::Yes);
                 tracing::warn!(
                     message_id = %held.message_id,
                     "a job has held its message nearly as long as SQS allows (12 hours): the agent took custody of it \
@@ -783,6 +841,7 @@ async fn take_custody_where_due(shared: &Shared, now: Instant) {
             }
             Err(e) => {
                 let _ = shared.custody.release(&held.message_id);
+                settle(Custody::No);
                 tracing::warn!(message_id = %held.message_id, error = %e, "cannot take custody of a message yet; will retry");
             }
         }
@@ -821,18 +880,19 @@ impl JobSource for SqsQueue {
 
     async fn delete(&self, msg: &Message) -> Result<(), QueueError> {
         let q = &self.shared.queues[msg.queue];
-        if self.in_custody(&msg.id) {
-            // Already gone from SQS: dropping the copy finishes it.
-            self.forget_lease(&msg.id);
-            return self
-                .shared
+        if self.in_custody(&msg.id).await {
+            // Already gone from SQS: dropping the copy finishes it. The
+            // lease goes only once the copy has (a retry must find it).
+            self.shared
                 .custody
                 .release(&msg.id)
                 .map_err(|e| QueueError::Service {
                     action: "releasing custody of",
                     target: msg.id.clone(),
                     detail: e.to_string(),
-                });
+                })?;
+            self.forget_lease(&msg.id);
+            return Ok(());
         }
         let result = self.shared.deletes[msg.queue]
             .submit(self.current_receipt(msg))
@@ -858,10 +918,11 @@ impl JobSource for SqsQueue {
         let q = &self.shared.queues[msg.queue];
         // Failures the job has had, this attempt's outcome included.
         let failures = msg.attempt.saturating_sub(1) + u32::from(failed);
+        let in_custody = self.in_custody(&msg.id).await;
         let lease = self.leases().get(&msg.id).map(|l| {
             (
                 l.held(&q.url, failures),
-                l.in_custody,
+                in_custody,
                 l.copy_sent,
                 l.attributes.len() < MAX_ATTRIBUTES,
             )
@@ -1029,9 +1090,9 @@ mod tests {
             message_id: "m".into(),
             body: String::new(),
             group: None,
-            failures: 0,
             attributes: Vec::new(),
-            in_custody: false,
+            attempt: 1,
+            custody: Custody::No,
             copy_sent: false,
         }
     }

@@ -339,10 +339,8 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             Err(e) => return Ending::AgentFault(e.to_string()),
         };
         self.board.set_pid(&msg.id, proc.pid());
-        let mut started = started_event.clone();
-        started.at = crate::events::rfc3339_now();
-        self.publish(&started).await;
-
+        // Output is taken from the first moment, so the job never blocks on
+        // a full pipe while its start is being published.
         let mut capture = tokio::spawn(output::capture(
             proc.stdout.take(),
             proc.stderr.take(),
@@ -350,6 +348,9 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             log_path.clone(),
             self.settings.log_max_bytes,
         ));
+        let mut started = started_event.clone();
+        started.at = crate::events::rfc3339_now();
+        self.publish(&started).await;
         let watched = self.watch(&mut proc, timeout, job.interrupt).await;
         // The job is over: whatever it left running in its group goes too.
         proc.signal_group(Signal::SIGKILL);

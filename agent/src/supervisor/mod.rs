@@ -14,8 +14,9 @@ pub mod status;
 pub mod verdict;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
@@ -31,6 +32,10 @@ use verdict::Backoff;
 
 /// SQS's limit on messages per receive; the directory source honours it too.
 pub const MAX_RECEIVE_BATCH: usize = 10;
+/// Longest that free slots wait for others before a busy queue is asked
+/// (see `Supervisor::gather_window`): a bound on the idle time spent to
+/// save API calls, small beside any job that is not trivial.
+const MAX_GATHER: Duration = Duration::from_millis(250);
 
 /// Past the drain deadline, how long the supervisor still waits for
 /// attempts that did not end by themselves before it returns anyway.
@@ -166,6 +171,9 @@ pub struct Supervisor<S, E> {
     drain: Drain,
     board: Arc<StatusBoard>,
     transfers: Option<crate::transfer::Transfers>,
+    /// How long a slot typically stays busy with one message (a moving
+    /// average, in microseconds; 0 until the first one ends).
+    typical_busy_us: AtomicU64,
 }
 
 impl<S: JobSource, E: EventSink> Supervisor<S, E> {
@@ -186,6 +194,8 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         drain: Drain,
         board: Arc<StatusBoard>,
     ) -> Supervisor<S, E> {
+        let busy = board.clone();
+        events.count_publishers(Arc::new(move || busy.busy()));
         Supervisor {
             source,
             events,
@@ -196,7 +206,35 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             drain,
             board,
             transfers: None,
+            typical_busy_us: AtomicU64::new(0),
         }
+    }
+
+    /// Remembers how long a slot was busy with one message.
+    fn note_busy(&self, busy: Duration) {
+        let now = busy.as_micros().min(u128::from(u64::MAX)) as u64;
+        let old = self.typical_busy_us.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            now
+        } else {
+            old - old / 8 + now / 8
+        };
+        self.typical_busy_us.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// How long free slots wait for more to free up before a busy queue is
+    /// asked for work: the source's minimum, stretched towards how long a
+    /// slot is typically busy (up to `MAX_GATHER`). Slots that started
+    /// together then free up together and share one receive, and messages
+    /// received together are deleted together; a batch split in two keeps
+    /// its halves apart only while they are further apart than this.
+    fn gather_window(&self) -> Duration {
+        let base = self.source.receive_gather();
+        if base.is_zero() {
+            return base;
+        }
+        let typical = Duration::from_micros(self.typical_busy_us.load(Ordering::Relaxed));
+        typical.clamp(base, MAX_GATHER.max(base))
     }
 
     pub fn board(&self) -> &Arc<StatusBoard> {
@@ -299,7 +337,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         let mut drain_rx = self.drain.subscribe();
         let mut receive_failures: u32 = 0;
         let mut queue_busy = false;
-        loop {
+        'intake: loop {
             let first = tokio::select! {
                 biased;
                 _ = drain::requested(&mut drain_rx) => break,
@@ -320,7 +358,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             // slots free up turn many one-message receives into one batch
             // (fewer API calls). An idle queue is asked at once.
             if queue_busy && free.len() < batch {
-                let until = tokio::time::Instant::now() + self.source.receive_gather();
+                let until = tokio::time::Instant::now() + self.gather_window();
                 while free.len() < batch {
                     tokio::select! {
                         slot = slots.acquire() => match slot {
@@ -328,6 +366,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                             None => break,
                         },
                         _ = tokio::time::sleep_until(until) => break,
+                        _ = drain::requested(&mut drain_rx) => break 'intake,
                     }
                 }
             }
@@ -449,7 +488,10 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         let mut members = chain.into_iter().zip(slots);
         while let Some((msg, slot)) = members.next() {
             let group = msg.group.clone();
-            if self.clone().handle_message(msg, &slot).await {
+            let began = Instant::now();
+            let done = self.clone().handle_message(msg, &slot).await;
+            self.note_busy(began.elapsed());
+            if done {
                 continue;
             }
             for (rest, rest_slot) in members.by_ref() {

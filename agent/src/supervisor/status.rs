@@ -128,6 +128,11 @@ impl StatusBoard {
         self.lock().remove(message_id);
     }
 
+    /// How many messages are being worked on right now.
+    pub fn busy(&self) -> usize {
+        self.lock().len()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Running>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -9,6 +9,9 @@
 //! connections carry many requests. A request it cannot frame (chunked
 //! body, `Expect: 100-continue`) switches its connection to plain
 //! forwarding and is counted as unparsed: the proxy never holds traffic up.
+//! It also counts the messages each call carries: the entries of a batch
+//! request, and the messages in each `ReceiveMessage` answer (read from the
+//! answers coming back, which arrive in the order of the requests).
 //!
 //! `down()` stops listening (new connections are refused) and cuts every
 //! open connection; `up()` listens on the same port again.
@@ -17,6 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -33,6 +37,13 @@ pub const NO_QUEUE: &str = "-";
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CallCounts {
     pub by_queue: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Messages carried per queue and action: entries of batch requests,
+    /// messages in `ReceiveMessage` answers.
+    pub carried: BTreeMap<String, BTreeMap<String, u64>>,
+    /// `ReceiveMessage` answers without a message, per queue.
+    pub empty_receives: BTreeMap<String, u64>,
+    /// `ReceiveMessage` answers with at least one message, per queue.
+    pub fruitful_receives: BTreeMap<String, u64>,
     /// Requests on connections the proxy could not frame (not counted above).
     pub unparsed: u64,
 }
@@ -46,6 +57,25 @@ impl CallCounts {
     /// All calls on one queue.
     pub fn total_on(&self, name: &str) -> u64 {
         self.on_queue(name).values().sum()
+    }
+
+    /// Messages carried by one action's calls on one queue.
+    pub fn carried_by(&self, name: &str, action: &str) -> u64 {
+        self.carried
+            .get(name)
+            .and_then(|a| a.get(action))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// `ReceiveMessage` calls on one queue that brought no message.
+    pub fn empty_receives_on(&self, name: &str) -> u64 {
+        self.empty_receives.get(name).copied().unwrap_or(0)
+    }
+
+    /// `ReceiveMessage` calls on one queue that brought messages.
+    pub fn fruitful_receives_on(&self, name: &str) -> u64 {
+        self.fruitful_receives.get(name).copied().unwrap_or(0)
     }
 }
 
@@ -71,13 +101,31 @@ impl Shared {
         }
     }
 
-    fn count(&self, queue: String, action: String) {
+    fn count(&self, queue: &str, action: &str) {
         *lock(&self.counts)
             .by_queue
-            .entry(queue)
+            .entry(queue.to_string())
             .or_default()
-            .entry(action)
+            .entry(action.to_string())
             .or_default() += 1;
+    }
+
+    fn carried(&self, queue: &str, action: &str, messages: u64) {
+        let mut counts = lock(&self.counts);
+        *counts
+            .carried
+            .entry(queue.to_string())
+            .or_default()
+            .entry(action.to_string())
+            .or_default() += messages;
+        if action == "ReceiveMessage" {
+            let tally = if messages == 0 {
+                &mut counts.empty_receives
+            } else {
+                &mut counts.fruitful_receives
+            };
+            *tally.entry(queue.to_string()).or_default() += 1;
+        }
     }
 }
 
@@ -224,12 +272,14 @@ fn serve_connection(shared: &Arc<Shared>, client: TcpStream, upstream: SocketAdd
     let (Ok(mut client_out), Ok(mut server_in)) = (client.try_clone(), server.try_clone()) else {
         return;
     };
+    let (asked, answered) = mpsc::channel();
+    let answers = shared.clone();
     let back = std::thread::spawn(move || {
-        let _ = std::io::copy(&mut server_in, &mut client_out);
+        let _ = forward_answers(&answers, &answered, &mut server_in, &mut client_out);
         let _ = client_out.shutdown(Shutdown::Both);
     });
     let mut server_out = server;
-    let _ = forward_requests(shared, &mut &client, &mut server_out);
+    let _ = forward_requests(shared, &asked, &mut &client, &mut server_out);
     let _ = server_out.shutdown(Shutdown::Both);
     let _ = client.shutdown(Shutdown::Both);
     let _ = back.join();
@@ -293,9 +343,17 @@ fn queue_of(body: &[u8]) -> String {
     json["QueueName"].as_str().unwrap_or(NO_QUEUE).to_string()
 }
 
-/// Copies requests from `from` to `to`, counting each complete one.
+/// The entries of a batch request (`Entries`), if it is one.
+fn batch_entries(body: &[u8]) -> Option<u64> {
+    let json = serde_json::from_slice::<serde_json::Value>(body).ok()?;
+    json["Entries"].as_array().map(|e| e.len() as u64)
+}
+
+/// Copies requests from `from` to `to`, counting each complete one and
+/// telling the answer side which (queue, action) each was.
 fn forward_requests(
     shared: &Shared,
+    asked: &mpsc::Sender<(String, String)>,
     from: &mut impl Read,
     to: &mut impl Write,
 ) -> std::io::Result<()> {
@@ -315,7 +373,61 @@ fn forward_requests(
                 break;
             }
             let action = head.action.unwrap_or_else(|| "(not SQS)".to_string());
-            shared.count(queue_of(&buf[head.len..total]), action);
+            let body = &buf[head.len..total];
+            let queue = queue_of(body);
+            shared.count(&queue, &action);
+            if let Some(entries) = batch_entries(body) {
+                shared.carried(&queue, &action, entries);
+            }
+            let _ = asked.send((queue, action));
+            to.write_all(&buf[..total])?;
+            buf.drain(..total);
+        }
+        if !framing && !buf.is_empty() {
+            to.write_all(&buf)?;
+            buf.clear();
+        }
+        let n = from.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Copies answers from `from` to `to`; counts the messages in each
+/// `ReceiveMessage` answer. An answer it cannot frame switches the
+/// connection to plain copying.
+fn forward_answers(
+    shared: &Shared,
+    answered: &mpsc::Receiver<(String, String)>,
+    from: &mut impl Read,
+    to: &mut impl Write,
+) -> std::io::Result<()> {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut framing = true;
+    loop {
+        while framing {
+            let Some(head) = parse_head(&buf) else { break };
+            if !head.framed {
+                framing = false;
+                break;
+            }
+            let total = head.len + head.content_length;
+            if buf.len() < total {
+                break;
+            }
+            if let Ok((queue, action)) = answered.try_recv() {
+                if action == "ReceiveMessage" {
+                    let messages =
+                        serde_json::from_slice::<serde_json::Value>(&buf[head.len..total])
+                            .ok()
+                            .and_then(|json| json["Messages"].as_array().map(|m| m.len() as u64))
+                            .unwrap_or(0);
+                    shared.carried(&queue, &action, messages);
+                }
+            }
             to.write_all(&buf[..total])?;
             buf.drain(..total);
         }
@@ -364,12 +476,42 @@ mod tests {
             request("GetQueueUrl", r#"{"QueueName":"dlq"}"#),
         ]
         .concat();
+        let (asked, answered) = mpsc::channel();
         let mut out = Vec::new();
-        forward_requests(&shared, &mut input.as_bytes(), &mut out).expect("forward");
+        forward_requests(&shared, &asked, &mut input.as_bytes(), &mut out).expect("forward");
         assert_eq!(out, input.as_bytes(), "bytes pass unchanged");
+
+        let answer = |body: &str| {
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.0\r\n\
+                 Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        let answers = [
+            answer(r#"{"Messages":[{"MessageId":"a"},{"MessageId":"b"}]}"#),
+            answer("{}"),
+            answer(r#"{"QueueUrl":"http://h:1/123456789012/dlq"}"#),
+        ]
+        .concat();
+        let mut back = Vec::new();
+        forward_answers(&shared, &answered, &mut answers.as_bytes(), &mut back).expect("answers");
+        assert_eq!(back, answers.as_bytes(), "answers pass unchanged");
+
         let counts = shared.counts.lock().expect("lock").clone();
         assert_eq!(counts.on_queue("jobs").get("ReceiveMessage"), Some(&2));
         assert_eq!(counts.on_queue("dlq").get("GetQueueUrl"), Some(&1));
+        assert_eq!(counts.carried_by("jobs", "ReceiveMessage"), 2);
+        assert_eq!(counts.empty_receives_on("jobs"), 1);
+        assert_eq!(counts.fruitful_receives_on("jobs"), 1);
         assert_eq!(counts.unparsed, 0);
+    }
+
+    #[test]
+    fn a_batch_request_counts_its_entries() {
+        let body =
+            r#"{"QueueUrl":"http://h:1/1/jobs","Entries":[{"Id":"0"},{"Id":"1"},{"Id":"2"}]}"#;
+        assert_eq!(batch_entries(body.as_bytes()), Some(3));
+        assert_eq!(batch_entries(br#"{"QueueUrl":"x"}"#), None);
     }
 }
