@@ -15,13 +15,14 @@
 //! Attempt numbers follow README "Attempts": the attempt is the failures
 //! carried by the message (`batchly-failures`) plus SQS's receive count; a
 //! release that is not a failure sends a copy that keeps the attempt, and a
-//! crash counts as a failure.
+//! crash counts as a failure. The receive count is the job's: a copy
+//! carries the receives before it (`batchly-receives`) on.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use batchly_agent::queue::custody::Held;
-use batchly_agent::queue::sqs::{SqsQueue, ATTR_FAILURES};
+use batchly_agent::queue::sqs::{SqsQueue, ATTR_FAILURES, ATTR_RECEIVES};
 use batchly_agent::queue::{JobSource, Message};
 use batchly_e2e::sqs::{Aws, JobQueue, Moto, QueueDepth, QueueOptions, LONG_WAIT};
 use batchly_e2e::{eventually, list_dir};
@@ -345,8 +346,8 @@ fn a_message_in_custody_released_comes_back_as_a_new_message_keeping_its_attempt
     assert_eq!(body_of(&back), BODY);
     assert_eq!(
         (back.attempt, back.receive_count),
-        (held.attempt, 1),
-        "the same attempt, on the copy's first receive: {back:?}"
+        (held.attempt, held.receive_count + 1),
+        "the same attempt, one more receive of the job: {back:?}"
     );
 
     // A failure released from custody counts one more attempt.
@@ -358,7 +359,7 @@ fn a_message_in_custody_released_comes_back_as_a_new_message_keeping_its_attempt
     assert_eq!(body_of(&again), BODY);
     assert_eq!(
         (again.attempt, again.receive_count),
-        (back.attempt + 1, 1),
+        (back.attempt + 1, back.receive_count + 1),
         "a failure counts: {again:?}"
     );
 
@@ -406,6 +407,12 @@ fn a_message_in_custody_when_the_agent_dies_is_sent_back_to_its_queue_at_the_nex
         held.attempt,
         back[0]
     );
+    assert_eq!(
+        back[0].attributes.get(ATTR_RECEIVES).map(String::as_str),
+        Some(held.receive_count.to_string().as_str()),
+        "the copy carries the job's receives on: {:?}",
+        back[0]
+    );
     assert_eq!(w.depth(), EMPTY);
 }
 
@@ -433,7 +440,7 @@ fn a_release_that_is_not_a_failure_keeps_the_attempt_and_a_failed_one_counts() {
     assert_eq!(body_of(&copy), BODY);
     assert_eq!(
         (copy.attempt, copy.receive_count),
-        (1, 1),
+        (1, 2),
         "an interruption is not an attempt: {copy:?}"
     );
 
@@ -452,7 +459,7 @@ fn a_release_that_is_not_a_failure_keeps_the_attempt_and_a_failed_one_counts() {
     assert_ne!(last.id, retry.id, "a copy is a new message");
     assert_eq!(
         (last.attempt, last.receive_count),
-        (retry.attempt, 1),
+        (retry.attempt, retry.receive_count + 1),
         "{last:?}"
     );
 

@@ -26,6 +26,9 @@ pub struct Held {
     /// sent back carries it on (with the outcome of the running attempt).
     #[serde(default)]
     pub failures: u32,
+    /// Receives of the job so far, carried on the same way.
+    #[serde(default)]
+    pub receives: u32,
     /// The producer's message attributes, sent back with the copy.
     #[serde(default)]
     pub attributes: Vec<Attribute>,
@@ -131,6 +134,7 @@ mod tests {
             body: "{\"v\":1}".into(),
             group: Some("g".into()),
             failures: 2,
+            receives: 3,
             attributes: vec![Attribute {
                 name: "trace".into(),
                 data_type: "String".into(),

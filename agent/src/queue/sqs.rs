@@ -52,6 +52,12 @@ pub const ATTR_SOURCE_MESSAGE: &str = "batchly-source-message-id";
 /// over with the copy, only grows with failures. Not signed: a producer
 /// that sets it only shortens its own job's retries.
 pub const ATTR_FAILURES: &str = "batchly-failures";
+/// Receives of the job before this copy of its message was sent, so that
+/// backoffs for agent-side trouble keep growing across copies (and log
+/// stream names stay unique).
+pub const ATTR_RECEIVES: &str = "batchly-receives";
+/// The attributes the agent adds to a copy.
+const OWN_ATTRIBUTES: usize = 2;
 /// SQS allows at most this many message attributes.
 const MAX_ATTRIBUTES: usize = 10;
 /// SQS delays a new message by at most 15 minutes.
@@ -95,6 +101,8 @@ struct Lease {
     attributes: Vec<Attribute>,
     /// The attempt this receive is (see `Message::attempt`).
     attempt: u32,
+    /// Receives of the job so far, this one included.
+    receives: u32,
     /// Whether the message is still in SQS or in the custody store.
     custody: Custody,
     /// A copy was sent for a release; only the original's delete is left.
@@ -118,12 +126,14 @@ const CUSTODY_SETTLE_POLL: Duration = Duration::from_millis(20);
 
 impl Lease {
     fn held(&self, queue_url: &str, failures: u32) -> Held {
+        let receives = self.receives;
         Held {
             message_id: self.message_id.clone(),
             queue_url: queue_url.to_string(),
             body: self.body.clone(),
             group: self.group.clone(),
             failures,
+            receives,
             attributes: self.attributes.clone(),
         }
     }
@@ -346,7 +356,7 @@ impl SqsQueue {
                 continue;
             };
             let attrs = m.attributes.unwrap_or_default();
-            let receive_count = attrs
+            let sqs_receives = attrs
                 .get(&MessageSystemAttributeName::ApproximateReceiveCount)
                 .and_then(|v| v.parse::<u32>().ok())
                 .unwrap_or(1)
@@ -355,7 +365,9 @@ impl SqsQueue {
                 .get(&MessageSystemAttributeName::MessageGroupId)
                 .cloned();
             let body = m.body.unwrap_or_default();
-            let (failures, attributes) = split_attributes(m.message_attributes.unwrap_or_default());
+            let carried = split_attributes(m.message_attributes.unwrap_or_default());
+            let (failures, attributes) = (carried.failures, carried.attributes);
+            let receive_count = carried.receives.saturating_add(sqs_receives);
             if let Some(running) = self.leases().get_mut(&id) {
                 // Already running here: its visibility lapsed (an outage
                 // longer than the visibility timeout) and SQS handed it out
@@ -377,7 +389,8 @@ impl SqsQueue {
                     body: body.clone(),
                     group: group.clone(),
                     attributes,
-                    attempt: failures.saturating_add(receive_count),
+                    attempt: failures.saturating_add(sqs_receives),
+                    receives: receive_count,
                     custody: Custody::No,
                     copy_sent: false,
                 },
@@ -385,7 +398,7 @@ impl SqsQueue {
             got.push(Message {
                 id,
                 body: body.into_bytes(),
-                attempt: failures.saturating_add(receive_count),
+                attempt: failures.saturating_add(sqs_receives),
                 receive_count,
                 receipt,
                 queue: index,
@@ -400,37 +413,50 @@ impl SqsQueue {
     }
 }
 
-/// The failure count a message carries, and the producer's attributes
-/// (everything else) to send back with a copy.
-fn split_attributes(attrs: HashMap<String, MessageAttributeValue>) -> (u32, Vec<Attribute>) {
-    let mut failures = 0;
-    let mut kept = Vec::new();
-    for (name, value) in attrs {
-        if name == ATTR_FAILURES {
-            failures = value
-                .string_value()
-                .and_then(|v| v.trim().parse::<u32>().ok())
-                .unwrap_or(0);
-            continue;
-        }
-        kept.push(Attribute {
-            name,
-            data_type: value.data_type().to_string(),
-            string_value: value.string_value().map(str::to_string),
-            binary_base64: value.binary_value().map(|b| {
-                use base64::Engine;
-                base64::engine::general_purpose::STANDARD.encode(b.as_ref())
-            }),
-        });
-    }
-    kept.sort_by(|a, b| a.name.cmp(&b.name));
-    (failures, kept)
+/// What a message carries in its attributes: the counts a copy took over
+/// from the message it replaced, and the producer's own attributes (sent
+/// on with any copy).
+struct Carried {
+    failures: u32,
+    receives: u32,
+    attributes: Vec<Attribute>,
 }
 
-/// The attributes of a copy sent back: the producer's and the failure
-/// count. None when they do not fit SQS's limit of ten.
+fn split_attributes(attrs: HashMap<String, MessageAttributeValue>) -> Carried {
+    let count = |value: &MessageAttributeValue| {
+        value
+            .string_value()
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    let mut carried = Carried {
+        failures: 0,
+        receives: 0,
+        attributes: Vec::new(),
+    };
+    for (name, value) in attrs {
+        match name.as_str() {
+            ATTR_FAILURES => carried.failures = count(&value),
+            ATTR_RECEIVES => carried.receives = count(&value),
+            _ => carried.attributes.push(Attribute {
+                name,
+                data_type: value.data_type().to_string(),
+                string_value: value.string_value().map(str::to_string),
+                binary_base64: value.binary_value().map(|b| {
+                    use base64::Engine;
+                    base64::engine::general_purpose::STANDARD.encode(b.as_ref())
+                }),
+            }),
+        }
+    }
+    carried.attributes.sort_by(|a, b| a.name.cmp(&b.name));
+    carried
+}
+
+/// The attributes of a copy sent back: the producer's and the agent's
+/// counts. None when they do not fit SQS's limit of ten.
 fn copy_attributes(held: &Held) -> Option<Vec<(String, MessageAttributeValue)>> {
-    if held.attributes.len() >= MAX_ATTRIBUTES {
+    if held.attributes.len() + OWN_ATTRIBUTES > MAX_ATTRIBUTES {
         return None;
     }
     let mut out = Vec::with_capacity(held.attributes.len() + 1);
@@ -446,12 +472,17 @@ fn copy_attributes(held: &Held) -> Option<Vec<(String, MessageAttributeValue)>> 
         }
         out.push((a.name.clone(), value.build().ok()?));
     }
-    let failures = MessageAttributeValue::builder()
-        .data_type("Number")
-        .string_value(held.failures.to_string())
-        .build()
-        .ok()?;
-    out.push((ATTR_FAILURES.to_string(), failures));
+    for (name, count) in [
+        (ATTR_FAILURES, held.failures),
+        (ATTR_RECEIVES, held.receives),
+    ] {
+        let value = MessageAttributeValue::builder()
+            .data_type("Number")
+            .string_value(count.to_string())
+            .build()
+            .ok()?;
+        out.push((name.to_string(), value));
+    }
     Some(out)
 }
 
@@ -924,7 +955,7 @@ impl JobSource for SqsQueue {
                 l.held(&q.url, failures),
                 in_custody,
                 l.copy_sent,
-                l.attributes.len() < MAX_ATTRIBUTES,
+                l.attributes.len() + OWN_ATTRIBUTES <= MAX_ATTRIBUTES,
             )
         });
         if let Some((copy, true, _, _)) = &lease {
@@ -1092,6 +1123,7 @@ mod tests {
             group: None,
             attributes: Vec::new(),
             attempt: 1,
+            receives: 1,
             custody: Custody::No,
             copy_sent: false,
         }
@@ -1118,8 +1150,10 @@ mod tests {
                 .build()
                 .expect("attribute"),
         );
-        let (failures, kept) = split_attributes(attrs);
-        assert_eq!(failures, 3);
+        attrs.insert(ATTR_RECEIVES.to_string(), string_attr("5", "Number"));
+        let carried = split_attributes(attrs);
+        assert_eq!((carried.failures, carried.receives), (3, 5));
+        let kept = carried.attributes;
         let names: Vec<&str> = kept.iter().map(|a| a.name.as_str()).collect();
         assert_eq!(names, ["blob", "trace"]);
 
@@ -1129,12 +1163,14 @@ mod tests {
             body: "b".into(),
             group: None,
             failures: 4,
+            receives: 6,
             attributes: kept,
         };
         let sent: HashMap<String, MessageAttributeValue> =
             copy_attributes(&held).expect("fits").into_iter().collect();
         assert_eq!(sent[ATTR_FAILURES].string_value(), Some("4"));
         assert_eq!(sent[ATTR_FAILURES].data_type(), "Number");
+        assert_eq!(sent[ATTR_RECEIVES].string_value(), Some("6"));
         assert_eq!(sent["trace"].string_value(), Some("t-1"));
         assert_eq!(
             sent["blob"].binary_value().map(|b| b.as_ref().to_vec()),
@@ -1146,12 +1182,12 @@ mod tests {
     fn an_unreadable_failure_count_counts_as_none() {
         let mut attrs = HashMap::new();
         attrs.insert(ATTR_FAILURES.to_string(), string_attr("-2", "Number"));
-        assert_eq!(split_attributes(attrs).0, 0);
+        assert_eq!(split_attributes(attrs).failures, 0);
     }
 
     #[test]
-    fn a_message_with_ten_attributes_has_no_room_for_the_failure_count() {
-        let attributes = (0..MAX_ATTRIBUTES)
+    fn a_message_with_nine_attributes_has_no_room_for_the_agents_counts() {
+        let attributes = (0..MAX_ATTRIBUTES - 1)
             .map(|i| Attribute {
                 name: format!("a{i}"),
                 data_type: "String".into(),
@@ -1165,6 +1201,7 @@ mod tests {
             body: "b".into(),
             group: None,
             failures: 1,
+            receives: 1,
             attributes,
         };
         assert!(copy_attributes(&held).is_none());
