@@ -349,13 +349,15 @@ fn batch_entries(body: &[u8]) -> Option<u64> {
     json["Entries"].as_array().map(|e| e.len() as u64)
 }
 
-/// Copies requests from `from` to `to`, counting each complete one and
-/// telling the answer side which (queue, action) each was.
-fn forward_requests(
-    shared: &Shared,
-    asked: &mpsc::Sender<(String, String)>,
+/// Copies HTTP/1.1 messages (requests or answers) from `from` to `to`
+/// unchanged, calling `seen` with the head and body of each one it can
+/// frame (`Content-Length`). The first it cannot frame switches the
+/// connection to plain copying, after `unframed` is called once.
+fn forward_framed(
     from: &mut impl Read,
     to: &mut impl Write,
+    mut seen: impl FnMut(Head, &[u8]),
+    mut unframed: impl FnMut(),
 ) -> std::io::Result<()> {
     let mut buf: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
@@ -364,7 +366,7 @@ fn forward_requests(
         while framing {
             let Some(head) = parse_head(&buf) else { break };
             if !head.framed {
-                lock(&shared.counts).unparsed += 1;
+                unframed();
                 framing = false;
                 break;
             }
@@ -372,14 +374,8 @@ fn forward_requests(
             if buf.len() < total {
                 break;
             }
-            let action = head.action.unwrap_or_else(|| "(not SQS)".to_string());
-            let body = &buf[head.len..total];
-            let queue = queue_of(body);
-            shared.count(&queue, &action);
-            if let Some(entries) = batch_entries(body) {
-                shared.carried(&queue, &action, entries);
-            }
-            let _ = asked.send((queue, action));
+            let body_at = head.len;
+            seen(head, &buf[body_at..total]);
             to.write_all(&buf[..total])?;
             buf.drain(..total);
         }
@@ -395,52 +391,48 @@ fn forward_requests(
     }
 }
 
+/// Copies requests from `from` to `to`, counting each complete one and
+/// telling the answer side which (queue, action) each was.
+fn forward_requests(
+    shared: &Shared,
+    asked: &mpsc::Sender<(String, String)>,
+    from: &mut impl Read,
+    to: &mut impl Write,
+) -> std::io::Result<()> {
+    let seen = |head: Head, body: &[u8]| {
+        let action = head.action.unwrap_or_else(|| "(not SQS)".to_string());
+        let queue = queue_of(body);
+        shared.count(&queue, &action);
+        if let Some(entries) = batch_entries(body) {
+            shared.carried(&queue, &action, entries);
+        }
+        let _ = asked.send((queue, action));
+    };
+    let unframed = || lock(&shared.counts).unparsed += 1;
+    forward_framed(from, to, seen, unframed)
+}
+
 /// Copies answers from `from` to `to`; counts the messages in each
-/// `ReceiveMessage` answer. An answer it cannot frame switches the
-/// connection to plain copying.
+/// `ReceiveMessage` answer (answers come in the order of the requests).
 fn forward_answers(
     shared: &Shared,
     answered: &mpsc::Receiver<(String, String)>,
     from: &mut impl Read,
     to: &mut impl Write,
 ) -> std::io::Result<()> {
-    let mut buf: Vec<u8> = Vec::new();
-    let mut chunk = vec![0u8; 64 * 1024];
-    let mut framing = true;
-    loop {
-        while framing {
-            let Some(head) = parse_head(&buf) else { break };
-            if !head.framed {
-                framing = false;
-                break;
-            }
-            let total = head.len + head.content_length;
-            if buf.len() < total {
-                break;
-            }
-            if let Ok((queue, action)) = answered.try_recv() {
-                if action == "ReceiveMessage" {
-                    let messages =
-                        serde_json::from_slice::<serde_json::Value>(&buf[head.len..total])
-                            .ok()
-                            .and_then(|json| json["Messages"].as_array().map(|m| m.len() as u64))
-                            .unwrap_or(0);
-                    shared.carried(&queue, &action, messages);
-                }
-            }
-            to.write_all(&buf[..total])?;
-            buf.drain(..total);
+    let seen = |_head: Head, body: &[u8]| {
+        let Ok((queue, action)) = answered.try_recv() else {
+            return;
+        };
+        if action == "ReceiveMessage" {
+            let messages = serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .and_then(|json| json["Messages"].as_array().map(|m| m.len() as u64))
+                .unwrap_or(0);
+            shared.carried(&queue, &action, messages);
         }
-        if !framing && !buf.is_empty() {
-            to.write_all(&buf)?;
-            buf.clear();
-        }
-        let n = from.read(&mut chunk)?;
-        if n == 0 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
+    };
+    forward_framed(from, to, seen, || {})
 }
 
 #[cfg(test)]
