@@ -971,16 +971,27 @@ impl JobSource for SqsQueue {
         // SQS counts the receive.
         if let Some((copy, false, copy_sent, fits)) = lease {
             if !failed && !q.fifo && fits {
-                if !copy_sent {
-                    let new_id = send_back(&self.shared.client, &copy, delay).await?;
-                    tracing::debug!(message_id = %msg.id, copy = %new_id, "released as a new copy of the message");
-                    if let Some(l) = self.leases().get_mut(&msg.id) {
-                        l.copy_sent = true;
+                let sent = if copy_sent {
+                    Ok(())
+                } else {
+                    send_back(&self.shared.client, &copy, delay).await.map(|new_id| {
+                        tracing::debug!(message_id = %msg.id, copy = %new_id, "released as a new copy of the message");
+                        if let Some(l) = self.leases().get_mut(&msg.id) {
+                            l.copy_sent = true;
+                        }
+                    })
+                };
+                match sent {
+                    // Sent first, deleted second: a crash in between leaves
+                    // the job queued twice (at least once), never not at all.
+                    Ok(()) => return self.delete(msg).await,
+                    // Without a copy (sqs:SendMessage denied on the job
+                    // queue, say) the message itself is released below, and
+                    // SQS counts the receive.
+                    Err(e) => {
+                        tracing::warn!(message_id = %msg.id, error = %e, "cannot send a copy of the message to release it uncounted (does the agent's role allow sqs:SendMessage on the job queue?); releasing the message itself, which counts as an attempt")
                     }
                 }
-                // Sent first, deleted second: a crash in between leaves the
-                // job queued twice (at least once), never not at all.
-                return self.delete(msg).await;
             }
         }
         // The new visibility counts from now but SQS still ends it 12 hours
