@@ -1164,6 +1164,18 @@ impl SqsAgent {
         }
     }
 
+    /// Starts the agent again on the same directory (config, state dir with
+    /// its in-flight ledger, work dir, socket) once its run has exited, as
+    /// systemd would after a crash.
+    pub fn restart(&mut self) {
+        let status = self.wait_exit();
+        assert!(
+            !self.is_running(),
+            "the previous run ({status}) is gone before the restart"
+        );
+        self.spawn();
+    }
+
     /// The agent's directory (config, state, work, logs, socket).
     pub fn dir(&self) -> &Path {
         &self.dir
