@@ -12,7 +12,7 @@
 //! `SLEEP_S`, longer than any wait of the test; on a later run it succeeds
 //! at once. Its start and end go to the runs file (`marked`).
 
-use batchly_e2e::sqs::{marked, AgentSettings, QueueDepth, QueueOptions, SqsTest};
+use batchly_e2e::sqs::{marked, AgentSettings, QueueDepth, QueueOptions, SqsAgent, SqsTest};
 use batchly_e2e::{
     count_final, count_kind, of_job, pid_alive, read_pid_file, wait_gone, Event, Submitted,
 };
@@ -75,23 +75,45 @@ fn all_final(events: &[Event], jobs: &[Submitted]) -> bool {
         .all(|j| of_job(events, &j.job_id).iter().any(|e| e.is_final))
 }
 
+/// Submits `n` long jobs, starts an agent with `n` slots and waits until
+/// all have started; returns the jobs, the agent and each job's pids.
+fn start_long_jobs(
+    t: &SqsTest,
+    url: &str,
+    n: usize,
+) -> (Vec<Submitted>, SqsAgent, Vec<(i32, i32)>) {
+    let mark = t.mark_env();
+    let script = long_then_instant_job();
+    let count = n.to_string();
+    let jobs = t.submit(
+        url,
+        &[
+            "--id", "long", "--count", &count, "--env", &mark, "--", "sh", "-c", &script,
+        ],
+    );
+    let agent = t.agent(AgentSettings::new(url).slots(n));
+    t.wait_events(&format!("{n} jobs started"), &[&agent], |ev| {
+        count_kind(ev, "job.started") == n
+    });
+    let pids = jobs.iter().map(|j| job_pids(t, j)).collect();
+    (jobs, agent, pids)
+}
+
+/// Each job started twice (the stopped run and the one that ended it)
+/// and ended once.
+fn assert_each_ran_twice_and_ended_once(t: &SqsTest, jobs: &[Submitted]) {
+    let runs = t.runs();
+    for job in jobs {
+        assert_eq!(runs.starts(&job.job_id), 2, "{:?}", runs.lines);
+        assert_eq!(runs.ends(&job.job_id), 1, "{:?}", runs.lines);
+    }
+}
+
 #[test]
 fn sigterm_during_four_long_jobs_releases_them_at_once_uncounted_and_a_new_agent_ends_them() {
     let t = SqsTest::start();
     let url = long_lease_queue(&t);
-    let mark = t.mark_env();
-    let script = long_then_instant_job();
-    let jobs = t.submit(
-        &url,
-        &[
-            "--id", "long", "--count", "4", "--env", &mark, "--", "sh", "-c", &script,
-        ],
-    );
-    let mut first = t.agent(AgentSettings::new(&url).slots(4));
-    t.wait_events("4 jobs started", &[&first], |ev| {
-        count_kind(ev, "job.started") == 4
-    });
-    let pids: Vec<(i32, i32)> = jobs.iter().map(|j| job_pids(&t, j)).collect();
+    let (jobs, mut first, pids) = start_long_jobs(&t, &url, 4);
 
     first.signal(Signal::SIGTERM);
     let status = first.wait_exit();
@@ -187,30 +209,14 @@ fn sigterm_during_four_long_jobs_releases_them_at_once_uncounted_and_a_new_agent
         );
     }
     assert_eq!(count_final(&events, None), 4, "one final event per job");
-    let runs = t.runs();
-    for job in &jobs {
-        assert_eq!(runs.starts(&job.job_id), 2, "{:?}", runs.lines);
-        assert_eq!(runs.ends(&job.job_id), 1, "{:?}", runs.lines);
-    }
+    assert_each_ran_twice_and_ended_once(&t, &jobs);
 }
 
 #[test]
 fn after_kill_9_a_restart_kills_the_orphaned_jobs_and_releases_their_messages_at_once() {
     let t = SqsTest::start();
     let url = long_lease_queue(&t);
-    let mark = t.mark_env();
-    let script = long_then_instant_job();
-    let jobs = t.submit(
-        &url,
-        &[
-            "--id", "long", "--count", "2", "--env", &mark, "--", "sh", "-c", &script,
-        ],
-    );
-    let mut first = t.agent(AgentSettings::new(&url).slots(2));
-    t.wait_events("2 jobs started", &[&first], |ev| {
-        count_kind(ev, "job.started") == 2
-    });
-    let pids: Vec<(i32, i32)> = jobs.iter().map(|j| job_pids(&t, j)).collect();
+    let (jobs, mut first, pids) = start_long_jobs(&t, &url, 2);
 
     first.signal(Signal::SIGKILL);
     first.wait_exit();
@@ -282,9 +288,5 @@ fn after_kill_9_a_restart_kills_the_orphaned_jobs_and_releases_their_messages_at
         );
     }
     assert_eq!(count_final(&events, None), 2, "one final event per job");
-    let runs = t.runs();
-    for job in &jobs {
-        assert_eq!(runs.starts(&job.job_id), 2, "{:?}", runs.lines);
-        assert_eq!(runs.ends(&job.job_id), 1, "{:?}", runs.lines);
-    }
+    assert_each_ran_twice_and_ended_once(&t, &jobs);
 }
