@@ -88,6 +88,11 @@ pub trait JobSource: Send + Sync + 'static {
         failed: bool,
     ) -> impl Future<Output = Result<(), QueueError>> + Send;
 
+    /// The caller gives up on a message it could neither delete nor
+    /// release: stop keeping it claimed (no more lease renewals), so it
+    /// comes back by itself when its claim expires.
+    fn abandon(&self, _msg: &Message) {}
+
     /// Move a refused message out of the queue, keeping the reason with it.
     fn dead_letter(
         &self,

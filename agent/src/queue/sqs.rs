@@ -107,6 +107,8 @@ struct Lease {
     custody: Custody,
     /// A copy was sent for a release; only the original's delete is left.
     copy_sent: bool,
+    /// A delete or release is under way: custody is not taken under it.
+    finishing: bool,
 }
 
 /// Where a held message lives.
@@ -289,15 +291,30 @@ impl SqsQueue {
         self.shared.leases()
     }
 
-    /// Whether the message is in the agent's custody (no longer in SQS),
-    /// once any custody being taken right now has settled.
-    async fn in_custody(&self, message_id: &str) -> bool {
+    /// Marks the message as being finished (deleted or released), so that
+    /// custody is not taken under the call, once custody being taken right
+    /// now has settled; returns whether the message is in custody (no
+    /// longer in SQS). A message without a lease (one recovered after a
+    /// crash) is not.
+    async fn begin_finishing(&self, message_id: &str) -> bool {
         loop {
-            let state = self.leases().get(message_id).map(|l| l.custody);
-            match state {
-                Some(Custody::Taking) => tokio::time::sleep(CUSTODY_SETTLE_POLL).await,
-                state => return state == Some(Custody::Yes),
+            if let Some(in_custody) = self.leases().get_mut(message_id).map_or(Some(false), |l| {
+                (l.custody != Custody::Taking).then(|| {
+                    l.finishing = true;
+                    l.custody == Custody::Yes
+                })
+            }) {
+                return in_custody;
             }
+            tokio::time::sleep(CUSTODY_SETTLE_POLL).await;
+        }
+    }
+
+    /// A delete or release failed: custody may be taken again until the
+    /// caller retries.
+    fn end_finishing(&self, message_id: &str) {
+        if let Some(l) = self.leases().get_mut(message_id) {
+            l.finishing = false;
         }
     }
 
@@ -393,6 +410,7 @@ impl SqsQueue {
                     receives: receive_count,
                     custody: Custody::No,
                     copy_sent: false,
+                    finishing: false,
                 },
             );
             got.push(Message {
@@ -406,6 +424,29 @@ impl SqsQueue {
             });
         }
         Ok(got)
+    }
+
+    /// A copy stands for the message now: a retry only finishes the
+    /// original.
+    fn mark_copy_sent(&self, message_id: &str) {
+        if let Some(l) = self.leases().get_mut(message_id) {
+            l.copy_sent = true;
+        }
+    }
+
+    /// Drops the custody copy of a message that is finished, then its lease
+    /// (kept if the copy cannot be dropped, for the retry).
+    fn drop_held(&self, message_id: &str) -> Result<(), QueueError> {
+        if let Err(e) = self.shared.custody.release(message_id) {
+            self.end_finishing(message_id);
+            return Err(QueueError::Service {
+                action: "releasing custody of",
+                target: message_id.to_string(),
+                detail: e.to_string(),
+            });
+        }
+        self.forget_lease(message_id);
+        Ok(())
     }
 
     fn forget_lease(&self, message_id: &str) {
@@ -838,11 +879,15 @@ async fn heartbeat(shared: Arc<Shared>) {
 /// the running attempt as failed: it is only ever sent from the store by
 /// itself after the agent died under the job (a release computes its own
 /// count), and such a job must not loop forever.
-async fn take_custody_where_due(shared: &Shared, now: Instant, lead: Duration) {
+async fn take_custody_where_due(shared: &Arc<Shared>, now: Instant, lead: Duration) {
     let due: Vec<(String, String, usize, Held)> = shared
         .leases()
         .iter_mut()
-        .filter(|(_, l)| l.custody == Custody::No && now >= l.received_at + shared.max_hold - lead)
+        .filter(|(_, l)| {
+            l.custody == Custody::No
+                && !l.finishing
+                && now >= l.received_at + shared.max_hold - lead
+        })
         .map(|(id, l)| {
             // From here until it settles, deletes and releases wait.
             l.custody = Custody::Taking;
@@ -850,31 +895,40 @@ async fn take_custody_where_due(shared: &Shared, now: Instant, lead: Duration) {
             (id.clone(), l.receipt.clone(), l.queue, held)
         })
         .collect();
+    // All at once, so their deletes share batches and renewals of other
+    // leases are not held up behind them.
+    let mut taking = tokio::task::JoinSet::new();
     for (id, receipt, queue, held) in due {
-        let settle = |state: Custody| {
-            if let Some(l) = shared.leases().get_mut(&id) {
-                l.custody = state;
-            }
-        };
-        if let Err(e) = shared.custody.keep(&held) {
-            settle(Custody::No);
-            tracing::error!(message_id = %held.message_id, error = %e, "cannot keep a copy of a message nearing SQS's 12-hour limit; it will become visible again");
-            continue;
+        let shared = shared.clone();
+        taking.spawn(async move { take_custody(&shared, id, receipt, queue, held).await });
+    }
+    while taking.join_next().await.is_some() {}
+}
+
+async fn take_custody(shared: &Shared, id: String, receipt: String, queue: usize, held: Held) {
+    let settle = |state: Custody| {
+        if let Some(l) = shared.leases().get_mut(&id) {
+            l.custody = state;
         }
-        match shared.deletes[queue].submit(receipt).await {
-            Ok(()) => {
-                settle(Custody::Yes);
-                tracing::warn!(
-                    message_id = %held.message_id,
-                    "a job has held its message nearly as long as SQS allows (12 hours): the agent took custody of it \
-                     (deleted from SQS, kept in state.dir until the job ends; sent back to the queue if it must run again)"
-                );
-            }
-            Err(e) => {
-                let _ = shared.custody.release(&held.message_id);
-                settle(Custody::No);
-                tracing::warn!(message_id = %held.message_id, error = %e, "cannot take custody of a message yet; will retry");
-            }
+    };
+    if let Err(e) = shared.custody.keep(&held) {
+        settle(Custody::No);
+        tracing::error!(message_id = %held.message_id, error = %e, "cannot keep a copy of a message nearing SQS's 12-hour limit; it will become visible again");
+        return;
+    }
+    match shared.deletes[queue].submit(receipt).await {
+        Ok(()) => {
+            settle(Custody::Yes);
+            tracing::warn!(
+                message_id = %held.message_id,
+                "a job has held its message nearly as long as SQS allows (12 hours): the agent took custody of it \
+                 (deleted from SQS, kept in state.dir until the job ends; sent back to the queue if it must run again)"
+            );
+        }
+        Err(e) => {
+            let _ = shared.custody.release(&held.message_id);
+            settle(Custody::No);
+            tracing::warn!(message_id = %held.message_id, error = %e, "cannot take custody of a message yet; will retry");
         }
     }
 }
@@ -911,27 +965,18 @@ impl JobSource for SqsQueue {
 
     async fn delete(&self, msg: &Message) -> Result<(), QueueError> {
         let q = &self.shared.queues[msg.queue];
-        if self.in_custody(&msg.id).await {
-            // Already gone from SQS: dropping the copy finishes it. The
-            // lease goes only once the copy has (a retry must find it).
-            self.shared
-                .custody
-                .release(&msg.id)
-                .map_err(|e| QueueError::Service {
-                    action: "releasing custody of",
-                    target: msg.id.clone(),
-                    detail: e.to_string(),
-                })?;
-            self.forget_lease(&msg.id);
-            return Ok(());
+        if self.begin_finishing(&msg.id).await {
+            // Already gone from SQS: dropping the copy finishes it.
+            return self.drop_held(&msg.id);
         }
         let result = self.shared.deletes[msg.queue]
             .submit(self.current_receipt(msg))
             .await;
         // Until the delete works the lease stays and is renewed: the message
-        // stays hidden while the caller retries.
-        if result.is_ok() {
-            self.forget_lease(&msg.id);
+        // stays hidden while the caller retries (or abandons it).
+        match result {
+            Ok(()) => self.forget_lease(&msg.id),
+            Err(_) => self.end_finishing(&msg.id),
         }
         result.map_err(|detail| QueueError::Service {
             action: "deleting a message from",
@@ -949,7 +994,7 @@ impl JobSource for SqsQueue {
         let q = &self.shared.queues[msg.queue];
         // Failures the job has had, this attempt's outcome included.
         let failures = msg.attempt.saturating_sub(1) + u32::from(failed);
-        let in_custody = self.in_custody(&msg.id).await;
+        let in_custody = self.begin_finishing(&msg.id).await;
         let lease = self.leases().get(&msg.id).map(|l| {
             (
                 l.held(&q.url, failures),
@@ -958,10 +1003,22 @@ impl JobSource for SqsQueue {
                 l.attributes.len() + OWN_ATTRIBUTES <= MAX_ATTRIBUTES,
             )
         });
-        if let Some((copy, true, _, _)) = &lease {
-            self.return_held(copy, delay).await?;
-            self.forget_lease(&msg.id);
-            return Ok(());
+        if let Some((copy, true, copy_sent, _)) = &lease {
+            // A copy sent before custody was taken already stands for the
+            // message: the held one is only dropped.
+            if !copy_sent {
+                match send_back(&self.shared.client, copy, delay).await {
+                    Ok(new_id) => {
+                        tracing::info!(message_id = %msg.id, copy = %new_id, "message held in custody sent back to its queue");
+                        self.mark_copy_sent(&msg.id);
+                    }
+                    Err(e) => {
+                        self.end_finishing(&msg.id);
+                        return Err(e);
+                    }
+                }
+            }
+            return self.drop_held(&msg.id);
         }
         // Not a failure, on a standard queue: a copy carrying the failure
         // count replaces the message, so the release is not counted as an
@@ -970,15 +1027,15 @@ impl JobSource for SqsQueue {
         // body is not kept) the message itself is made visible again and
         // SQS counts the receive.
         if let Some((copy, false, copy_sent, fits)) = lease {
-            if !failed && !q.fifo && fits {
+            // SQS delays a new message by at most 15 minutes; a longer
+            // backoff keeps the message itself hidden instead.
+            if !failed && !q.fifo && fits && delay <= MAX_SEND_DELAY {
                 let sent = if copy_sent {
                     Ok(())
                 } else {
                     send_back(&self.shared.client, &copy, delay).await.map(|new_id| {
                         tracing::debug!(message_id = %msg.id, copy = %new_id, "released as a new copy of the message");
-                        if let Some(l) = self.leases().get_mut(&msg.id) {
-                            l.copy_sent = true;
-                        }
+                        self.mark_copy_sent(&msg.id);
                     })
                 };
                 match sent {
@@ -1009,14 +1066,26 @@ impl JobSource for SqsQueue {
         let result = self.shared.visibility[msg.queue]
             .submit((self.current_receipt(msg), secs))
             .await;
-        if result.is_ok() {
-            self.forget_lease(&msg.id);
+        match result {
+            Ok(()) => self.forget_lease(&msg.id),
+            Err(_) => self.end_finishing(&msg.id),
         }
         result.map_err(|detail| QueueError::Service {
             action: "releasing a message to",
             target: q.url.clone(),
             detail,
         })
+    }
+
+    fn abandon(&self, msg: &Message) {
+        // A message in custody keeps its copy: the next start sends it back.
+        let mut leases = self.leases();
+        if leases
+            .get(&msg.id)
+            .is_some_and(|l| l.custody == Custody::No)
+        {
+            leases.remove(&msg.id);
+        }
     }
 
     async fn dead_letter(
@@ -1137,6 +1206,7 @@ mod tests {
             receives: 1,
             custody: Custody::No,
             copy_sent: false,
+            finishing: false,
         }
     }
 

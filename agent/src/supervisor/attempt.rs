@@ -102,7 +102,8 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 .backoff
                 .delay(msg.receive_count, rand::random());
             if let Err(e) = self.source.release(&msg, delay, false).await {
-                tracing::error!(message_id = %msg.id, error = %e, "cannot release message either; it returns at the next start");
+                self.source.abandon(&msg);
+                tracing::error!(message_id = %msg.id, error = %e, "cannot release message either; it returns when its claim expires or at the next start");
             }
             return false;
         }

@@ -511,6 +511,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
     /// Releases a message that was received but will not be started.
     async fn give_back(&self, msg: &Message, why: &str) {
         if let Err(e) = self.source.release(msg, Duration::ZERO, false).await {
+            self.source.abandon(msg);
             tracing::error!(message_id = %msg.id, error = %e, why, "cannot release message; it returns when its claim expires or at the next start");
         }
     }
