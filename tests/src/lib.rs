@@ -612,29 +612,34 @@ impl DevAgent {
     }
 
     /// Kills every process still working in one of this agent's job work
-    /// dirs (jobs and their children start there), so a failed test leaves
-    /// no `sleep 300` behind.
+    /// dirs, so a failed test leaves no `sleep 300` behind.
     fn kill_leftover_jobs(&self) {
-        let work = self.dir.join("work");
-        let Ok(work) = work.canonicalize() else {
-            return;
+        kill_processes_working_in(&self.dir.join("work"));
+    }
+}
+
+/// Kills (SIGKILL) every process whose current directory is inside `dir`:
+/// jobs and their children start in their work dir, so this finds what a
+/// killed or failed agent left running.
+pub fn kill_processes_working_in(dir: &Path) {
+    let Ok(dir) = dir.canonicalize() else {
+        return;
+    };
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
         };
-        let Ok(procs) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        for entry in procs.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            let in_work_dir = std::fs::read_link(entry.path().join("cwd"))
-                .is_ok_and(|cwd| cwd.starts_with(&work));
-            if in_work_dir {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
+        let inside =
+            std::fs::read_link(entry.path().join("cwd")).is_ok_and(|cwd| cwd.starts_with(&dir));
+        if inside {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
 }

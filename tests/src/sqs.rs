@@ -1234,26 +1234,7 @@ impl SqsAgent {
     /// Kills every process still working in one of this agent's job work
     /// dirs, so a failed test leaves no `sleep` behind.
     fn kill_leftover_jobs(&self) {
-        let Ok(work) = self.dir.join("work").canonicalize() else {
-            return;
-        };
-        let Ok(procs) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        for entry in procs.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            let in_work_dir = std::fs::read_link(entry.path().join("cwd"))
-                .is_ok_and(|cwd| cwd.starts_with(&work));
-            if in_work_dir {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
-        }
+        super::kill_processes_working_in(&self.dir.join("work"));
     }
 }
 

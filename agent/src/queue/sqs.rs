@@ -1034,7 +1034,7 @@ impl JobSource for SqsQueue {
                     Ok(())
                 } else {
                     send_back(&self.shared.client, &copy, delay).await.map(|new_id| {
-                        tracing::debug!(message_id = %msg.id, copy = %new_id, "released as a new copy of the message");
+                        tracing::info!(message_id = %msg.id, copy = %new_id, "released as a new copy of the message (the job goes on under the copy's id)");
                         self.mark_copy_sent(&msg.id);
                     })
                 };
