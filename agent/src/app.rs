@@ -15,12 +15,12 @@ use crate::admin;
 use crate::config::{Config, ConfigFile};
 use crate::drain::Drain;
 use crate::envelope::{Alg, Keyring, SigningKey, VerifyPolicy};
-use crate::events::{EventSink, JsonlFile, SqsEvents};
+use crate::events::{AgentEvent, EventSink, JsonlFile, SqsEvents};
 use crate::queue::dir::DirQueue;
 use crate::queue::sqs::{check_queue, SqsQueue};
 use crate::queue::JobSource;
 use crate::sandbox::process::Launcher;
-use crate::state::Ledger;
+use crate::state::{Ledger, StateError, StateLock};
 use crate::supervisor::status::StatusBoard;
 use crate::supervisor::verdict::Backoff;
 use crate::supervisor::{Settings, Supervisor};
@@ -189,12 +189,28 @@ fn settings(config: &Config) -> Settings {
             skew: config.signing.skew,
             max_ttl: config.signing.max_ttl,
         },
-        instance_id: config
-            .agent
-            .instance_id
-            .clone()
-            .unwrap_or_else(|| format!("host-{}", hostname())),
+        instance_id: instance_id(config),
+        max_requeues: crate::supervisor::DEFAULT_MAX_REQUEUES,
     }
+}
+
+/// `agent.instance_id`, or `host-<hostname>` until instance metadata is
+/// read (a later release discovers the EC2 instance id).
+fn instance_id(config: &Config) -> String {
+    config
+        .agent
+        .instance_id
+        .clone()
+        .unwrap_or_else(|| format!("host-{}", hostname()))
+}
+
+/// Takes the state dir for this agent alone: a second agent on it would
+/// take the first one's live ledger for a crashed run's and kill its jobs.
+pub fn lock_state_dir(config: &Config) -> Result<StateLock, AppError> {
+    StateLock::acquire(&config.state.dir).map_err(|e| match e {
+        StateError::Locked { .. } => usage(e),
+        other => failed(other),
+    })
 }
 
 /// `batchly-agent dev`: the embedded default.
@@ -204,13 +220,23 @@ pub async fn dev(
     quiet_banner: bool,
 ) -> Result<(), AppError> {
     let (layout, config) = load_dev_config(dir, explicit_config)?;
+    let lock = lock_state_dir(&config)?;
     layout.ensure_keys()?;
     let source = DirQueue::open(&layout.root).map_err(failed)?;
     let events = JsonlFile::open(&layout.events()).map_err(failed)?;
     if !quiet_banner {
         print_dev_banner(&layout, &config);
     }
-    serve(&config, source, events, "dev").await
+    serve_with(
+        &config,
+        source,
+        events,
+        "dev",
+        Drain::new(),
+        None,
+        Startup::locked(lock),
+    )
+    .await
 }
 
 fn print_dev_banner(layout: &DevLayout, config: &Config) {
@@ -238,8 +264,16 @@ pub async fn run(explicit_config: Option<&Path>) -> Result<(), AppError> {
     config.require_queue().map_err(usage)?;
     // Checked before any network call: a bad keys file is exit 2 at once.
     Keyring::load(&config.signing.keys_file).map_err(usage)?;
+    let lock = lock_state_dir(&config)?;
     let sdk = aws_sdk_config().await?;
-    let sqs = aws_sdk_sqs::Client::new(&sdk);
+    let sqs = sqs_client(&sdk);
+    let setup_error = |e: crate::queue::sqs::SetupError| {
+        if e.unreachable {
+            failed(e)
+        } else {
+            usage(e)
+        }
+    };
     let source = SqsQueue::connect(
         sqs.clone(),
         &config.queue.urls,
@@ -247,7 +281,7 @@ pub async fn run(explicit_config: Option<&Path>) -> Result<(), AppError> {
         &config.state.dir,
     )
     .await
-    .map_err(usage)?;
+    .map_err(setup_error)?;
     for q in source.queues() {
         tracing::info!(
             queue = %q.url,
@@ -257,12 +291,19 @@ pub async fn run(explicit_config: Option<&Path>) -> Result<(), AppError> {
             "queue ready"
         );
     }
+    let mut startup = Startup::locked(lock);
+    if let Some(warning) = clock_warning(source.host_clock_ahead_s(), config.signing.skew) {
+        tracing::error!("{warning}");
+        startup.warnings.push(warning);
+    }
     let events = match &config.queue.events_url {
         Some(url) => {
             check_queue(&sqs, "queue.events_url", url)
                 .await
-                .map_err(usage)?;
-            Some(SqsEvents::new(sqs.clone(), url.clone()))
+                .map_err(setup_error)?;
+            let sink = SqsEvents::new(sqs.clone(), url.clone());
+            announce(&sink, url, &config).await?;
+            Some(sink)
         }
         None => {
             tracing::warn!(
@@ -279,8 +320,67 @@ pub async fn run(explicit_config: Option<&Path>) -> Result<(), AppError> {
         "run",
         Drain::new(),
         Some(transfers),
+        startup,
     )
     .await
+}
+
+/// Publishes `agent.started`, which also proves the events queue takes
+/// messages: a queue that refuses them (the role lacks sqs:SendMessage,
+/// say) would otherwise turn every finished job into a release, forever.
+async fn announce(sink: &SqsEvents, url: &str, config: &Config) -> Result<(), AppError> {
+    let ev = AgentEvent::new(
+        "agent.started",
+        &instance_id(config),
+        config.jobs.max_concurrent,
+    );
+    let deadline = tokio::time::Instant::now() + crate::queue::sqs::SETUP_BUDGET;
+    match crate::retry::retry(
+        "publishing agent.started",
+        deadline,
+        crate::events::EventError::class,
+        || sink.publish_agent(&ev),
+    )
+    .await
+    {
+        Ok(()) => Ok(()),
+        Err(crate::retry::GaveUp::Final(_, e)) => Err(usage(format!(
+            "queue.events_url {url}: the events queue refuses messages ({e}); \
+             the agent must be able to publish job events (sqs:SendMessage)"
+        ))),
+        Err(crate::retry::GaveUp::Deadline(e)) => Err(failed(format!(
+            "queue.events_url {url}: no answer in time ({})",
+            e.map(|e| e.to_string()).unwrap_or_default()
+        ))),
+    }
+}
+
+/// What to tell the operator when the host clock disagrees with SQS's.
+/// Envelope times are checked against the host clock, so past
+/// `signing.skew_s` every envelope is refused.
+fn clock_warning(host_ahead_s: Option<i64>, skew: Duration) -> Option<String> {
+    let ahead = host_ahead_s?;
+    let off = ahead.unsigned_abs();
+    if off <= crate::queue::sqs::CLOCK_SKEW_WARNING.as_secs() && off <= skew.as_secs() {
+        return None;
+    }
+    let way = if ahead > 0 { "ahead of" } else { "behind" };
+    let effect = if off > skew.as_secs() {
+        format!(
+            "more than signing.skew_s ({}s): every envelope will be refused as {}",
+            skew.as_secs(),
+            if ahead > 0 {
+                "expired"
+            } else {
+                "not_yet_valid"
+            }
+        )
+    } else {
+        format!("within signing.skew_s ({}s) but drifting", skew.as_secs())
+    };
+    Some(format!(
+        "the host clock is {off}s {way} SQS's clock, {effect}; fix the host's time sync (chrony, NTP)"
+    ))
 }
 
 /// The AWS SDK's configuration from its standard chain (environment,
@@ -308,6 +408,30 @@ pub async fn aws_sdk_config() -> Result<aws_config::SdkConfig, AppError> {
     Ok(sdk)
 }
 
+/// SQS with one retry layer (the agent's own, `crate::retry`, bounded by
+/// each caller's deadline) instead of the SDK's on top of it, and a short
+/// attempt timeout for every call but the long poll (which sets its own).
+fn sqs_client(sdk: &aws_config::SdkConfig) -> aws_sdk_sqs::Client {
+    use aws_config::retry::RetryConfig;
+    use aws_config::timeout::TimeoutConfig;
+    let conf = aws_sdk_sqs::config::Builder::from(sdk)
+        .retry_config(RetryConfig::disabled())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(SQS_CONNECT_TIMEOUT)
+                .operation_attempt_timeout(SQS_CALL_TIMEOUT)
+                .build(),
+        )
+        .build();
+    aws_sdk_sqs::Client::from_conf(conf)
+}
+
+/// How long an SQS connection may take to open.
+const SQS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one SQS call other than a long poll may take: a hung endpoint
+/// costs this much, then the caller's retry policy decides.
+const SQS_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// S3 with path-style addressing when the endpoint is a local address (an
 /// IP or localhost cannot carry a bucket name as a subdomain); AWS's own
 /// endpoints use virtual-hosted style.
@@ -333,18 +457,25 @@ fn is_local_endpoint(url: &str) -> bool {
     host == "localhost" || host.parse::<std::net::IpAddr>().is_ok()
 }
 
-/// Runs the supervisor on `source` until a drain (signal or admin
-/// request) completes.
-pub async fn serve<S: JobSource, E: EventSink>(
-    config: &Config,
-    source: S,
-    events: E,
-    mode: &str,
-) -> Result<(), AppError> {
-    serve_with(config, source, events, mode, Drain::new(), None).await
+/// What `serve_with` starts from besides the config: the state dir's lock
+/// (taken by the caller before anything touched the dir) and warnings the
+/// checks at start found, shown by `status`.
+pub struct Startup {
+    pub lock: StateLock,
+    pub warnings: Vec<String>,
 }
 
-/// `serve` with a drain the caller can also trigger (the bench does).
+impl Startup {
+    pub fn locked(lock: StateLock) -> Startup {
+        Startup {
+            lock,
+            warnings: Vec::new(),
+        }
+    }
+}
+
+/// Runs the supervisor on `source` until a drain (signal or admin request,
+/// or `drain` from the caller) completes.
 pub async fn serve_with<S: JobSource, E: EventSink>(
     config: &Config,
     source: S,
@@ -352,7 +483,12 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
     mode: &str,
     drain: Drain,
     transfers: Option<Transfers>,
+    startup: Startup,
 ) -> Result<(), AppError> {
+    let Startup {
+        lock: _lock,
+        warnings,
+    } = startup;
     // Signal handlers first: from the moment the agent can be seen (its
     // socket), a SIGTERM must mean a drain, never the default death.
     let signals = StopSignals::install()?;
@@ -366,6 +502,9 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
         settings.slots,
         drain.clone(),
     ));
+    for w in warnings {
+        board.warn(w);
+    }
     let listener = admin::bind(&config.admin.socket).await.map_err(failed)?;
     let mut supervisor = Supervisor::new(
         source,
@@ -381,6 +520,8 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
         supervisor = supervisor.with_transfers(t);
     }
     let supervisor = Arc::new(supervisor);
+    // Stop signals are heard during recovery too (its waits are bounded).
+    let signal_task = tokio::spawn(signals.drain_on_signals(drain.clone(), config.drain.timeout));
     supervisor.recover().await.map_err(failed)?;
     let admin_task = tokio::spawn(admin::serve(
         listener,
@@ -388,19 +529,25 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
         drain.clone(),
         config.drain.timeout,
     ));
-    let signal_task = tokio::spawn(signals.drain_on_signals(drain.clone(), config.drain.timeout));
     tracing::info!(
         slots = config.jobs.max_concurrent,
         source = %board.snapshot().source,
         admin_socket = %config.admin.socket.display(),
         "batchly-agent {} started", env!("CARGO_PKG_VERSION")
     );
-    supervisor.run().await;
+    supervisor.clone().run().await;
     admin_task.abort();
     signal_task.abort();
     let _ = std::fs::remove_file(&config.admin.socket);
     let snap = board.snapshot();
     let reason = drain.current().map(|d| d.reason).unwrap_or_default();
+    let mut stopped = AgentEvent::new(
+        "agent.stopped",
+        &instance_id(config),
+        config.jobs.max_concurrent,
+    );
+    stopped.reason = Some(reason.clone());
+    supervisor.announce_stop(&stopped).await;
     let stranded = board.stranded_count();
     if stranded > 0 {
         return Err(failed(format!(

@@ -134,7 +134,17 @@ pub async fn spawn(jobs: u32, slots: usize) -> Result<SpawnReport, AppError> {
     };
     let cpu_before = cpu_time();
     let start = Instant::now();
-    app::serve_with(&config, source, events, "bench", drain, None).await?;
+    let lock = app::lock_state_dir(&config)?;
+    app::serve_with(
+        &config,
+        source,
+        events,
+        "bench",
+        drain,
+        None,
+        app::Startup::locked(lock),
+    )
+    .await?;
     let elapsed = start.elapsed();
     let cpu = cpu_time().saturating_sub(cpu_before);
     watcher.abort();

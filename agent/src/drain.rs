@@ -1,20 +1,44 @@
 //! Turns every reason to stop (SIGTERM/SIGINT, `batchly-agent drain`, and
-//! later spot interruption and Auto Scaling notices) into one drain request
-//! with one deadline. The earliest deadline wins: a second Ctrl-C or a spot
-//! notice arriving during a slow drain only ever brings the end closer.
+//! later spot interruption, rebalance and Auto Scaling notices) into one
+//! request: a *mode* and, for a drain, one deadline.
 //!
-//! It decides nothing about jobs; the supervisor watches it.
+//! - `StopIntake` (a rebalance recommendation): no new work; running jobs
+//!   go on; intake may resume.
+//! - `Drain` (a stop, a spot notice, a lifecycle transition): no new work,
+//!   running jobs are told to stop, what cannot finish by the deadline is
+//!   released, and the agent exits.
+//!
+//! A drain never turns back into a pause, and the earliest deadline wins:
+//! a second Ctrl-C or a spot notice arriving during a slow drain only ever
+//! brings the end closer. It decides nothing about jobs; the supervisor and
+//! each attempt watch it.
 
 use std::time::Instant;
 
 use tokio::sync::watch;
 
-/// Why and until when the agent is draining.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainMode {
+    /// Take no new work; running jobs go on.
+    StopIntake,
+    /// Take no new work; stop or release running jobs by the deadline; exit.
+    Drain,
+}
+
+/// Why, how and (for a drain) until when.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DrainRequest {
     pub reason: String,
+    pub mode: DrainMode,
     /// By then every job is finished or released and the agent has exited.
+    /// Meaningful for `Drain` only.
     pub deadline: Instant,
+}
+
+impl DrainRequest {
+    pub fn is_drain(&self) -> bool {
+        self.mode == DrainMode::Drain
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -35,26 +59,73 @@ impl Drain {
     }
 
     /// Asks for a drain. If one is already under way, keeps its reason and
-    /// moves its deadline only if the new one is earlier.
+    /// moves its deadline only if the new one is earlier; a pause of the
+    /// intake becomes a drain.
     pub fn request(&self, reason: &str, deadline: Instant) {
         self.tx.send_if_modified(|cur| match cur {
-            None => {
+            Some(req) if req.is_drain() => {
+                if deadline < req.deadline {
+                    req.deadline = deadline;
+                    true
+                } else {
+                    false
+                }
+            }
+            _ => {
                 *cur = Some(DrainRequest {
                     reason: reason.to_string(),
+                    mode: DrainMode::Drain,
                     deadline,
                 });
                 true
             }
-            Some(req) if deadline < req.deadline => {
-                req.deadline = deadline;
+        });
+    }
+
+    /// Stops the intake of new work without touching running jobs (unless
+    /// a drain is already under way, which stays).
+    pub fn stop_intake(&self, reason: &str) {
+        self.tx.send_if_modified(|cur| match cur {
+            None => {
+                *cur = Some(DrainRequest {
+                    reason: reason.to_string(),
+                    mode: DrainMode::StopIntake,
+                    deadline: far_future(),
+                });
                 true
             }
             Some(_) => false,
         });
     }
 
+    /// Lets intake resume after `stop_intake`; a drain is never undone.
+    /// Returns whether intake resumed.
+    pub fn resume_intake(&self) -> bool {
+        self.tx.send_if_modified(|cur| {
+            if cur
+                .as_ref()
+                .is_some_and(|r| r.mode == DrainMode::StopIntake)
+            {
+                *cur = None;
+                true
+            } else {
+                false
+            }
+        })
+    }
+
     pub fn current(&self) -> Option<DrainRequest> {
         self.tx.borrow().clone()
+    }
+
+    /// The drain under way (not a mere pause of the intake).
+    pub fn draining(&self) -> Option<DrainRequest> {
+        self.current().filter(DrainRequest::is_drain)
+    }
+
+    /// The drain deadline, if a drain is under way.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.draining().map(|d| d.deadline)
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Option<DrainRequest>> {
@@ -62,15 +133,39 @@ impl Drain {
     }
 }
 
-/// Resolves once a drain has been requested (at once if it already was).
+/// A deadline no drain has: a pause of the intake has none.
+fn far_future() -> Instant {
+    let now = Instant::now();
+    now.checked_add(std::time::Duration::from_secs(100 * 365 * 24 * 3600))
+        .unwrap_or(now)
+}
+
+/// Resolves once a drain has been requested (at once if it already was);
+/// a pause of the intake does not count.
 pub async fn requested(rx: &mut watch::Receiver<Option<DrainRequest>>) -> DrainRequest {
     loop {
-        if let Some(req) = rx.borrow_and_update().clone() {
+        if let Some(req) = rx
+            .borrow_and_update()
+            .clone()
+            .filter(DrainRequest::is_drain)
+        {
             return req;
         }
         if rx.changed().await.is_err() {
             // The sender lives as long as the agent; if it is gone, nothing
             // can ever ask for a drain again.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Resolves once intake is stopped, by a pause or a drain.
+pub async fn intake_stopped(rx: &mut watch::Receiver<Option<DrainRequest>>) -> DrainRequest {
+    loop {
+        if let Some(req) = rx.borrow_and_update().clone() {
+            return req;
+        }
+        if rx.changed().await.is_err() {
             std::future::pending::<()>().await;
         }
     }
@@ -95,5 +190,30 @@ mod tests {
         let cur = drain.current().expect("draining");
         assert_eq!(cur.reason, "SIGTERM");
         assert_eq!(cur.deadline, now + Duration::from_secs(1));
+    }
+
+    #[tokio::test]
+    async fn a_pause_of_the_intake_is_not_a_drain_and_can_resume_but_a_drain_cannot() {
+        let drain = Drain::new();
+        drain.stop_intake("rebalance recommendation");
+        assert!(drain.current().is_some(), "intake stopped");
+        assert_eq!(drain.draining(), None, "running jobs go on");
+        assert!(drain.resume_intake());
+        assert_eq!(drain.current(), None);
+
+        drain.stop_intake("rebalance recommendation");
+        let deadline = Instant::now() + Duration::from_secs(100);
+        drain.request("spot interruption", deadline);
+        let req = drain.draining().expect("the pause became a drain");
+        assert_eq!(req.reason, "spot interruption");
+        assert_eq!(req.deadline, deadline);
+        assert!(!drain.resume_intake(), "a drain is never undone");
+        drain.stop_intake("another rebalance");
+        assert_eq!(
+            drain.draining().map(|d| d.reason),
+            Some("spot interruption".into())
+        );
+        let mut rx = drain.subscribe();
+        assert_eq!(requested(&mut rx).await.reason, "spot interruption");
     }
 }

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use crate::queue::batch::Batcher;
+use crate::queue::batch::{Batcher, EntryError, EntryResult};
+use crate::retry::{self, ErrorClass};
 
 use serde::{Deserialize, Serialize};
 
@@ -67,7 +68,12 @@ pub struct JobEvent {
     pub exit_code: Option<i32>,
     pub signal: Option<String>,
     pub duration_ms: Option<u64>,
+    /// For `job.rejected` (and a job dead-lettered as `agent_gave_up`): the
+    /// rejection code, exactly; otherwise a short reason for people.
     pub reason: Option<String>,
+    /// More for people about `reason`, where there is more to say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
     pub log_stream: Option<String>,
     pub tags: BTreeMap<String, String>,
     /// True when this is the job's last event: the message is gone from the
@@ -92,6 +98,7 @@ impl JobEvent {
             signal: None,
             duration_ms: None,
             reason: None,
+            detail: None,
             log_stream: None,
             tags: BTreeMap::new(),
             is_final: false,
@@ -118,7 +125,49 @@ pub enum EventError {
         source: std::io::Error,
     },
     #[error("sending event to {url}: {detail}")]
-    Sqs { url: String, detail: String },
+    Sqs {
+        url: String,
+        class: ErrorClass,
+        detail: String,
+    },
+}
+
+impl EventError {
+    /// Whether sending again may work (a full disk may clear up too).
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            EventError::File { .. } => ErrorClass::Transient,
+            EventError::Sqs { class, .. } => *class,
+        }
+    }
+}
+
+/// The agent's own comings and goings (`agent.started`, `agent.stopped`),
+/// so the control plane sees each agent; no job, no message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentEvent {
+    pub v: u32,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub instance_id: String,
+    pub at: String,
+    pub version: String,
+    pub slots: usize,
+    pub reason: Option<String>,
+}
+
+impl AgentEvent {
+    pub fn new(kind: &str, instance_id: &str, slots: usize) -> AgentEvent {
+        AgentEvent {
+            v: 1,
+            kind: kind.to_string(),
+            instance_id: instance_id.to_string(),
+            at: rfc3339_now(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            slots,
+            reason: None,
+        }
+    }
 }
 
 /// How many events may be on their way at once (one per job being worked
@@ -128,6 +177,15 @@ pub type Publishers = Arc<dyn Fn() -> usize + Send + Sync>;
 /// Where job events go.
 pub trait EventSink: Send + Sync + 'static {
     fn publish(&self, event: &JobEvent) -> impl Future<Output = Result<(), EventError>> + Send;
+
+    /// Publishes an agent event. Sinks that keep only job events (the
+    /// local file of `dev`) take it as done.
+    fn publish_agent(
+        &self,
+        _event: &AgentEvent,
+    ) -> impl Future<Output = Result<(), EventError>> + Send {
+        async { Ok(()) }
+    }
 
     /// Tells a batching sink how to count who may publish (see
     /// `Publishers`). Sinks that do not batch ignore it.
@@ -139,6 +197,13 @@ impl<E: EventSink> EventSink for Option<E> {
     async fn publish(&self, event: &JobEvent) -> Result<(), EventError> {
         match self {
             Some(sink) => sink.publish(event).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn publish_agent(&self, event: &AgentEvent) -> Result<(), EventError> {
+        match self {
+            Some(sink) => sink.publish_agent(event).await,
             None => Ok(()),
         }
     }
@@ -199,7 +264,7 @@ async fn send_batch(
     client: aws_sdk_sqs::Client,
     url: String,
     events: Vec<Outgoing>,
-) -> Vec<Result<(), String>> {
+) -> Vec<EntryResult> {
     use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
     let mut entries = Vec::with_capacity(events.len());
     for (i, ev) in events.iter().enumerate() {
@@ -211,7 +276,12 @@ async fn send_batch(
             .build();
         match entry {
             Ok(e) => entries.push(e),
-            Err(e) => return vec![Err(e.to_string()); events.len()],
+            Err(e) => {
+                return vec![
+                    Err(EntryError::new(ErrorClass::Permanent, e.to_string()));
+                    events.len()
+                ]
+            }
         }
     }
     let sent = client
@@ -230,16 +300,25 @@ async fn send_batch(
                     .ok()
                     .and_then(|i| results.get_mut(i))
                 {
-                    *r = Err(format!(
-                        "{}: {}",
-                        failed.code(),
-                        failed.message().unwrap_or("")
+                    let class = match retry::classify_code(failed.code(), None) {
+                        ErrorClass::Permanent if !failed.sender_fault() => ErrorClass::Transient,
+                        class => class,
+                    };
+                    *r = Err(EntryError::new(
+                        class,
+                        format!("{}: {}", failed.code(), failed.message().unwrap_or("")),
                     ));
                 }
             }
             results
         }
-        Err(e) => vec![Err(crate::aws_errors::describe(&e)); events.len()],
+        Err(e) => vec![
+            Err(EntryError::new(
+                retry::classify(&e),
+                crate::aws_errors::describe(&e)
+            ));
+            events.len()
+        ],
     }
 }
 
@@ -254,12 +333,35 @@ fn sqs_id(parts: &[&str]) -> String {
         .collect()
 }
 
+impl SqsEvents {
+    async fn send(
+        &self,
+        body: String,
+        group: Option<String>,
+        dedup: Option<String>,
+    ) -> Result<(), EventError> {
+        self.batcher
+            .submit(Outgoing { body, group, dedup })
+            .await
+            .map_err(|e| EventError::Sqs {
+                url: self.url.clone(),
+                class: e.class,
+                detail: e.detail,
+            })
+    }
+
+    fn encoding_error(&self, e: serde_json::Error) -> EventError {
+        EventError::Sqs {
+            url: self.url.clone(),
+            class: ErrorClass::Permanent,
+            detail: e.to_string(),
+        }
+    }
+}
+
 impl EventSink for SqsEvents {
     async fn publish(&self, event: &JobEvent) -> Result<(), EventError> {
-        let body = serde_json::to_string(event).map_err(|e| EventError::Sqs {
-            url: self.url.clone(),
-            detail: e.to_string(),
-        })?;
+        let body = serde_json::to_string(event).map_err(|e| self.encoding_error(e))?;
         let (group, dedup) = if self.fifo {
             let group = event.job_id.as_deref().unwrap_or(&event.message_id);
             let attempt = event.attempt.to_string();
@@ -270,13 +372,20 @@ impl EventSink for SqsEvents {
         } else {
             (None, None)
         };
-        self.batcher
-            .submit(Outgoing { body, group, dedup })
-            .await
-            .map_err(|detail| EventError::Sqs {
-                url: self.url.clone(),
-                detail,
-            })
+        self.send(body, group, dedup).await
+    }
+
+    async fn publish_agent(&self, event: &AgentEvent) -> Result<(), EventError> {
+        let body = serde_json::to_string(event).map_err(|e| self.encoding_error(e))?;
+        let (group, dedup) = if self.fifo {
+            (
+                Some(sqs_id(&["agent", &event.instance_id])),
+                Some(sqs_id(&[&event.instance_id, &event.kind, &event.at])),
+            )
+        } else {
+            (None, None)
+        };
+        self.send(body, group, dedup).await
     }
 
     fn count_publishers(&self, publishers: Publishers) {

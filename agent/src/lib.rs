@@ -17,6 +17,7 @@ pub mod drain;
 pub mod envelope;
 pub mod events;
 pub mod queue;
+pub mod retry;
 pub mod sandbox;
 pub mod state;
 pub mod submit;

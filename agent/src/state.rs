@@ -56,6 +56,11 @@ pub struct InFlight {
     pub work_dir: Option<PathBuf>,
     #[serde(default)]
     pub decided: Option<Decided>,
+    /// The id of a copy that stands for this message now (a release by
+    /// copy, a dead-letter copy, a custody copy sent back). After a crash
+    /// the original is only removed, never released: the copy runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_id: Option<String>,
 }
 
 impl InFlight {
@@ -71,6 +76,7 @@ impl InFlight {
             start_time: None,
             work_dir: None,
             decided: None,
+            copy_id: None,
         }
     }
 
@@ -97,6 +103,61 @@ pub enum StateError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "state.dir {dir} is in use by another batchly-agent (pid {holder}): two agents on one \
+         state dir would kill each other's jobs; stop the other one or give this one its own state.dir"
+    )]
+    Locked { dir: PathBuf, holder: String },
+}
+
+/// The lock file that keeps one agent per state dir.
+const LOCK_FILE: &str = "agent.lock";
+
+/// An exclusive lock on the state dir, held as long as the agent runs (the
+/// kernel drops it when the process dies, however it dies). The file holds
+/// the holder's pid, for the error a second agent gets.
+pub struct StateLock {
+    _lock: nix::fcntl::Flock<fs::File>,
+}
+
+impl StateLock {
+    pub fn acquire(state_dir: &Path) -> Result<StateLock, StateError> {
+        use nix::fcntl::{Flock, FlockArg};
+        use std::io::Write;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
+            .map_err(io_err("creating", state_dir))?;
+        let path = state_dir.join(LOCK_FILE);
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err("opening", &path))?;
+        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                let holder = fs::read_to_string(&path).unwrap_or_default();
+                let holder = match holder.trim() {
+                    "" => "unknown".to_string(),
+                    pid => pid.to_string(),
+                };
+                return Err(StateError::Locked {
+                    dir: state_dir.to_path_buf(),
+                    holder,
+                });
+            }
+            Err((_, errno)) => return Err(io_err("locking", &path)(std::io::Error::from(errno))),
+        };
+        lock.set_len(0).map_err(io_err("writing", &path))?;
+        write!(lock, "{}", std::process::id()).map_err(io_err("writing", &path))?;
+        Ok(StateLock { _lock: lock })
+    }
 }
 
 fn io_err<'a>(
@@ -110,8 +171,12 @@ fn io_err<'a>(
     }
 }
 
+/// The ledger; it keeps what it wrote for each slot, so that a source's
+/// news about a claim (`update_message`) and the attempt's own steps
+/// (`update`) each change only their part of an entry.
 pub struct Ledger {
     dir: PathBuf,
+    entries: std::sync::Mutex<std::collections::HashMap<usize, InFlight>>,
 }
 
 impl Ledger {
@@ -124,7 +189,48 @@ impl Ledger {
             .mode(0o700)
             .create(&dir)
             .map_err(io_err("creating", &dir))?;
-        Ok(Ledger { dir })
+        Ok(Ledger {
+            dir,
+            entries: Default::default(),
+        })
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<usize, InFlight>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes the recorded entry of a slot and writes it.
+    pub fn update(
+        &self,
+        slot: usize,
+        change: impl FnOnce(&mut InFlight),
+    ) -> Result<(), StateError> {
+        let mut entries = self.entries();
+        let Some(entry) = entries.get_mut(&slot) else {
+            return Ok(());
+        };
+        change(entry);
+        self.write(slot, entry)
+    }
+
+    /// Changes the entry that holds `message_id`, wherever it is.
+    pub fn update_message(
+        &self,
+        message_id: &str,
+        change: impl FnOnce(&mut InFlight),
+    ) -> Result<(), StateError> {
+        let mut entries = self.entries();
+        let Some((&slot, entry)) = entries.iter_mut().find(|(_, e)| e.message_id == message_id)
+        else {
+            return Ok(());
+        };
+        change(entry);
+        self.write(slot, entry)
+    }
+
+    /// The entry recorded for a slot by this run.
+    pub fn get(&self, slot: usize) -> Option<InFlight> {
+        self.entries().get(&slot).cloned()
     }
 
     fn slot_path(&self, slot: usize) -> PathBuf {
@@ -133,6 +239,12 @@ impl Ledger {
 
     /// Writes or replaces the entry of one slot.
     pub fn record(&self, slot: usize, entry: &InFlight) -> Result<(), StateError> {
+        let mut entries = self.entries();
+        entries.insert(slot, entry.clone());
+        self.write(slot, entry)
+    }
+
+    fn write(&self, slot: usize, entry: &InFlight) -> Result<(), StateError> {
         use std::os::unix::fs::FileExt;
         let path = self.slot_path(slot);
         let mut text = serde_json::to_vec(entry).map_err(|e| StateError::Io {
@@ -157,6 +269,8 @@ impl Ledger {
     /// Empties a slot whose message is finished (deleted, released or
     /// dead-lettered). Emptying an empty slot is fine.
     pub fn forget(&self, slot: usize) -> Result<(), StateError> {
+        let mut entries = self.entries();
+        entries.remove(&slot);
         let path = self.slot_path(slot);
         match fs::OpenOptions::new().write(true).open(&path) {
             Ok(f) => f.set_len(0).map_err(io_err("emptying", &path)),
@@ -220,6 +334,43 @@ mod tests {
             start_time: Some(99),
             work_dir: None,
             decided: None,
+            copy_id: None,
+        }
+    }
+
+    #[test]
+    fn news_about_a_message_changes_only_its_part_of_the_entry() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(tmp.path()).expect("open");
+        ledger.record(2, &entry("a")).expect("record");
+        ledger
+            .update_message("a", |e| e.receipt = "new".into())
+            .expect("receipt");
+        ledger.update(2, |e| e.pid = Some(7)).expect("pid");
+        ledger
+            .update_message("a", |e| e.copy_id = Some("copy".into()))
+            .expect("copy");
+        let got = Ledger::open(tmp.path())
+            .expect("reopen")
+            .load_all()
+            .expect("load");
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].receipt, "new");
+        assert_eq!(got[0].pid, Some(7));
+        assert_eq!(got[0].copy_id.as_deref(), Some("copy"));
+    }
+
+    #[test]
+    fn a_second_lock_on_a_state_dir_is_refused_naming_the_holder() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let _held = StateLock::acquire(tmp.path()).expect("first lock");
+        match StateLock::acquire(tmp.path()) {
+            Err(StateError::Locked { dir, holder }) => {
+                assert_eq!(dir, tmp.path());
+                assert_eq!(holder, std::process::id().to_string());
+            }
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("a second lock was granted"),
         }
     }
 

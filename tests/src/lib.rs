@@ -280,6 +280,18 @@ pub struct Event {
 }
 
 impl Event {
+    /// A job event; `None` for the agent's own `agent.*` events, which
+    /// carry no job.
+    fn parse_job(line: &str) -> Option<Event> {
+        let kind = serde_json::from_str::<Value>(line)
+            .ok()
+            .and_then(|v| v["type"].as_str().map(str::to_string));
+        if kind.is_some_and(|k| k.starts_with("agent.")) {
+            return None;
+        }
+        Some(Event::parse(line))
+    }
+
     fn parse(line: &str) -> Event {
         let raw: Value = serde_json::from_str(line)
             .unwrap_or_else(|e| panic!("events.jsonl line is not JSON ({e}): {line}"));
@@ -507,7 +519,7 @@ impl DevAgent {
         complete
             .lines()
             .filter(|l| !l.trim().is_empty())
-            .map(Event::parse)
+            .filter_map(Event::parse_job)
             .collect()
     }
 

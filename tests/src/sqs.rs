@@ -1007,7 +1007,7 @@ impl SqsTest {
     pub fn events(&self) -> Vec<Event> {
         let fresh = self.aws.take_all(&self.events_url, 0);
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        seen.extend(fresh.iter().map(|m| Event::parse(&m.body)));
+        seen.extend(fresh.iter().filter_map(|m| Event::parse_job(&m.body)));
         seen.clone()
     }
 

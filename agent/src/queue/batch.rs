@@ -12,13 +12,35 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::retry::ErrorClass;
+
 /// SQS's limit on entries per batch call.
 pub const MAX_BATCH_ENTRIES: usize = 10;
 
 /// Requests waiting for a batch; more callers than this wait to enqueue.
 const QUEUE_DEPTH: usize = 1024;
 
-type Reply = oneshot::Sender<Result<(), String>>;
+/// Why one entry of a batch did not take effect.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{detail}")]
+pub struct EntryError {
+    pub class: ErrorClass,
+    pub detail: String,
+}
+
+impl EntryError {
+    pub fn new(class: ErrorClass, detail: impl Into<String>) -> EntryError {
+        EntryError {
+            class,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// One result per entry of a batch call.
+pub type EntryResult = Result<(), EntryError>;
+
+type Reply = oneshot::Sender<EntryResult>;
 
 pub struct Batcher<T> {
     tx: mpsc::Sender<(T, Reply)>,
@@ -38,7 +60,7 @@ impl<T: Send + 'static> Batcher<T> {
     pub fn spawn<F, Fut>(linger: Duration, flush: F) -> Batcher<T>
     where
         F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Vec<Result<(), String>>> + Send,
+        Fut: Future<Output = Vec<EntryResult>> + Send,
     {
         Batcher::spawn_until(linger, |_| false, flush)
     }
@@ -50,7 +72,7 @@ impl<T: Send + 'static> Batcher<T> {
     where
         C: Fn(usize) -> bool + Send + 'static,
         F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Vec<Result<(), String>>> + Send,
+        Fut: Future<Output = Vec<EntryResult>> + Send,
     {
         let (tx, mut rx) = mpsc::channel::<(T, Reply)>(QUEUE_DEPTH);
         tokio::spawn(async move {
@@ -69,9 +91,12 @@ impl<T: Send + 'static> Batcher<T> {
                 let (items, replies): (Vec<T>, Vec<Reply>) = batch.into_iter().unzip();
                 let mut results = flush(items).await.into_iter();
                 for reply in replies {
-                    let result = results
-                        .next()
-                        .unwrap_or_else(|| Err("no result for this entry".to_string()));
+                    let result = results.next().unwrap_or_else(|| {
+                        Err(EntryError::new(
+                            ErrorClass::Transient,
+                            "the batch answer has no result for this entry",
+                        ))
+                    });
                     let _ = reply.send(result);
                 }
             }
@@ -79,16 +104,13 @@ impl<T: Send + 'static> Batcher<T> {
         Batcher { tx }
     }
 
-    /// Queues one entry and waits for its own result.
-    pub async fn submit(&self, item: T) -> Result<(), String> {
+    /// Queues one entry and waits for its own result. The entry is sent
+    /// even if the caller stops waiting.
+    pub async fn submit(&self, item: T) -> EntryResult {
+        let stopped = || EntryError::new(ErrorClass::Transient, "the batching task has stopped");
         let (reply, answer) = oneshot::channel();
-        self.tx
-            .send((item, reply))
-            .await
-            .map_err(|_| "the batching task has stopped".to_string())?;
-        answer
-            .await
-            .unwrap_or_else(|_| Err("the batching task dropped the request".to_string()))
+        self.tx.send((item, reply)).await.map_err(|_| stopped())?;
+        answer.await.unwrap_or_else(|_| Err(stopped()))
     }
 }
 
@@ -109,7 +131,10 @@ mod tests {
                     .iter()
                     .map(|i| {
                         if i % 7 == 0 {
-                            Err(format!("entry {i} failed"))
+                            Err(EntryError::new(
+                                ErrorClass::Permanent,
+                                format!("entry {i} failed"),
+                            ))
                         } else {
                             Ok(())
                         }

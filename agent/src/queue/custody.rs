@@ -102,6 +102,17 @@ impl CustodyStore {
         }
     }
 
+    /// The copy of one message, if it is held (unreadable counts as not).
+    pub fn get(&self, message_id: &str) -> std::io::Result<Option<Held>> {
+        match fs::read(self.dir.join(file_name(message_id))) {
+            Ok(b) => Ok(serde_json::from_slice::<Held>(&b)
+                .ok()
+                .filter(|h| h.message_id == message_id)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Every copy held, e.g. by a run that crashed.
     pub fn all(&self) -> std::io::Result<Vec<Held>> {
         let mut out = Vec::new();

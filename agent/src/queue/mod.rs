@@ -13,7 +13,10 @@ pub mod dir;
 pub mod sqs;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::retry::ErrorClass;
 
 /// Largest message body the agent accepts: SQS's own limit (1 MiB). A
 /// larger body is rejected as `malformed` without being read whole.
@@ -56,8 +59,34 @@ pub enum QueueError {
     Service {
         action: &'static str,
         target: String,
+        /// What the caller may do about it (see `retry::classify`).
+        class: ErrorClass,
         detail: String,
     },
+}
+
+impl QueueError {
+    /// Whether trying again can help, or the message is not ours any more.
+    /// Local trouble (disk, a lock held) is worth another try.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            QueueError::Io { .. } | QueueError::Busy(_) => ErrorClass::Transient,
+            QueueError::Service { class, .. } => *class,
+        }
+    }
+}
+
+/// What a source tells the supervisor's ledger about a claimed message as
+/// it happens, so that a crash at any moment leaves the ledger right.
+pub trait ClaimJournal: Send + Sync + 'static {
+    /// SQS handed the message out again while its job runs here: later
+    /// calls (and recovery after a crash) must use this receipt.
+    fn receipt_changed(&self, message_id: &str, receipt: &str);
+    /// A copy of the message now stands for it (a release that is not a
+    /// failure): only the original's removal is left, and after a crash
+    /// that removal is completed, never a release (which would run the job
+    /// twice). Returns once the note is on disk.
+    fn copy_sent(&self, message_id: &str, copy_id: &str);
 }
 
 /// A queue of signed job envelopes with at-least-once delivery.
@@ -101,10 +130,23 @@ pub trait JobSource: Send + Sync + 'static {
         detail: &str,
     ) -> impl Future<Output = Result<(), QueueError>> + Send;
 
+    /// Lets the source keep the supervisor's ledger up to date (see
+    /// `ClaimJournal`). Sources that never change a claim ignore it.
+    fn set_journal(&self, _journal: Arc<dyn ClaimJournal>) {}
+
+    /// After a crash, for a message whose copy a previous run had already
+    /// sent: remove the original for good (a copy kept in custody, or the
+    /// message itself), never release it. A message already gone is fine.
+    fn forget_copied(&self, msg: &Message) -> impl Future<Output = Result<(), QueueError>> + Send {
+        self.delete(msg)
+    }
+
     /// After a crash: make every message the previous run had claimed
     /// available again. `known` are the ones the ledger remembers; a source
     /// that can find more by itself (the directory) releases those too.
-    /// Returns the ids of the messages it released.
+    /// Returns the ids of the messages it released. A message it cannot
+    /// release is logged and left for its claim to expire (or for the next
+    /// start); it never stops the others.
     fn recover_claims(
         &self,
         known: &[Message],

@@ -107,9 +107,14 @@ impl Launcher {
         };
         // The start time of a process survives execve, so this is also the
         // job's; it tells the job apart from a later process reusing the pid.
-        let start_time = process_stat(pid.as_raw())
-            .map(|s| s.start_time)
-            .unwrap_or(0);
+        // Without it, a crash would leave a job the next start cannot tell
+        // from a later process with the same pid: refuse to run it.
+        let Some(start_time) = process_stat(pid.as_raw()).map(|s| s.start_time) else {
+            let _ = child.start_kill();
+            return Err(LaunchError::Protocol(io::Error::other(format!(
+                "cannot read /proc/{pid}/stat of the launcher: the agent could not find the job again after a crash, so it is not started"
+            ))));
+        };
         Ok(Spawned {
             pid,
             start_time,

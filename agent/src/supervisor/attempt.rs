@@ -2,6 +2,11 @@
 //! drain), capture output, decide, publish, and only then finish the message.
 //! Each step that can fail has a defined outcome; none of them loses the
 //! message.
+//!
+//! Every wait answers to a deadline: until the job ends, the attempt's own
+//! (its start plus the job's timeout), armed before the first network call;
+//! after it, a budget for handing the outcome off; and always the drain's.
+//! A call that cannot finish in time is abandoned, never waited out.
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
@@ -18,7 +23,8 @@ use super::{Slot, Supervisor};
 use crate::drain;
 use crate::envelope::{self, Envelope};
 use crate::events::{EventSink, EventType, JobEvent};
-use crate::queue::{JobSource, Message};
+use crate::queue::{JobSource, Message, QueueError};
+use crate::retry::{self, ErrorClass, GaveUp};
 use crate::sandbox::process::JobProcess;
 use crate::sandbox::{scrubbed_env, LaunchPlan};
 use crate::state::{Decided, DecidedAction, InFlight};
@@ -36,6 +42,25 @@ pub(super) fn decided_action(action: Action) -> DecidedAction {
 
 /// Time kept back before a drain deadline to release messages and exit.
 const RELEASE_RESERVE: Duration = Duration::from_secs(2);
+/// How long handing off one attempt's outcome (event, delete or release)
+/// may take when no drain bounds it; past it the message is abandoned (it
+/// becomes visible again by itself) so the slot is not held forever.
+const FINISH_BUDGET: Duration = Duration::from_secs(15 * 60);
+/// The dead-letter reason of a job released too often without a failure.
+pub const AGENT_GAVE_UP: &str = "agent_gave_up";
+
+/// Why a bounded wait was cut short.
+enum Cut {
+    /// The attempt's deadline (its timeout) came.
+    Deadline,
+    /// A drain was requested (its reason).
+    Drain(String),
+}
+
+/// A deadline nothing reaches: for waits bounded by the drain alone.
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600)
+}
 /// How long to wait for a job's output pipes to close after its group was
 /// killed (a process that escaped the group may still hold them).
 const OUTPUT_DRAIN_WAIT: Duration = Duration::from_secs(2);
@@ -55,6 +80,8 @@ struct Attempt<'a> {
     work_dir: &'a PathBuf,
     log_stream: &'a str,
     timeout: Duration,
+    /// When the attempt's time is up (its start plus the timeout).
+    deadline: tokio::time::Instant,
     started_event: &'a JobEvent,
 }
 
@@ -91,27 +118,43 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
     /// dead-letter place with its reason, then the event says so.
     async fn reject(&self, msg: Message, rejection: envelope::Rejection) -> bool {
         let reason = rejection.reason.as_str();
-        if let Err(e) = self
-            .source
-            .dead_letter(&msg, reason, &rejection.detail)
-            .await
-        {
-            tracing::error!(message_id = %msg.id, error = %e, "cannot dead-letter a rejected message; releasing it to try again later");
-            let delay = self
-                .settings
-                .backoff
-                .delay(msg.receive_count, rand::random());
-            if let Err(e) = self.source.release(&msg, delay, false).await {
-                self.source.abandon(&msg);
-                tracing::error!(message_id = %msg.id, error = %e, "cannot release message either; it returns when its claim expires or at the next start");
-            }
-            return false;
-        }
         let mut ev = self.event(EventType::Rejected, &msg);
         ev.job_id = rejection.job_id.clone();
-        ev.reason = Some(format!("{reason}: {}", rejection.detail));
+        ev.reason = Some(reason.to_string());
+        ev.detail = Some(rejection.detail.clone());
         ev.is_final = true;
-        self.publish(&ev).await;
+        self.dead_letter_with_event(&msg, ev).await
+    }
+
+    /// Copies the message to the dead-letter place (with the event's reason
+    /// and detail), then publishes the event: the dead-letter copy is the
+    /// durable record, so the event is best effort. If the copy cannot be
+    /// made, the message is released to try again later.
+    async fn dead_letter_with_event(&self, msg: &Message, ev: JobEvent) -> bool {
+        let reason = ev.reason.clone().unwrap_or_default();
+        let detail = ev.detail.clone().unwrap_or_default();
+        let until = self.finish_deadline();
+        let done = retry::retry("dead-letter", until, QueueError::class, || {
+            self.source.dead_letter(msg, &reason, &detail)
+        })
+        .await;
+        match done {
+            Ok(()) => {}
+            Err(e) if e.class() == ErrorClass::Gone => {
+                self.lost_claim(msg, "dead-lettering it");
+                return false;
+            }
+            Err(e) => {
+                tracing::error!(message_id = %msg.id, error = ?e, "cannot dead-letter a message; releasing it to try again later");
+                let delay = self
+                    .settings
+                    .backoff
+                    .delay(msg.receive_count, rand::random());
+                self.release_or_abandon(msg, delay, false).await;
+                return false;
+            }
+        }
+        self.publish_by(&ev, until).await;
         true
     }
 
@@ -130,6 +173,9 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         let mut entry = InFlight::for_message(&msg);
         entry.job_id = Some(job.id.clone());
         entry.work_dir = Some(work_dir.clone());
+        // Armed before anything else (before any network call): inputs,
+        // the start event and the job itself all answer to it.
+        let deadline = tokio::time::Instant::now() + timeout;
 
         let template = {
             let mut ev = self.event(EventType::Started, &msg);
@@ -161,9 +207,10 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                     work_dir: &work_dir,
                     log_stream: &log_stream,
                     timeout,
+                    deadline,
                     started_event: &template,
                 };
-                self.attempt(attempt, &mut entry).await
+                self.attempt(attempt).await
             }
         };
 
@@ -175,6 +222,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         };
         let delay = self.settings.backoff.delay(backoff_step, rand::random());
         let verdict = verdict::decide(&ending, msg.attempt, job.max_attempts, delay);
+        let requeues = msg.receive_count.saturating_sub(msg.attempt);
         let mut ev = template;
         ev.kind = verdict.kind;
         ev.at = crate::events::rfc3339_now();
@@ -201,83 +249,173 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 tracing::warn!(dir = %work_dir.display(), error = %e, "cannot remove work dir");
             }
         }
-        let deleted = self
-            .finish(&msg, slot, &mut entry, ev, verdict.action)
-            .await;
+        let deleted = self.finish(&msg, slot, ev, verdict.action, requeues).await;
         self.board.finished(&msg.id);
         deleted
     }
 
     /// Records the decision, publishes the outcome, then acts on the
-    /// message: ack last. A failing delete or release is retried while the
-    /// slot is held, until it works or the drain deadline has passed (then
-    /// the ledger keeps the decision for the next start to complete).
-    /// Returns true when the message was deleted.
+    /// message: ack last. Publishing has `FINISH_BUDGET` (and the drain's
+    /// deadline); the delete or release is retried by the one retry policy
+    /// within the same bounds, while the slot is held. A message whose
+    /// receipt SQS no longer accepts is not ours any more: logged, counted,
+    /// never retried. If the drain deadline passes first, the ledger keeps
+    /// the decision for the next start to complete. A release that is not
+    /// a failure, past `max_requeues` of them, dead-letters the message
+    /// (`agent_gave_up`) instead of looping. Returns true when the message
+    /// is gone for good.
     pub(super) async fn finish(
         &self,
         msg: &Message,
         slot: usize,
-        entry: &mut InFlight,
         ev: JobEvent,
         action: Action,
+        requeues: u32,
     ) -> bool {
+        let until = self.finish_deadline();
         let mut action = action;
-        entry.decided = Some(Decided {
+        let decided = Decided {
             event: ev.clone(),
             action: decided_action(action),
-        });
-        if let Err(e) = self.ledger.record(slot, entry) {
+        };
+        if let Err(e) = self.ledger.update(slot, |e| e.decided = Some(decided)) {
             tracing::warn!(message_id = %msg.id, error = %e, "cannot record the outcome in the in-flight ledger");
         }
-        let handed_off = self.publish(&ev).await;
-        if !handed_off && action == Action::Delete {
-            // Deleting now would lose the only record of the outcome; run
-            // the job again later instead (at-least-once).
-            action = Action::Release {
-                delay: self
-                    .settings
-                    .backoff
-                    .delay(msg.receive_count, rand::random()),
-                failed: false,
-            };
-        }
-        let mut wait = Duration::from_millis(200);
-        loop {
-            let done = match action {
-                Action::Delete => self.source.delete(msg).await,
-                Action::Release { delay, failed } => self.source.release(msg, delay, failed).await,
-            };
-            match done {
-                Ok(()) => break,
-                Err(e) if self.drain_deadline_passed() => {
-                    tracing::error!(
-                        message_id = %msg.id, error = %e,
-                        "cannot finish message before the drain deadline; the next start of the agent completes it"
-                    );
-                    self.board.stranded();
-                    return false;
-                }
-                Err(e) => {
-                    tracing::warn!(message_id = %msg.id, error = %e, retry_in_ms = wait.as_millis() as u64, "cannot finish message; retrying");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(30));
-                }
+        let gives_up = |action: Action| {
+            matches!(action, Action::Release { failed: false, .. })
+                && requeues >= self.settings.max_requeues
+        };
+        if !gives_up(action) {
+            let handed_off = self.publish_by(&ev, until).await;
+            if !handed_off && action == Action::Delete {
+                // Deleting now would lose the only record of the outcome;
+                // run the job again later instead (at-least-once).
+                action = Action::Release {
+                    delay: self
+                        .settings
+                        .backoff
+                        .delay(msg.receive_count, rand::random()),
+                    failed: false,
+                };
             }
         }
-        if let Err(e) = self.ledger.forget(slot) {
-            tracing::warn!(message_id = %msg.id, error = %e, "cannot update the in-flight ledger");
+        if gives_up(action) {
+            let done = self.give_up(msg, &ev, requeues).await;
+            self.forget_slot(slot, msg);
+            return done;
         }
+        let done = retry::retry("finishing a message", until, QueueError::class, || async {
+            match action {
+                Action::Delete => self.source.delete(msg).await,
+                Action::Release { delay, failed } => self.source.release(msg, delay, failed).await,
+            }
+        })
+        .await;
+        match done {
+            Ok(()) => {}
+            Err(e) if e.class() == ErrorClass::Gone => self.lost_claim(msg, "finishing it"),
+            Err(GaveUp::Deadline(e)) if self.drain_deadline_passed() => {
+                tracing::error!(
+                    message_id = %msg.id, error = ?e,
+                    "cannot finish message before the drain deadline; the next start of the agent completes it"
+                );
+                self.board.stranded();
+                return false;
+            }
+            Err(e) => {
+                self.source.abandon(msg);
+                tracing::error!(message_id = %msg.id, error = ?e, "cannot finish message; given up (it becomes visible again when its visibility timeout ends and runs again)");
+            }
+        }
+        self.forget_slot(slot, msg);
         action == Action::Delete
     }
 
+    /// Dead-letters a message released too often without a counted failure
+    /// (reason `agent_gave_up`), so a job whose outcome can never be handed
+    /// off does not run forever.
+    async fn give_up(&self, msg: &Message, ev: &JobEvent, requeues: u32) -> bool {
+        let mut gave_up = ev.clone();
+        gave_up.kind = EventType::Failed;
+        gave_up.is_final = true;
+        gave_up.reason = Some(AGENT_GAVE_UP.to_string());
+        gave_up.detail = Some(format!(
+            "released {requeues} time(s) without a failed attempt (jobs.max_requeues = {}); last outcome: {}{}",
+            self.settings.max_requeues,
+            ev.kind.as_str(),
+            ev.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default(),
+        ));
+        tracing::error!(message_id = %msg.id, requeues, "a job was released too often without a failed attempt; dead-lettering it as agent_gave_up");
+        self.dead_letter_with_event(msg, gave_up).await
+    }
+
+    /// A receipt SQS no longer accepts: the message is someone else's now.
+    fn lost_claim(&self, msg: &Message, doing: &str) {
+        self.source.abandon(msg);
+        self.board.not_ours();
+        tracing::warn!(
+            message_id = %msg.id,
+            "the message was no longer ours when {doing}: its visibility lapsed (the agent could not renew it in time) \
+             and SQS may have handed it to another worker; not retried"
+        );
+    }
+
+    fn forget_slot(&self, slot: usize, msg: &Message) {
+        if let Err(e) = self.ledger.forget(slot) {
+            tracing::warn!(message_id = %msg.id, error = %e, "cannot update the in-flight ledger");
+        }
+    }
+
+    /// Releases a message, or (if even that fails) stops keeping it: it
+    /// comes back by itself when its visibility ends.
+    pub(super) async fn release_or_abandon(&self, msg: &Message, delay: Duration, failed: bool) {
+        let until = self.finish_deadline();
+        let done = retry::retry("releasing a message", until, QueueError::class, || {
+            self.source.release(msg, delay, failed)
+        })
+        .await;
+        match done {
+            Ok(()) => {}
+            Err(e) if e.class() == ErrorClass::Gone => self.lost_claim(msg, "releasing it"),
+            Err(e) => {
+                self.source.abandon(msg);
+                tracing::error!(message_id = %msg.id, error = ?e, "cannot release message; it returns when its claim expires or at the next start");
+            }
+        }
+    }
+
+    /// Until when handing an outcome off may take: `FINISH_BUDGET` from
+    /// now, or the drain deadline less the time kept to exit.
+    pub(super) fn finish_deadline(&self) -> tokio::time::Instant {
+        let budget = tokio::time::Instant::now() + FINISH_BUDGET;
+        match self.drain.deadline() {
+            Some(d) => budget.min(d.into()),
+            None => budget,
+        }
+    }
+
     fn drain_deadline_passed(&self) -> bool {
-        self.drain
-            .current()
-            .is_some_and(|d| Instant::now() >= d.deadline)
+        self.drain.deadline().is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Runs `work` unless the attempt's deadline (if any) or a drain comes
+    /// first.
+    async fn bounded<T>(
+        &self,
+        deadline: Option<tokio::time::Instant>,
+        work: impl std::future::Future<Output = T>,
+    ) -> Result<T, Cut> {
+        let mut drain_rx = self.drain.subscribe();
+        let until = deadline.unwrap_or_else(far_future);
+        tokio::select! {
+            out = work => Ok(out),
+            _ = tokio::time::sleep_until(until) => Err(Cut::Deadline),
+            req = drain::requested(&mut drain_rx) => Err(Cut::Drain(req.reason)),
+        }
     }
 
     /// Prepares, launches and watches one attempt.
-    async fn attempt(&self, a: Attempt<'_>, entry: &mut InFlight) -> Ending {
+    async fn attempt(&self, a: Attempt<'_>) -> Ending {
         let Attempt {
             msg,
             env,
@@ -285,8 +423,20 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             work_dir,
             log_stream,
             timeout,
+            deadline,
             started_event,
         } = a;
+        let cut_ending = |cut: Cut| match cut {
+            Cut::Deadline => Ending::TimedOut {
+                after: timeout,
+                signal: None,
+            },
+            Cut::Drain(drain_reason) => Ending::Interrupted {
+                drain_reason,
+                code: None,
+                signal: None,
+            },
+        };
         let job = &env.job;
         let uses_s3 = !job.inputs.is_empty() || !job.outputs.is_empty();
         if uses_s3 && self.transfers.is_none() {
@@ -299,8 +449,16 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             return Ending::AgentFault(format!("creating work dir {}: {e}", work_dir.display()));
         }
         if let (Some(transfers), false) = (&self.transfers, job.inputs.is_empty()) {
-            if let Err(e) = transfers.download_inputs(&job.inputs, work_dir).await {
-                return transfer_ending(e);
+            match self
+                .bounded(
+                    Some(deadline),
+                    transfers.download_inputs(&job.inputs, work_dir),
+                )
+                .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return transfer_ending(e),
+                Err(cut) => return cut_ending(cut),
             }
         }
         let log_path = self.settings.log_root.join(log_stream);
@@ -310,7 +468,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 return Ending::AgentFault(format!("opening log file {}: {e}", log_path.display()))
             }
         };
-        if let Some(req) = self.drain.current() {
+        if let Some(req) = self.drain.draining() {
             // Received just before the drain began: do not start it at all.
             return Ending::Interrupted {
                 drain_reason: req.reason,
@@ -329,9 +487,11 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         };
         // The pid is recorded before the job can run any code: a crash from
         // here on leaves an entry that points at the job's process group.
-        entry.pid = Some(spawned.pid());
-        entry.start_time = Some(spawned.start_time());
-        if let Err(e) = self.ledger.record(slot, entry) {
+        let (pid, start_time) = (spawned.pid(), spawned.start_time());
+        if let Err(e) = self.ledger.update(slot, |e| {
+            e.pid = Some(pid);
+            e.start_time = Some(start_time);
+        }) {
             return Ending::AgentFault(e.to_string());
         }
         let mut proc = match spawned.start(&plan).await {
@@ -351,8 +511,21 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         ));
         let mut started = started_event.clone();
         started.at = crate::events::rfc3339_now();
-        self.publish(&started).await;
-        let watched = self.watch(&mut proc, timeout, job.interrupt).await;
+        // The start event goes out while the job runs, under the watch: a
+        // slow or hung events endpoint never delays the timeout or a drain.
+        // Whatever is still unsent when the job ends is left to the sink.
+        let watched = {
+            let publish_started = self.publish_by(&started, deadline);
+            let watch = self.watch(&mut proc, deadline, job.interrupt);
+            tokio::pin!(publish_started, watch);
+            let mut published = false;
+            loop {
+                tokio::select! {
+                    w = &mut watch => break w,
+                    _ = &mut publish_started, if !published => published = true,
+                }
+            }
+        };
         // The job is over: whatever it left running in its group goes too.
         proc.signal_group(Signal::SIGKILL);
         match tokio::time::timeout(OUTPUT_DRAIN_WAIT, &mut capture).await {
@@ -379,8 +552,15 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             Ending::Exited(0) | Ending::Interrupted { code: Some(0), .. }
         );
         if let (Some(transfers), true, false) = (&self.transfers, clean, job.outputs.is_empty()) {
-            if let Err(e) = transfers.upload_outputs(&job.outputs, work_dir).await {
-                return transfer_ending(e);
+            match self
+                .bounded(None, transfers.upload_outputs(&job.outputs, work_dir))
+                .await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return transfer_ending(e),
+                // The outputs did not all go up before the drain: the job
+                // has not delivered, so it runs again (not a failure).
+                Err(cut) => return cut_ending(cut),
             }
         }
         ending
@@ -410,13 +590,13 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
     async fn watch(
         &self,
         proc: &mut JobProcess,
-        timeout: Duration,
+        deadline: tokio::time::Instant,
         interrupt: envelope::Interrupt,
     ) -> std::io::Result<Watched> {
         let mut drain_rx = self.drain.subscribe();
         tokio::select! {
             st = proc.wait() => Ok(Watched::Exited(st?)),
-            _ = tokio::time::sleep(timeout) => {
+            _ = tokio::time::sleep_until(deadline) => {
                 proc.signal_group(Signal::SIGTERM);
                 let st = stop_within(proc, self.settings.kill_grace, &mut drain_rx).await?;
                 Ok(Watched::TimedOut(st))
@@ -443,11 +623,15 @@ async fn stop_within(
         .checked_add(grace)
         .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));
     loop {
-        let drain_end = drain_rx.borrow_and_update().as_ref().map(|r| {
-            r.deadline
-                .checked_sub(RELEASE_RESERVE)
-                .unwrap_or(r.deadline)
-        });
+        let drain_end = drain_rx
+            .borrow_and_update()
+            .as_ref()
+            .filter(|r| r.is_drain())
+            .map(|r| {
+                r.deadline
+                    .checked_sub(RELEASE_RESERVE)
+                    .unwrap_or(r.deadline)
+            });
         let until = drain_end.map_or(grace_end, |d| d.min(grace_end));
         tokio::select! {
             st = proc.wait() => return st,

@@ -23,8 +23,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::drain::{self, Drain};
 use crate::envelope::{Keyring, VerifyPolicy};
-use crate::events::{EventSink, EventType, JobEvent};
-use crate::queue::{JobSource, Message};
+use crate::events::{EventError, EventSink, EventType, JobEvent};
+use crate::queue::{ClaimJournal, JobSource, Message, QueueError};
+use crate::retry;
 use crate::sandbox::process::{kill_orphaned_group, Launcher};
 use crate::state::{Decided, DecidedAction, InFlight, Ledger, StateError};
 use status::StatusBoard;
@@ -41,8 +42,18 @@ const MAX_GATHER: Duration = Duration::from_millis(250);
 /// attempts that did not end by themselves before it returns anyway.
 const FINAL_WAIT_MARGIN: Duration = Duration::from_secs(5);
 
-/// A long poll still running this close to the drain deadline is given up.
+/// A receive still running this close to the drain deadline is given up:
+/// what it would bring could not be given back in time anyway.
 const LONG_POLL_CUTOFF: Duration = Duration::from_secs(3);
+
+/// How long recovery at start may spend completing one message's outcome.
+const RECOVERY_BUDGET: Duration = Duration::from_secs(60);
+
+/// How long the agent tries to say it stops.
+const STOP_ANNOUNCE_BUDGET: Duration = Duration::from_secs(5);
+
+/// Default of `jobs.max_requeues`.
+pub const DEFAULT_MAX_REQUEUES: u32 = 20;
 
 /// How long to wait before asking a failing source again, at most.
 const RECEIVE_RETRY_MAX: Duration = Duration::from_secs(30);
@@ -151,6 +162,32 @@ pub struct Settings {
     pub log_max_bytes: u64,
     pub verify: VerifyPolicy,
     pub instance_id: String,
+    /// Releases that are not failures a job may have before it is
+    /// dead-lettered as `agent_gave_up` (`jobs.max_requeues`).
+    pub max_requeues: u32,
+}
+
+/// The source's news about claims, written into the ledger at once.
+struct LedgerJournal(Arc<Ledger>);
+
+impl ClaimJournal for LedgerJournal {
+    fn receipt_changed(&self, message_id: &str, receipt: &str) {
+        if let Err(e) = self
+            .0
+            .update_message(message_id, |e| e.receipt = receipt.to_string())
+        {
+            tracing::warn!(message_id, error = %e, "cannot record a message's new receipt in the in-flight ledger");
+        }
+    }
+
+    fn copy_sent(&self, message_id: &str, copy_id: &str) {
+        if let Err(e) = self
+            .0
+            .update_message(message_id, |e| e.copy_id = Some(copy_id.to_string()))
+        {
+            tracing::warn!(message_id, error = %e, "cannot record a message's copy in the in-flight ledger");
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -166,7 +203,7 @@ pub struct Supervisor<S, E> {
     events: E,
     keys: Keyring,
     settings: Settings,
-    ledger: Ledger,
+    ledger: Arc<Ledger>,
     launcher: Launcher,
     drain: Drain,
     board: Arc<StatusBoard>,
@@ -196,6 +233,8 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
     ) -> Supervisor<S, E> {
         let busy = board.clone();
         events.count_publishers(Arc::new(move || busy.busy()));
+        let ledger = Arc::new(ledger);
+        source.set_journal(Arc::new(LedgerJournal(ledger.clone())));
         Supervisor {
             source,
             events,
@@ -248,21 +287,36 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         let entries = self.ledger.load_all()?;
         let mut undecided = Vec::new();
         for e in entries {
-            if let (Some(pid), Some(start)) = (e.pid, e.start_time) {
-                let killed = tokio::task::spawn_blocking(move || kill_orphaned_group(pid, start))
-                    .await
-                    .unwrap_or(0);
-                if killed > 0 {
-                    tracing::warn!(
-                        job = e.job_id.as_deref().unwrap_or("?"),
-                        pid,
-                        killed,
-                        "killed the processes of a job left running by a previous run of the agent"
-                    );
+            match (e.pid, e.start_time) {
+                (Some(pid), Some(start)) => {
+                    let killed =
+                        tokio::task::spawn_blocking(move || kill_orphaned_group(pid, start))
+                            .await
+                            .unwrap_or(0);
+                    if killed > 0 {
+                        tracing::warn!(
+                            job = e.job_id.as_deref().unwrap_or("?"),
+                            pid,
+                            killed,
+                            "killed the processes of a job left running by a previous run of the agent"
+                        );
+                    }
                 }
+                (Some(pid), None) => tracing::error!(
+                    pid,
+                    "a ledger entry has a job pid without its start time; not killing the group (the pid may have been reused)"
+                ),
+                _ => {}
             }
             if let Some(dir) = e.work_dir.clone() {
                 let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+            }
+            if e.copy_id.is_some() {
+                // A copy already stands for the message: finishing the
+                // original is all that is left; releasing it would run the
+                // job twice.
+                self.forget_copied(&e).await;
+                continue;
             }
             match &e.decided {
                 Some(decided) => self.complete_decided(&e, decided).await,
@@ -275,6 +329,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             .recover_claims(&known)
             .await
             .map_err(SupervisorError::RecoveryQueue)?;
+        let until = tokio::time::Instant::now() + RECOVERY_BUDGET;
         for e in undecided
             .iter()
             .filter(|e| released.contains(&e.message_id))
@@ -290,7 +345,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 "released after the agent restarted: the previous run ended without finishing it"
                     .into(),
             );
-            self.publish(&ev).await;
+            self.publish_by(&ev, until).await;
         }
         self.ledger.clear_all()?;
         if !released.is_empty() {
@@ -302,20 +357,53 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         Ok(released.len())
     }
 
+    /// Removes the original of a message whose copy a previous run sent.
+    async fn forget_copied(&self, e: &InFlight) {
+        let msg = e.to_message();
+        let until = tokio::time::Instant::now() + RECOVERY_BUDGET;
+        let done = retry::retry(
+            "removing a copied message",
+            until,
+            QueueError::class,
+            || self.source.forget_copied(&msg),
+        )
+        .await;
+        match done {
+            Ok(()) => tracing::warn!(
+                message_id = %e.message_id,
+                copy = e.copy_id.as_deref().unwrap_or(""),
+                "removed a message whose copy a previous run of the agent had already sent; the copy runs instead"
+            ),
+            Err(err) => tracing::error!(
+                message_id = %e.message_id, error = ?err,
+                "cannot remove a message whose copy a previous run had sent; the job may run twice"
+            ),
+        }
+    }
+
     /// Finishes what a previous run had decided for a message but may not
     /// have done: its event again (consumers may see it twice, never
     /// zero times), then the delete or release.
     async fn complete_decided(&self, e: &InFlight, decided: &Decided) {
         let msg = e.to_message();
-        self.publish(&decided.event).await;
-        let done = match decided.action {
-            DecidedAction::Delete => self.source.delete(&msg).await,
-            DecidedAction::Release { delay_ms, failed } => {
-                self.source
-                    .release(&msg, Duration::from_millis(delay_ms), failed)
-                    .await
-            }
-        };
+        let until = tokio::time::Instant::now() + RECOVERY_BUDGET;
+        self.publish_by(&decided.event, until).await;
+        let done = retry::retry(
+            "completing a decided outcome",
+            until,
+            QueueError::class,
+            || async {
+                match decided.action {
+                    DecidedAction::Delete => self.source.delete(&msg).await,
+                    DecidedAction::Release { delay_ms, failed } => {
+                        self.source
+                            .release(&msg, Duration::from_millis(delay_ms), failed)
+                            .await
+                    }
+                }
+            },
+        )
+        .await;
         match done {
             Ok(()) => tracing::warn!(
                 message_id = %e.message_id,
@@ -323,14 +411,15 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 "completed the outcome a previous run of the agent had decided"
             ),
             Err(err) => tracing::warn!(
-                message_id = %e.message_id, error = %err,
+                message_id = %e.message_id, error = ?err,
                 "could not complete the outcome a previous run had decided (the message may be gone already)"
             ),
         }
     }
 
     /// Runs until a drain is requested and every attempt has finished or
-    /// been released.
+    /// been released. A pause of the intake (`DrainMode::StopIntake`) only
+    /// stops receiving until it is lifted or becomes a drain.
     pub async fn run(self: Arc<Self>) {
         let slots = SlotPool::new(self.settings.slots);
         let tracker = TaskTracker::new();
@@ -338,9 +427,12 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         let mut receive_failures: u32 = 0;
         let mut queue_busy = false;
         'intake: loop {
+            if !self.wait_for_intake(&mut drain_rx).await {
+                break;
+            }
             let first = tokio::select! {
                 biased;
-                _ = drain::requested(&mut drain_rx) => break,
+                _ = drain::intake_stopped(&mut drain_rx) => continue,
                 slot = slots.acquire() => match slot {
                     Some(slot) => slot,
                     None => break,
@@ -366,15 +458,12 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                             None => break,
                         },
                         _ = tokio::time::sleep_until(until) => break,
-                        _ = drain::requested(&mut drain_rx) => break 'intake,
+                        _ = drain::intake_stopped(&mut drain_rx) => continue 'intake,
                     }
                 }
             }
             let asked = free.len();
-            let Some(received) = self
-                .receive_unless_too_late(free.len(), &mut drain_rx)
-                .await
-            else {
+            let Some(received) = self.receive_within_drain(free.len()).await else {
                 break;
             };
             let messages = match received {
@@ -397,14 +486,20 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                     }
                 }
             };
-            let draining = self.drain.current().is_some();
+            // Intake stopped while the receive was out (a drain, a pause):
+            // what it brought goes straight back, never stranded.
+            let stopped = self.drain.current().map(|d| d.reason);
             for (chain, chain_slots) in fifo_chains(messages, &mut free) {
-                if draining || chain_slots.len() < chain.len() {
-                    // Draining, or (cannot happen: receive is bounded by the
+                if stopped.is_some() || chain_slots.len() < chain.len() {
+                    // Stopped, or (cannot happen: receive is bounded by the
                     // free slots) a message without a slot: straight back.
-                    for msg in &chain {
-                        self.give_back(msg, "the agent is draining").await;
-                    }
+                    let me = self.clone();
+                    let why = stopped.clone().unwrap_or_default();
+                    tracker.spawn(async move {
+                        for msg in &chain {
+                            me.give_back(msg, &why).await;
+                        }
+                    });
                     continue;
                 }
                 let me = self.clone();
@@ -420,8 +515,8 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         // guards against one that cannot (stuck in the kernel, say).
         let deadline = self
             .drain
-            .current()
-            .map(|d| d.deadline + FINAL_WAIT_MARGIN)
+            .deadline()
+            .map(|d| d + FINAL_WAIT_MARGIN)
             .unwrap_or_else(|| std::time::Instant::now() + FINAL_WAIT_MARGIN);
         if tokio::time::timeout_at(deadline.into(), tracker.wait())
             .await
@@ -437,36 +532,54 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         }
     }
 
-    /// Receives, but lets a drain end a long poll that would outlast its
-    /// deadline. A receive in flight is otherwise never abandoned: what it
-    /// claims is started or given back. Abandoning one near the deadline
-    /// can only delay a message SQS handed out in that instant (it becomes
-    /// visible again after its visibility timeout), never lose it.
-    async fn receive_unless_too_late(
+    /// Waits while the intake is paused; false once a drain is under way.
+    async fn wait_for_intake(
         &self,
-        max: usize,
         drain_rx: &mut tokio::sync::watch::Receiver<Option<drain::DrainRequest>>,
-    ) -> Option<Result<Vec<Message>, crate::queue::QueueError>> {
+    ) -> bool {
+        let mut announced = false;
+        loop {
+            match drain_rx.borrow_and_update().clone() {
+                None => return true,
+                Some(req) if req.is_drain() => return false,
+                Some(req) => {
+                    if !announced {
+                        tracing::warn!(reason = %req.reason, "intake paused: running jobs go on, no new ones are taken");
+                        announced = true;
+                    }
+                }
+            }
+            if drain_rx.changed().await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Receives. A receive under way is not abandoned when intake stops:
+    /// SQS may already have handed it messages, which would stay hidden
+    /// (stranded) until their visibility timeout; it is awaited and what
+    /// it brings is given back at once. Only a drain deadline too close to
+    /// give anything back cuts it off (`LONG_POLL_CUTOFF`).
+    async fn receive_within_drain(&self, max: usize) -> Option<Result<Vec<Message>, QueueError>> {
+        let mut drain_rx = self.drain.subscribe();
         let receive = self.source.receive(max);
         tokio::pin!(receive);
-        tokio::select! {
-            r = &mut receive => return Some(r),
-            _ = drain::requested(drain_rx) => {}
-        }
         loop {
-            let deadline = self.drain.current().map(|d| d.deadline)?;
-            let cut_off = deadline.checked_sub(LONG_POLL_CUTOFF).unwrap_or(deadline);
-            // Once every running job has finished there is nothing left to
-            // wait for: an idle long poll does not hold up the exit.
-            if self.board.snapshot().busy == 0 {
-                return None;
-            }
+            let cut_off = self
+                .drain
+                .deadline()
+                .map(|d| d.checked_sub(LONG_POLL_CUTOFF).unwrap_or(d));
+            let until = cut_off.map_or_else(attempt_far_future, |c| c.into());
             tokio::select! {
                 r = &mut receive => return Some(r),
-                _ = tokio::time::sleep_until(cut_off.into()) => return None,
-                // The deadline may move earlier (a second Ctrl-C).
-                _ = drain_rx.changed() => {}
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = tokio::time::sleep_until(until) => {
+                    tracing::warn!("a receive was still under way at the drain deadline; what it brings returns after its visibility timeout");
+                    return None;
+                }
+                // The deadline may appear or move earlier.
+                changed = drain_rx.changed() => if changed.is_err() {
+                    return Some(receive.await);
+                },
             }
         }
     }
@@ -508,34 +621,51 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         }
     }
 
-    /// Releases a message that was received but will not be started.
-    async fn give_back(&self, msg: &Message, why: &str) {
-        if let Err(e) = self.source.release(msg, Duration::ZERO, false).await {
-            self.source.abandon(msg);
-            tracing::error!(message_id = %msg.id, error = %e, why, "cannot release message; it returns when its claim expires or at the next start");
+    /// Publishes `agent.stopped`, briefly: the agent is on its way out.
+    pub async fn announce_stop(&self, ev: &crate::events::AgentEvent) {
+        let until = tokio::time::Instant::now() + STOP_ANNOUNCE_BUDGET;
+        if let Err(e) = retry::retry("publishing agent.stopped", until, EventError::class, || {
+            self.events.publish_agent(ev)
+        })
+        .await
+        {
+            tracing::warn!(error = ?e, "cannot publish agent.stopped");
         }
     }
 
-    /// Hands an event to the sink, retrying briefly; returns whether it was
+    /// Releases a message that was received but will not be started.
+    async fn give_back(&self, msg: &Message, why: &str) {
+        tracing::info!(message_id = %msg.id, why, "giving back a message that will not be started");
+        self.release_or_abandon(msg, Duration::ZERO, false).await;
+    }
+
+    /// Hands an event to the sink, retrying transient errors by the one
+    /// policy until `until` (or the drain deadline); returns whether it was
     /// handed off. Every event is also shown in the agent's own log.
-    async fn publish(&self, ev: &JobEvent) -> bool {
+    async fn publish_by(&self, ev: &JobEvent, until: tokio::time::Instant) -> bool {
         self.board.count(ev.kind);
         show_event(ev);
-        let mut delay = Duration::from_millis(100);
-        for attempt in 1..=3 {
-            match self.events.publish(ev).await {
-                Ok(()) => return true,
-                Err(e) if attempt == 3 => {
-                    tracing::error!(error = %e, event = ev.kind.as_str(), message_id = %ev.message_id, "cannot publish job event");
-                }
-                Err(_) => {
-                    tokio::time::sleep(delay).await;
-                    delay *= 4;
-                }
+        let until = match self.drain.deadline() {
+            Some(d) => until.min(d.into()),
+            None => until,
+        };
+        match retry::retry("publishing an event", until, EventError::class, || {
+            self.events.publish(ev)
+        })
+        .await
+        {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = ?e, event = ev.kind.as_str(), message_id = %ev.message_id, "cannot publish job event");
+                false
             }
         }
-        false
     }
+}
+
+/// A deadline nothing reaches.
+fn attempt_far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600)
 }
 
 /// One human-readable line per event on the agent's own log (the terminal
@@ -605,6 +735,7 @@ mod tests {
             log_max_bytes: 1024,
             verify: VerifyPolicy::default(),
             instance_id: "i-test".into(),
+            max_requeues: DEFAULT_MAX_REQUEUES,
         };
         let drain = Drain::new();
         let board = Arc::new(StatusBoard::new("test", "dir".into(), 2, drain.clone()));

@@ -43,6 +43,8 @@ pub struct StatusBoard {
     running: Mutex<BTreeMap<String, Running>>,
     counts: [AtomicU64; COUNTED.len()],
     stranded: AtomicU64,
+    not_ours: AtomicU64,
+    warnings: Mutex<Vec<String>>,
 }
 
 /// A point-in-time copy of the board, as sent over the admin socket.
@@ -58,11 +60,22 @@ pub struct StatusSnapshot {
     pub draining: Option<DrainView>,
     pub counts: BTreeMap<String, u64>,
     pub running: Vec<RunningView>,
+    /// Messages whose receipt SQS no longer accepted when the agent came
+    /// to finish them: another worker may have run them too.
+    #[serde(default)]
+    pub not_ours: u64,
+    /// Conditions an operator should know about (a host clock far off).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DrainView {
     pub reason: String,
+    /// `drain` (jobs are stopped or released, then the agent exits) or
+    /// `stop_intake` (no new jobs; running ones go on).
+    #[serde(default)]
+    pub mode: String,
     pub deadline_in_s: u64,
 }
 
@@ -88,7 +101,22 @@ impl StatusBoard {
             running: Mutex::new(BTreeMap::new()),
             counts: Default::default(),
             stranded: AtomicU64::new(0),
+            not_ours: AtomicU64::new(0),
+            warnings: Mutex::new(Vec::new()),
         }
+    }
+
+    /// A message turned out not to be ours any more when it was finished.
+    pub fn not_ours(&self) {
+        self.not_ours.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Shows a warning in every `status` from now on.
+    pub fn warn(&self, text: String) {
+        self.warnings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(text);
     }
 
     /// A message this run could not finish (the next start will).
@@ -162,6 +190,10 @@ impl StatusBoard {
             slots: self.slots,
             busy: running.len(),
             draining: self.drain.current().map(|d| DrainView {
+                mode: match d.mode {
+                    crate::drain::DrainMode::Drain => "drain".into(),
+                    crate::drain::DrainMode::StopIntake => "stop_intake".into(),
+                },
                 reason: d.reason,
                 deadline_in_s: d.deadline.saturating_duration_since(now).as_secs(),
             }),
@@ -174,6 +206,12 @@ impl StatusBoard {
                 })
                 .collect(),
             running,
+            not_ours: self.not_ours.load(Ordering::Relaxed),
+            warnings: self
+                .warnings
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
     }
 }
@@ -202,11 +240,18 @@ impl StatusSnapshot {
         out.push_str(&format!("source:   {}\n", self.source));
         match &self.draining {
             None => out.push_str("state:    running\n"),
+            Some(d) if d.mode == "stop_intake" => out.push_str(&format!(
+                "state:    INTAKE PAUSED ({}): running jobs go on, no new ones\n",
+                d.reason
+            )),
             Some(d) => out.push_str(&format!(
                 "state:    DRAINING ({}), {} left before the deadline\n",
                 d.reason,
                 human_duration(d.deadline_in_s)
             )),
+        }
+        for w in &self.warnings {
+            out.push_str(&format!("WARNING:  {w}\n"));
         }
         out.push_str(&format!("slots:    {} of {} busy\n", self.busy, self.slots));
         out.push_str(&format!(
@@ -219,6 +264,12 @@ impl StatusSnapshot {
             c("rejected"),
             c("started"),
         ));
+        if self.not_ours > 0 {
+            out.push_str(&format!(
+                "lost:     {} message(s) were no longer ours when their job ended (their visibility lapsed; another worker may have run them too)\n",
+                self.not_ours
+            ));
+        }
         if self.running.is_empty() {
             out.push_str("running:  none\n");
             return out;

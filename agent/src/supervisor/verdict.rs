@@ -56,28 +56,8 @@ pub struct Verdict {
     pub reason: Option<String>,
 }
 
-/// Exponential backoff between failed attempts, capped, with jitter.
-#[derive(Debug, Clone, Copy)]
-pub struct Backoff {
-    pub base: Duration,
-    pub max: Duration,
-}
-
-impl Backoff {
-    /// Upper bound of the delay after the `failures`-th failure (1-based):
-    /// base, 2×base, 4×base, ... capped at `max`.
-    pub fn ceiling(&self, failures: u32) -> Duration {
-        let exp = failures.saturating_sub(1).min(30);
-        self.base.saturating_mul(1u32 << exp).min(self.max)
-    }
-
-    /// A delay in [ceiling/2, ceiling]: spread out so that a fleet of
-    /// failures does not come back at the same instant.
-    pub fn delay(&self, failures: u32, jitter01: f64) -> Duration {
-        let c = self.ceiling(failures);
-        c / 2 + c.mul_f64(jitter01.clamp(0.0, 1.0) / 2.0)
-    }
-}
+/// Job retries are spaced by the one backoff the agent has.
+pub use crate::retry::Backoff;
 
 pub fn signal_name(sig: i32) -> String {
     nix::sys::signal::Signal::try_from(sig)
