@@ -46,6 +46,9 @@ const RELEASE_RESERVE: Duration = Duration::from_secs(2);
 /// may take when no drain bounds it; past it the message is abandoned (it
 /// becomes visible again by itself) so the slot is not held forever.
 const FINISH_BUDGET: Duration = Duration::from_secs(15 * 60);
+/// Time kept before a drain deadline for deletes and releases: events
+/// stop being retried then.
+const ACK_RESERVE: Duration = Duration::from_secs(1);
 /// The dead-letter reason of a job released too often without a failure.
 pub const AGENT_GAVE_UP: &str = "agent_gave_up";
 
@@ -134,6 +137,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         let reason = ev.reason.clone().unwrap_or_default();
         let detail = ev.detail.clone().unwrap_or_default();
         let until = self.finish_deadline();
+        let publish_until = self.publish_deadline();
         let done = retry::retry("dead-letter", until, QueueError::class, || {
             self.source.dead_letter(msg, &reason, &detail)
         })
@@ -154,7 +158,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 return false;
             }
         }
-        self.publish_by(&ev, until).await;
+        self.publish_by(&ev, publish_until).await;
         true
     }
 
@@ -273,6 +277,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         requeues: u32,
     ) -> bool {
         let until = self.finish_deadline();
+        let publish_until = self.publish_deadline();
         let mut action = action;
         let decided = Decided {
             event: ev.clone(),
@@ -286,7 +291,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 && requeues >= self.settings.max_requeues
         };
         if !gives_up(action) {
-            let handed_off = self.publish_by(&ev, until).await;
+            let handed_off = self.publish_by(&ev, publish_until).await;
             if !handed_off && action == Action::Delete {
                 // Deleting now would lose the only record of the outcome;
                 // run the job again later instead (at-least-once).
@@ -390,6 +395,21 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         let budget = tokio::time::Instant::now() + FINISH_BUDGET;
         match self.drain.deadline() {
             Some(d) => budget.min(d.into()),
+            None => budget,
+        }
+    }
+
+    /// Until when publishing an outcome may take: like `finish_deadline`,
+    /// but `ACK_RESERVE` before a drain deadline, so a hung events endpoint
+    /// never eats the time the release needs.
+    fn publish_deadline(&self) -> tokio::time::Instant {
+        let budget = tokio::time::Instant::now() + FINISH_BUDGET;
+        match self.drain.deadline() {
+            Some(d) => budget.min(
+                tokio::time::Instant::from(d)
+                    .checked_sub(ACK_RESERVE)
+                    .unwrap_or(d.into()),
+            ),
             None => budget,
         }
     }
@@ -520,9 +540,14 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             tokio::pin!(publish_started, watch);
             let mut published = false;
             loop {
+                // The start event is polled first: it is handed to the
+                // sink (queued for its batch) before a job that ended at
+                // once can end the loop, so it always comes before the
+                // outcome.
                 tokio::select! {
-                    w = &mut watch => break w,
+                    biased;
                     _ = &mut publish_started, if !published => published = true,
+                    w = &mut watch => break w,
                 }
             }
         };
