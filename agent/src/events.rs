@@ -291,27 +291,7 @@ async fn send_batch(
         .send()
         .await;
     match sent {
-        Ok(out) => {
-            let mut results = vec![Ok(()); events.len()];
-            for failed in out.failed() {
-                if let Some(r) = failed
-                    .id()
-                    .parse::<usize>()
-                    .ok()
-                    .and_then(|i| results.get_mut(i))
-                {
-                    let class = match retry::classify_code(failed.code(), None) {
-                        ErrorClass::Permanent if !failed.sender_fault() => ErrorClass::Transient,
-                        class => class,
-                    };
-                    *r = Err(EntryError::new(
-                        class,
-                        format!("{}: {}", failed.code(), failed.message().unwrap_or("")),
-                    ));
-                }
-            }
-            results
-        }
+        Ok(out) => crate::queue::batch::entry_results(events.len(), out.failed()),
         Err(e) => vec![
             Err(EntryError::new(
                 retry::classify(&e),

@@ -114,9 +114,68 @@ impl<T: Send + 'static> Batcher<T> {
     }
 }
 
+/// One result per entry from a batch answer's failures (ids are indexes).
+/// A failed entry is classified by its code; `SenderFault: false` means
+/// SQS's side failed, which is worth another try whatever the code.
+pub fn entry_results(
+    n: usize,
+    failed: &[aws_sdk_sqs::types::BatchResultErrorEntry],
+) -> Vec<EntryResult> {
+    let mut out = vec![Ok(()); n];
+    for f in failed {
+        if let Some(slot) = f.id().parse::<usize>().ok().and_then(|i| out.get_mut(i)) {
+            let class = match crate::retry::classify_code(f.code(), None) {
+                ErrorClass::Permanent if !f.sender_fault() => ErrorClass::Transient,
+                class => class,
+            };
+            *slot = Err(EntryError::new(
+                class,
+                format!("{}: {}", f.code(), f.message().unwrap_or("")),
+            ));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aws_sdk_sqs::types::BatchResultErrorEntry;
+
+    fn failed(id: &str, code: &str, sender_fault: bool) -> BatchResultErrorEntry {
+        BatchResultErrorEntry::builder()
+            .id(id)
+            .code(code)
+            .sender_fault(sender_fault)
+            .message("m")
+            .build()
+            .expect("entry")
+    }
+
+    #[test]
+    fn each_batch_entry_gets_its_own_classified_result() {
+        let out = entry_results(
+            4,
+            &[
+                failed("1", "ReceiptHandleIsInvalid", true),
+                failed("2", "InternalError", false),
+                failed("3", "InvalidParameterValue", true),
+            ],
+        );
+        assert_eq!(out[0], Ok(()));
+        let classes: Vec<ErrorClass> = out[1..]
+            .iter()
+            .map(|r| r.as_ref().expect_err("failed").class)
+            .collect();
+        assert_eq!(
+            classes,
+            [
+                ErrorClass::Gone,
+                ErrorClass::Transient,
+                ErrorClass::Permanent
+            ]
+        );
+    }
     use std::sync::{Arc, Mutex};
 
     #[tokio::test]

@@ -5,13 +5,13 @@
 use std::time::Duration;
 
 use aws_sdk_sqs::types::{
-    BatchResultErrorEntry, ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
+    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
 };
 use aws_sdk_sqs::Client;
 
 use super::lease::{lock, Custody, Leases};
 use crate::aws_errors::describe;
-use crate::queue::batch::{Batcher, EntryError, EntryResult};
+use crate::queue::batch::{entry_results as per_entry, Batcher, EntryError, EntryResult};
 use crate::retry::{self, ErrorClass};
 
 /// How long visibility changes wait to share a batch call.
@@ -104,64 +104,4 @@ pub(super) fn visibility_batcher(client: Client, url: String) -> Batcher<(String
 
 fn all_failed(n: usize, class: ErrorClass, detail: String) -> Vec<EntryResult> {
     vec![Err(EntryError::new(class, detail)); n]
-}
-
-/// One result per entry from a batch answer's failures (ids are indexes).
-/// A failed entry is classified by its code; `SenderFault: false` means
-/// SQS's side failed, which is worth another try whatever the code.
-pub(super) fn per_entry(n: usize, failed: &[BatchResultErrorEntry]) -> Vec<EntryResult> {
-    let mut out = vec![Ok(()); n];
-    for f in failed {
-        if let Some(slot) = f.id().parse::<usize>().ok().and_then(|i| out.get_mut(i)) {
-            let class = match retry::classify_code(f.code(), None) {
-                ErrorClass::Permanent if !f.sender_fault() => ErrorClass::Transient,
-                class => class,
-            };
-            *slot = Err(EntryError::new(
-                class,
-                format!("{}: {}", f.code(), f.message().unwrap_or("")),
-            ));
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn failed(id: &str, code: &str, sender_fault: bool) -> BatchResultErrorEntry {
-        BatchResultErrorEntry::builder()
-            .id(id)
-            .code(code)
-            .sender_fault(sender_fault)
-            .message("m")
-            .build()
-            .expect("entry")
-    }
-
-    #[test]
-    fn each_batch_entry_gets_its_own_classified_result() {
-        let out = per_entry(
-            4,
-            &[
-                failed("1", "ReceiptHandleIsInvalid", true),
-                failed("2", "InternalError", false),
-                failed("3", "InvalidParameterValue", true),
-            ],
-        );
-        assert_eq!(out[0], Ok(()));
-        let classes: Vec<ErrorClass> = out[1..]
-            .iter()
-            .map(|r| r.as_ref().expect_err("failed").class)
-            .collect();
-        assert_eq!(
-            classes,
-            [
-                ErrorClass::Gone,
-                ErrorClass::Transient,
-                ErrorClass::Permanent
-            ]
-        );
-    }
 }

@@ -476,17 +476,30 @@ impl SqsQueue {
             .max_hold
             .saturating_sub(held + self.shared.lead() / 2);
         let secs = delay.min(room).as_secs() as i32;
-        match self.shared.visibility[msg.queue]
+        let result = self.shared.visibility[msg.queue]
             .submit((self.current_receipt(msg), secs))
-            .await
-        {
+            .await;
+        self.settle(msg, result, "releasing a message to", &q.url)
+    }
+
+    /// Ends a delete or release: the lease goes once it worked (or the
+    /// message is not ours any more); otherwise it stays and is renewed
+    /// again, keeping the message hidden while the caller retries.
+    fn settle(
+        &self,
+        msg: &Message,
+        result: crate::queue::batch::EntryResult,
+        action: &'static str,
+        url: &str,
+    ) -> Result<(), QueueError> {
+        match result {
             Ok(()) => {
                 self.forget_lease(&msg.id);
                 Ok(())
             }
             Err(e) => {
                 self.end_finishing(&msg.id, e.class);
-                Err(service_error("releasing a message to", &q.url, e))
+                Err(service_error(action, url, e))
             }
         }
     }
@@ -634,21 +647,10 @@ impl JobSource for SqsQueue {
             }
             Whereabouts::Leased => {}
         }
-        match self.shared.deletes[msg.queue]
+        let result = self.shared.deletes[msg.queue]
             .submit(self.current_receipt(msg))
-            .await
-        {
-            Ok(()) => {
-                self.forget_lease(&msg.id);
-                Ok(())
-            }
-            // Until the delete works the lease stays and is renewed: the
-            // message stays hidden while the caller retries.
-            Err(e) => {
-                self.end_finishing(&msg.id, e.class);
-                Err(service_error("deleting a message from", &q.url, e))
-            }
-        }
+            .await;
+        self.settle(msg, result, "deleting a message from", &q.url)
     }
 
     async fn release(
