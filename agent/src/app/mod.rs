@@ -1,20 +1,30 @@
 //! Wiring: builds the parts from the validated configuration and runs them
 //! as one daemon (`run` on SQS, `dev` on a local directory); owns the
-//! shutdown path (signals → drain → supervisor returns → exit 0). Also the
-//! small one-shot commands that need the same parts: `check-config`,
-//! `keygen`, `status` and `drain`.
+//! shutdown path (signals → drain → supervisor returns → exit 0). The `dev`
+//! directory's layout (`dev`), the AWS clients (`aws`), stop signals
+//! (`signals`) and the one-shot commands (`client`) have files of their own.
 //!
 //! Every error that is the operator's to fix (config, keys file) is a
 //! `AppError::Usage`, which `main` turns into exit status 2.
 
-use std::path::{Path, PathBuf};
+mod aws;
+mod client;
+mod dev;
+mod signals;
+
+use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+pub use aws::aws_sdk_config;
+pub use client::{admin_socket, check_config, keygen, request_drain, status};
+pub use dev::{load_dev_config, write_private, DevLayout};
+use signals::StopSignals;
 
 use crate::admin;
 use crate::config::{Config, ConfigFile};
 use crate::drain::Drain;
-use crate::envelope::{Alg, Keyring, SigningKey, VerifyPolicy};
+use crate::envelope::{Keyring, VerifyPolicy};
 use crate::events::{AgentEvent, EventSink, JsonlFile, SqsEvents};
 use crate::queue::dir::DirQueue;
 use crate::queue::sqs::{check_queue, SqsQueue};
@@ -45,11 +55,11 @@ impl AppError {
     }
 }
 
-fn usage(e: impl std::fmt::Display) -> AppError {
+pub(crate) fn usage(e: impl std::fmt::Display) -> AppError {
     AppError::Usage(e.to_string())
 }
 
-fn failed(e: impl std::fmt::Display) -> AppError {
+pub(crate) fn failed(e: impl std::fmt::Display) -> AppError {
     AppError::Failed(e.to_string())
 }
 
@@ -71,106 +81,11 @@ pub fn load_config(explicit: Option<&Path>) -> Result<Config, AppError> {
     Config::load(file, &process_env(), &[]).map_err(usage)
 }
 
-/// Files of the `dev` directory outside the queue layout.
-pub struct DevLayout {
-    pub root: PathBuf,
-}
-
-impl DevLayout {
-    /// `dir` made absolute (config paths must be).
-    pub fn new(dir: &Path) -> Result<DevLayout, AppError> {
-        let root =
-            std::path::absolute(dir).map_err(|e| usage(format!("--dir {}: {e}", dir.display())))?;
-        Ok(DevLayout { root })
-    }
-
-    pub fn signing_key(&self) -> PathBuf {
-        self.root.join("keys/signing.toml")
-    }
-
-    pub fn keys_file(&self) -> PathBuf {
-        self.root.join("keys/keys.toml")
-    }
-
-    pub fn socket(&self) -> PathBuf {
-        self.root.join("agent.sock")
-    }
-
-    pub fn events(&self) -> PathBuf {
-        self.root.join("events.jsonl")
-    }
-
-    /// Defaults of `dev` mode: everything under the directory.
-    pub fn mode_defaults(&self) -> Vec<(&'static str, String)> {
-        let p = |sub: &str| self.root.join(sub).display().to_string();
-        vec![
-            ("jobs.work_dir", p("work")),
-            ("jobs.log_dir", p("logs")),
-            ("signing.keys_file", self.keys_file().display().to_string()),
-            ("admin.socket", self.socket().display().to_string()),
-            ("state.dir", p("state")),
-            ("agent.instance_id", format!("dev-{}", hostname())),
-        ]
-    }
-
-    /// Creates the development signing key and its verification entry on
-    /// first use; later calls reuse them.
-    pub fn ensure_keys(&self) -> Result<(), AppError> {
-        if self.signing_key().exists() {
-            return Ok(());
-        }
-        let key = SigningKey::generate(Alg::Ed25519, "dev").map_err(failed)?;
-        let dir = self.root.join("keys");
-        {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&dir)
-                .map_err(|e| failed(format!("creating {}: {e}", dir.display())))?;
-        }
-        write_private(&self.keys_file(), &key.verification_entry_toml())?;
-        write_private(&self.signing_key(), &key.to_signing_file_toml())?;
-        tracing::info!(key = %self.signing_key().display(), "created a development signing key");
-        Ok(())
-    }
-}
-
-/// Writes a new file readable only by its owner (mode 0600 from creation,
-/// so no other user can open it in between).
-pub fn write_private(path: &Path, text: &str) -> Result<(), AppError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| failed(format!("creating {}: {e}", path.display())))?;
-    f.write_all(text.as_bytes())
-        .map_err(|e| failed(format!("writing {}: {e}", path.display())))
-}
-
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "localhost".into())
-}
-
-/// Loads the configuration of `dev` mode on `dir`.
-pub fn load_dev_config(
-    dir: &Path,
-    explicit: Option<&Path>,
-) -> Result<(DevLayout, Config), AppError> {
-    let layout = DevLayout::new(dir)?;
-    let defaults = layout.mode_defaults();
-    let file = match explicit {
-        Some(p) => ConfigFile::Explicit(p),
-        None => ConfigFile::None,
-    };
-    let config = Config::load(file, &process_env(), &defaults).map_err(usage)?;
-    Ok((layout, config))
 }
 
 fn settings(config: &Config) -> Settings {
@@ -225,7 +140,7 @@ pub async fn dev(
     let source = DirQueue::open(&layout.root).map_err(failed)?;
     let events = JsonlFile::open(&layout.events()).map_err(failed)?;
     if !quiet_banner {
-        print_dev_banner(&layout, &config);
+        dev::print_dev_banner(&layout, &config);
     }
     serve_with(
         &config,
@@ -239,25 +154,6 @@ pub async fn dev(
     .await
 }
 
-fn print_dev_banner(layout: &DevLayout, config: &Config) {
-    let exe = std::env::current_exe()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| "batchly-agent".into());
-    let d = layout.root.display();
-    eprintln!(
-        "batchly-agent dev: running on {d} with {} job slots. Ctrl-C drains and stops.\n\n\
-         \x20 submit a job    {exe} submit --dir {d} -- echo hello\n\
-         \x20 submit 50       {exe} submit --dir {d} --count 50 -- sh -c 'sleep 1; echo done'\n\
-         \x20 agent status    {exe} status --dir {d}\n\
-         \x20 job events      tail -f {}\n\
-         \x20 job output      {}/<job-id>.<message-id>.<run>\n\
-         \x20 dead letters    {d}/dead/ (each with a .reason.json)\n",
-        config.jobs.max_concurrent,
-        layout.events().display(),
-        config.jobs.log_dir.display(),
-    );
-}
-
 /// `batchly-agent run`: the daemon on SQS.
 pub async fn run(explicit_config: Option<&Path>) -> Result<(), AppError> {
     let config = load_config(explicit_config)?;
@@ -266,7 +162,7 @@ pub async fn run(explicit_config: Option<&Path>) -> Result<(), AppError> {
     Keyring::load(&config.signing.keys_file).map_err(usage)?;
     let lock = lock_state_dir(&config)?;
     let sdk = aws_sdk_config().await?;
-    let sqs = sqs_client(&sdk);
+    let sqs = aws::sqs_client(&sdk);
     let setup_error = |e: crate::queue::sqs::SetupError| {
         if e.unreachable {
             failed(e)
@@ -312,7 +208,7 @@ pub async fn run(explicit_config: Option<&Path>) -> Result<(), AppError> {
             None
         }
     };
-    let transfers = Transfers::new(s3_client(&sdk));
+    let transfers = Transfers::new(aws::s3_client(&sdk));
     serve_with(
         &config,
         source,
@@ -381,80 +277,6 @@ fn clock_warning(host_ahead_s: Option<i64>, skew: Duration) -> Option<String> {
     Some(format!(
         "the host clock is {off}s {way} SQS's clock, {effect}; fix the host's time sync (chrony, NTP)"
     ))
-}
-
-/// The AWS SDK's configuration from its standard chain (environment,
-/// profile, ECS container credentials, instance profile via IMDSv2), with
-/// bounded timeouts and the SDK's retries (exponential backoff, jitter).
-pub async fn aws_sdk_config() -> Result<aws_config::SdkConfig, AppError> {
-    use aws_config::retry::RetryConfig;
-    use aws_config::timeout::TimeoutConfig;
-    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .retry_config(RetryConfig::standard().with_max_attempts(4))
-        .timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(5))
-                // Longer than SQS's 20-second long poll.
-                .operation_attempt_timeout(Duration::from_secs(40))
-                .build(),
-        )
-        .load()
-        .await;
-    if sdk.region().is_none() {
-        return Err(usage(
-            "no AWS region: set AWS_REGION (on EC2 the SDK reads it from instance metadata)",
-        ));
-    }
-    Ok(sdk)
-}
-
-/// SQS with one retry layer (the agent's own, `crate::retry`, bounded by
-/// each caller's deadline) instead of the SDK's on top of it, and a short
-/// attempt timeout for every call but the long poll (which sets its own).
-fn sqs_client(sdk: &aws_config::SdkConfig) -> aws_sdk_sqs::Client {
-    use aws_config::retry::RetryConfig;
-    use aws_config::timeout::TimeoutConfig;
-    let conf = aws_sdk_sqs::config::Builder::from(sdk)
-        .retry_config(RetryConfig::disabled())
-        .timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(SQS_CONNECT_TIMEOUT)
-                .operation_attempt_timeout(SQS_CALL_TIMEOUT)
-                .build(),
-        )
-        .build();
-    aws_sdk_sqs::Client::from_conf(conf)
-}
-
-/// How long an SQS connection may take to open.
-const SQS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long one SQS call other than a long poll may take: a hung endpoint
-/// costs this much, then the caller's retry policy decides.
-const SQS_CALL_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// S3 with path-style addressing when the endpoint is a local address (an
-/// IP or localhost cannot carry a bucket name as a subdomain); AWS's own
-/// endpoints use virtual-hosted style.
-fn s3_client(sdk: &aws_config::SdkConfig) -> aws_sdk_s3::Client {
-    let endpoint = std::env::var("AWS_ENDPOINT_URL_S3")
-        .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
-        .ok();
-    let path_style = endpoint.as_deref().is_some_and(is_local_endpoint);
-    let conf = aws_sdk_s3::config::Builder::from(sdk)
-        .force_path_style(path_style)
-        .build();
-    aws_sdk_s3::Client::from_conf(conf)
-}
-
-fn is_local_endpoint(url: &str) -> bool {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split('/').next().unwrap_or("");
-    let host = if let Some(v6) = authority.strip_prefix('[') {
-        v6.split(']').next().unwrap_or("")
-    } else {
-        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
-    };
-    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok()
 }
 
 /// What `serve_with` starts from besides the config: the state dir's lock
@@ -591,127 +413,6 @@ fn raise_open_file_limit(slots: usize) {
     }
 }
 
-/// SIGTERM and SIGINT, caught from the moment they are installed.
-struct StopSignals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-}
-
-impl StopSignals {
-    fn install() -> Result<StopSignals, AppError> {
-        use tokio::signal::unix::{signal, SignalKind};
-        let install = |kind: SignalKind, name: &str| {
-            signal(kind).map_err(|e| failed(format!("installing the {name} handler: {e}")))
-        };
-        Ok(StopSignals {
-            term: install(SignalKind::terminate(), "SIGTERM")?,
-            int: install(SignalKind::interrupt(), "SIGINT")?,
-        })
-    }
-
-    /// The first signal starts a drain with `timeout`; a second one asks for
-    /// an immediate stop (jobs killed and released now).
-    async fn drain_on_signals(mut self, drain: Drain, timeout: Duration) {
-        let mut seen = 0;
-        loop {
-            let name = tokio::select! {
-                _ = self.term.recv() => "SIGTERM",
-                _ = self.int.recv() => "SIGINT",
-            };
-            seen += 1;
-            if seen == 1 {
-                tracing::warn!(signal = name, timeout_s = timeout.as_secs(), "draining: no new jobs; running jobs are told to stop and released if they do not finish in time");
-                drain.request(name, Instant::now() + timeout);
-            } else {
-                tracing::warn!(
-                    signal = name,
-                    "second stop signal: stopping running jobs now"
-                );
-                drain.request(name, Instant::now());
-            }
-        }
-    }
-}
-
-/// `batchly-agent check-config`.
-pub fn check_config(explicit: Option<&Path>, dev_dir: Option<&Path>) -> Result<String, AppError> {
-    let config = match dev_dir {
-        Some(dir) => load_dev_config(dir, explicit)?.1,
-        None => load_config(explicit)?,
-    };
-    let mut out = config.render();
-    let keys = Keyring::load(&config.signing.keys_file).map_err(usage)?;
-    out.push_str(&format!(
-        "\n# keys file {}: {} key(s), permissions ok\n",
-        config.signing.keys_file.display(),
-        keys.len()
-    ));
-    for k in keys.summaries() {
-        out.push_str(&format!(
-            "#   kid {:<24} {:<12} {}\n",
-            k.kid,
-            k.alg.as_str(),
-            k.fingerprint
-        ));
-    }
-    Ok(out)
-}
-
-/// `batchly-agent keygen`: writes the signing key file (0600, never
-/// overwritten) and returns the verification entry for the keys file.
-pub fn keygen(alg: Alg, kid: &str, out: &Path) -> Result<String, AppError> {
-    if out.exists() {
-        return Err(usage(format!(
-            "{} already exists; refusing to overwrite a key (choose another --out)",
-            out.display()
-        )));
-    }
-    let key = SigningKey::generate(alg, kid).map_err(usage)?;
-    write_private(out, &key.to_signing_file_toml())?;
-    Ok(key.verification_entry_toml())
-}
-
-/// Where `status` and `drain` find the agent.
-pub fn admin_socket(
-    socket: Option<&Path>,
-    dev_dir: Option<&Path>,
-    config: Option<&Path>,
-) -> Result<PathBuf, AppError> {
-    if let Some(s) = socket {
-        return Ok(s.to_path_buf());
-    }
-    if let Some(dir) = dev_dir {
-        return Ok(load_dev_config(dir, config)?.1.admin.socket);
-    }
-    Ok(load_config(config)?.admin.socket)
-}
-
-/// `batchly-agent status`.
-pub async fn status(socket: &Path, json: bool) -> Result<String, AppError> {
-    match admin::request(socket, &admin::Request::Status)
-        .await
-        .map_err(failed)?
-    {
-        admin::Response::Status { status } if json => {
-            serde_json::to_string_pretty(&status).map_err(failed)
-        }
-        admin::Response::Status { status } => Ok(status.render_text()),
-        other => Err(failed(format!(
-            "unexpected answer from the agent: {other:?}"
-        ))),
-    }
-}
-
-/// `batchly-agent drain`.
-pub async fn request_drain(socket: &Path) -> Result<String, AppError> {
-    match admin::request(socket, &admin::Request::Drain).await.map_err(failed)? {
-        admin::Response::Draining { reason, deadline_in_s } => Ok(format!(
-            "draining ({reason}): no new jobs; running jobs finish or are released within {deadline_in_s}s, then the agent exits"
-        )),
-        other => Err(failed(format!("unexpected answer from the agent: {other:?}"))),
-    }
-}
-
 /// Sets up the agent's own log on stderr: human-readable text (the terminal
 /// in `dev`) or one JSON object per line (journald, CloudWatch).
 pub fn init_logging(format: crate::config::LogFormat, level: &str) -> Result<(), AppError> {
@@ -727,18 +428,4 @@ pub fn init_logging(format: crate::config::LogFormat, level: &str) -> Result<(),
         crate::config::LogFormat::Text => builder.with_target(false).compact().try_init(),
     };
     res.map_err(|e| failed(format!("setting up logging: {e}")))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn local_endpoints_get_path_style_and_aws_endpoints_do_not() {
-        assert!(is_local_endpoint("http://127.0.0.1:5000"));
-        assert!(is_local_endpoint("http://localhost:4566/"));
-        assert!(is_local_endpoint("http://[::1]:9000"));
-        assert!(!is_local_endpoint("https://s3.eu-west-1.amazonaws.com"));
-        assert!(!is_local_endpoint("https://minio.internal.example:9000"));
-    }
 }

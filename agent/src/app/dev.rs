@@ -1,0 +1,123 @@
+//! The `dev` directory: where everything of the embedded default lives
+//! (keys, socket, events, work and state dirs) and the banner that tells a
+//! newcomer what to do next.
+
+use std::path::{Path, PathBuf};
+
+use super::{failed, hostname, process_env, usage, AppError};
+use crate::config::{Config, ConfigFile};
+use crate::envelope::{Alg, SigningKey};
+
+/// Files of the `dev` directory outside the queue layout.
+pub struct DevLayout {
+    pub root: PathBuf,
+}
+
+impl DevLayout {
+    /// `dir` made absolute (config paths must be).
+    pub fn new(dir: &Path) -> Result<DevLayout, AppError> {
+        let root =
+            std::path::absolute(dir).map_err(|e| usage(format!("--dir {}: {e}", dir.display())))?;
+        Ok(DevLayout { root })
+    }
+
+    pub fn signing_key(&self) -> PathBuf {
+        self.root.join("keys/signing.toml")
+    }
+
+    pub fn keys_file(&self) -> PathBuf {
+        self.root.join("keys/keys.toml")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.root.join("agent.sock")
+    }
+
+    pub fn events(&self) -> PathBuf {
+        self.root.join("events.jsonl")
+    }
+
+    /// Defaults of `dev` mode: everything under the directory.
+    pub fn mode_defaults(&self) -> Vec<(&'static str, String)> {
+        let p = |sub: &str| self.root.join(sub).display().to_string();
+        vec![
+            ("jobs.work_dir", p("work")),
+            ("jobs.log_dir", p("logs")),
+            ("signing.keys_file", self.keys_file().display().to_string()),
+            ("admin.socket", self.socket().display().to_string()),
+            ("state.dir", p("state")),
+            ("agent.instance_id", format!("dev-{}", hostname())),
+        ]
+    }
+
+    /// Creates the development signing key and its verification entry on
+    /// first use; later calls reuse them.
+    pub fn ensure_keys(&self) -> Result<(), AppError> {
+        if self.signing_key().exists() {
+            return Ok(());
+        }
+        let key = SigningKey::generate(Alg::Ed25519, "dev").map_err(failed)?;
+        let dir = self.root.join("keys");
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| failed(format!("creating {}: {e}", dir.display())))?;
+        }
+        write_private(&self.keys_file(), &key.verification_entry_toml())?;
+        write_private(&self.signing_key(), &key.to_signing_file_toml())?;
+        tracing::info!(key = %self.signing_key().display(), "created a development signing key");
+        Ok(())
+    }
+}
+
+/// Writes a new file readable only by its owner (mode 0600 from creation,
+/// so no other user can open it in between).
+pub fn write_private(path: &Path, text: &str) -> Result<(), AppError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| failed(format!("creating {}: {e}", path.display())))?;
+    f.write_all(text.as_bytes())
+        .map_err(|e| failed(format!("writing {}: {e}", path.display())))
+}
+
+/// Loads the configuration of `dev` mode on `dir`.
+pub fn load_dev_config(
+    dir: &Path,
+    explicit: Option<&Path>,
+) -> Result<(DevLayout, Config), AppError> {
+    let layout = DevLayout::new(dir)?;
+    let defaults = layout.mode_defaults();
+    let file = match explicit {
+        Some(p) => ConfigFile::Explicit(p),
+        None => ConfigFile::None,
+    };
+    let config = Config::load(file, &process_env(), &defaults).map_err(usage)?;
+    Ok((layout, config))
+}
+
+pub(super) fn print_dev_banner(layout: &DevLayout, config: &Config) {
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "batchly-agent".into());
+    let d = layout.root.display();
+    eprintln!(
+        "batchly-agent dev: running on {d} with {} job slots. Ctrl-C drains and stops.\n\n\
+         \x20 submit a job    {exe} submit --dir {d} -- echo hello\n\
+         \x20 submit 50       {exe} submit --dir {d} --count 50 -- sh -c 'sleep 1; echo done'\n\
+         \x20 agent status    {exe} status --dir {d}\n\
+         \x20 job events      tail -f {}\n\
+         \x20 job output      {}/<job-id>.<message-id>.<run>\n\
+         \x20 dead letters    {d}/dead/ (each with a .reason.json)\n",
+        config.jobs.max_concurrent,
+        layout.events().display(),
+        config.jobs.log_dir.display(),
+    );
+}
