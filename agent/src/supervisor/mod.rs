@@ -623,7 +623,11 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
 
     /// Publishes `agent.stopped`, briefly: the agent is on its way out.
     pub async fn announce_stop(&self, ev: &crate::events::AgentEvent) {
-        let until = tokio::time::Instant::now() + STOP_ANNOUNCE_BUDGET;
+        let mut until = tokio::time::Instant::now() + STOP_ANNOUNCE_BUDGET;
+        if let Some(d) = self.drain.deadline() {
+            // Never past the drain deadline: exiting in time comes first.
+            until = until.min(d.into());
+        }
         if let Err(e) = retry::retry("publishing agent.stopped", until, EventError::class, || {
             self.events.publish_agent(ev)
         })
