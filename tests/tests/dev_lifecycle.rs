@@ -728,3 +728,50 @@ fn a_job_does_not_inherit_signals_ignored_by_whoever_started_the_agent() {
         "the job ignores standard signals: {line}"
     );
 }
+
+#[test]
+fn a_job_that_always_asks_to_be_requeued_is_dead_lettered_as_agent_gave_up_after_max_requeues() {
+    let agent = DevAgent::start(&[("BATCHLY_JOBS_MAX_REQUEUES", "3")]);
+    let job = agent.submit_one(&["--", "sh", "-c", "exit 75"]);
+    let end = agent.wait_final(&job.message_id);
+    let events = agent.events();
+    let mine = of_message(&events, &job.message_id);
+    assert_eq!(
+        kinds(&mine),
+        [
+            "job.started",
+            "job.requeued",
+            "job.started",
+            "job.requeued",
+            "job.started",
+            "job.requeued",
+            "job.started",
+            "job.failed"
+        ],
+        "three requeues are allowed, the fourth is not"
+    );
+    assert_eq!(end.kind, "job.failed");
+    assert_eq!(end.reason.as_deref(), Some("agent_gave_up"), "{end:?}");
+    assert!(
+        end.raw["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("jobs.max_requeues = 3")),
+        "{end:?}"
+    );
+    assert!(
+        mine.iter().all(|e| e.attempt == 1),
+        "requeues are not failed attempts: {:?}",
+        mine.iter().map(|e| e.attempt).collect::<Vec<_>>()
+    );
+    let reason = read_text(
+        &agent
+            .dir()
+            .join("dead")
+            .join(format!("{}.reason.json", job.message_id)),
+    );
+    assert!(reason.contains("agent_gave_up"), "{reason}");
+    assert!(
+        queued_message_ids(agent.dir()).is_empty(),
+        "nothing left to run"
+    );
+}

@@ -491,7 +491,11 @@ fn a_job_that_succeeded_while_its_message_was_in_custody_does_not_run_again_afte
         .and_then(|l| l.record(0, &entry))
         .expect("recording the decided delete in the ledger");
     drop(crashed);
-    assert_eq!(list_dir(&custody_dir).len(), 1, "the copy survives the crash");
+    assert_eq!(
+        list_dir(&custody_dir).len(),
+        1,
+        "the copy survives the crash"
+    );
 
     // The next start completes the decision. A SIGTERM at once stops it
     // right after its recovery (which runs before any receive), so what
@@ -505,7 +509,9 @@ fn a_job_that_succeeded_while_its_message_was_in_custody_does_not_run_again_afte
     let depth = t.aws.depth(&url);
     let runs = t.runs();
     assert!(
-        depth == EMPTY && runs.starts(&job.job_id) == 0 && count_of(&events, &job, "job.started") == 0,
+        depth == EMPTY
+            && runs.starts(&job.job_id) == 0
+            && count_of(&events, &job, "job.started") == 0,
         "a job that succeeded is not run again: after the restart the queue holds {depth:?} \
          (the custody copy sent back?) and the job started {} time(s)\n{}",
         runs.starts(&job.job_id),

@@ -117,6 +117,11 @@ pub trait JobSource: Send + Sync + 'static {
         failed: bool,
     ) -> impl Future<Output = Result<(), QueueError>> + Send;
 
+    /// The job's outcome is decided: its delete or release comes next.
+    /// Batching sources use it to know which messages may still join a
+    /// batch of deletes.
+    fn note_decided(&self, _msg: &Message) {}
+
     /// The caller gives up on a message it could neither delete nor
     /// release: stop keeping it claimed (no more lease renewals), so it
     /// comes back by itself when its claim expires.

@@ -99,7 +99,13 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
     /// Runs one message to its end; true when the message is gone from the
     /// queue for good (done, failed for good, dead-lettered), false when it
     /// was released to run again (or could not be finished).
-    pub(super) async fn handle_message(self: Arc<Self>, msg: Message, slot: &Slot) -> bool {
+    pub(super) async fn handle_message(
+        self: Arc<Self>,
+        msg: Message,
+        slot: Slot,
+        pipelined: bool,
+    ) -> bool {
+        let began = Instant::now();
         if msg.body.len() > crate::queue::MAX_BODY_BYTES {
             let rejection = envelope::Rejection {
                 reason: envelope::RejectReason::Malformed,
@@ -109,17 +115,24 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 ),
                 job_id: None,
             };
-            return self.reject(msg, rejection).await;
+            let done = self.reject(msg, rejection).await;
+            self.note_busy(began.elapsed());
+            return done;
         }
         match envelope::verify(&msg.body, &self.keys, &self.settings.verify, unix_now()) {
-            Ok(env) => self.run_job(msg, env, slot.index()).await,
-            Err(rejection) => self.reject(msg, rejection).await,
+            Ok(env) => self.run_job(msg, env, slot, pipelined, began).await,
+            Err(rejection) => {
+                let done = self.reject(msg, rejection).await;
+                self.note_busy(began.elapsed());
+                done
+            }
         }
     }
 
     /// A message that fails verification is never run: it goes to the
     /// dead-letter place with its reason, then the event says so.
     async fn reject(&self, msg: Message, rejection: envelope::Rejection) -> bool {
+        self.source.note_decided(&msg);
         let reason = rejection.reason.as_str();
         let mut ev = self.event(EventType::Rejected, &msg);
         ev.job_id = rejection.job_id.clone();
@@ -166,7 +179,15 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         JobEvent::new(kind, &msg.id, msg.attempt, &self.settings.instance_id)
     }
 
-    async fn run_job(&self, msg: Message, env: Envelope, slot: usize) -> bool {
+    async fn run_job(
+        &self,
+        msg: Message,
+        env: Envelope,
+        seat: Slot,
+        pipelined: bool,
+        began: Instant,
+    ) -> bool {
+        let slot = seat.index();
         let job = &env.job;
         let log_stream = format!("{}.{}.{}", job.id, msg.id, msg.receive_count);
         let work_dir = self
@@ -253,9 +274,49 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 tracing::warn!(dir = %work_dir.display(), error = %e, "cannot remove work dir");
             }
         }
-        let deleted = self.finish(&msg, slot, ev, verdict.action, requeues).await;
+        // The outcome is decided: a message alone hands its slot to the next
+        // job now and is finished from a hand-off place in the ledger (the
+        // lease stays until the delete or release is done).
+        self.source.note_decided(&msg);
+        let (place, _seat) = if pipelined {
+            self.hand_off(&msg, seat).await
+        } else {
+            (slot, seat)
+        };
+        self.note_busy(began.elapsed());
+        let deleted = self.finish(&msg, place, ev, verdict.action, requeues).await;
         self.board.finished(&msg.id);
         deleted
+    }
+
+    /// Moves a decided message's ledger entry from its slot to a hand-off
+    /// place and frees the slot; returns the place and what holds it.
+    /// Recorded at the new place before it is forgotten at the old one, so
+    /// a crash in between leaves the entry twice (recovery takes it once),
+    /// never not at all.
+    async fn hand_off(&self, msg: &Message, seat: Slot) -> (usize, Slot) {
+        let Some(place) = self.handoffs.acquire().await else {
+            return (seat.index(), seat);
+        };
+        let moved = self
+            .ledger
+            .get(seat.index())
+            .ok_or_else(|| "no entry".to_string())
+            .and_then(|entry| {
+                self.ledger
+                    .record(place.index(), &entry)
+                    .map_err(|e| e.to_string())
+            });
+        match moved {
+            Ok(()) => {
+                self.forget_slot(seat.index(), msg);
+                (place.index(), place)
+            }
+            Err(e) => {
+                tracing::warn!(message_id = %msg.id, error = %e, "cannot move a finished job's ledger entry; finishing it from its slot");
+                (seat.index(), seat)
+            }
+        }
     }
 
     /// Records the decision, publishes the outcome, then acts on the

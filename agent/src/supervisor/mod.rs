@@ -16,7 +16,7 @@ pub mod verdict;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
@@ -101,9 +101,14 @@ pub(crate) struct Slot {
 
 impl SlotPool {
     fn new(n: usize) -> Arc<SlotPool> {
+        SlotPool::numbered_from(0, n)
+    }
+
+    /// `n` places numbered `first..first + n`.
+    fn numbered_from(first: usize, n: usize) -> Arc<SlotPool> {
         Arc::new(SlotPool {
             available: Arc::new(Semaphore::new(n)),
-            free: std::sync::Mutex::new((0..n).rev().collect()),
+            free: std::sync::Mutex::new((first..first + n).rev().collect()),
         })
     }
 
@@ -121,7 +126,7 @@ impl SlotPool {
         }
     }
 
-    async fn acquire(self: &Arc<Self>) -> Option<Slot> {
+    pub(super) async fn acquire(self: &Arc<Self>) -> Option<Slot> {
         let permit = self.available.clone().acquire_owned().await.ok()?;
         Some(self.take(permit))
     }
@@ -208,6 +213,10 @@ pub struct Supervisor<S, E> {
     drain: Drain,
     board: Arc<StatusBoard>,
     transfers: Option<crate::transfer::Transfers>,
+    /// Ledger places of messages whose slot is free again while their
+    /// outcome is handed off (numbered after the slots); at most one per
+    /// slot, so a hand-off that stalls holds up intake instead of piling up.
+    handoffs: Arc<SlotPool>,
     /// How long a slot typically stays busy with one message (a moving
     /// average, in microseconds; 0 until the first one ends).
     typical_busy_us: AtomicU64,
@@ -233,6 +242,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
     ) -> Supervisor<S, E> {
         let busy = board.clone();
         events.count_publishers(Arc::new(move || busy.busy()));
+        let settings_slots = settings.slots;
         let ledger = Arc::new(ledger);
         source.set_journal(Arc::new(LedgerJournal(ledger.clone())));
         Supervisor {
@@ -246,11 +256,12 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             board,
             transfers: None,
             typical_busy_us: AtomicU64::new(0),
+            handoffs: SlotPool::numbered_from(settings_slots, settings_slots),
         }
     }
 
     /// Remembers how long a slot was busy with one message.
-    fn note_busy(&self, busy: Duration) {
+    pub(super) fn note_busy(&self, busy: Duration) {
         let now = busy.as_micros().min(u128::from(u64::MAX)) as u64;
         let old = self.typical_busy_us.load(Ordering::Relaxed);
         let new = if old == 0 {
@@ -284,7 +295,17 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
     /// had decided, and gives every other message it held back to the
     /// queue. Must run before the first receive.
     pub async fn recover(&self) -> Result<usize, SupervisorError> {
-        let entries = self.ledger.load_all()?;
+        let mut entries = self.ledger.load_all()?;
+        // A crash while an entry moved from a slot to a hand-off place can
+        // leave it twice: the one that knows more (a copy, a decision) wins.
+        entries.sort_by_key(|e| {
+            (
+                e.message_id.clone(),
+                e.copy_id.is_none(),
+                e.decided.is_none(),
+            )
+        });
+        entries.dedup_by(|later, first| later.message_id == first.message_id);
         let mut undecided = Vec::new();
         for e in entries {
             match (e.pid, e.start_time) {
@@ -598,12 +619,14 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 tracing::warn!(message_id = %msg.id, error = %e, "cannot record a waiting message in the ledger");
             }
         }
+        // A message alone frees its slot as soon as its outcome is decided
+        // (the hand-off goes on without it); a FIFO group's next message
+        // starts only once the one before is finished for good.
+        let pipelined = chain.len() == 1 && chain[0].group.is_none();
         let mut members = chain.into_iter().zip(slots);
         while let Some((msg, slot)) = members.next() {
             let group = msg.group.clone();
-            let began = Instant::now();
-            let done = self.clone().handle_message(msg, &slot).await;
-            self.note_busy(began.elapsed());
+            let done = self.clone().handle_message(msg, slot, pipelined).await;
             if done {
                 continue;
             }

@@ -21,8 +21,9 @@ const BATCH_LINGER: Duration = Duration::from_millis(50);
 const DELETE_LINGER: Duration = Duration::from_millis(250);
 
 /// Deletes wait up to `DELETE_LINGER` for company, but go out as soon as
-/// every message held from the queue is in the batch: nothing else could
-/// join it, so jobs that ended together are deleted in one call at once.
+/// every message of the queue whose outcome is decided is in the batch:
+/// nothing else could join it soon, so jobs that ended together are
+/// deleted in one call at once, while jobs still running do not hold it.
 pub(super) fn delete_batcher(
     client: Client,
     url: String,
@@ -32,7 +33,7 @@ pub(super) fn delete_batcher(
     let complete = move |entries: usize| {
         let held = lock(&leases)
             .values()
-            .filter(|l| l.queue == queue && l.custody != Custody::Yes)
+            .filter(|l| l.queue == queue && l.custody != Custody::Yes && l.decided)
             .count();
         entries >= held
     };

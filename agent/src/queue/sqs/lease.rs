@@ -36,6 +36,8 @@ pub(super) struct Lease {
     pub custody: Custody,
     /// A copy was sent for a release; only the original's delete is left.
     pub copy_sent: bool,
+    /// The job's outcome is decided: its delete or release is coming.
+    pub decided: bool,
     /// A delete or release is under way: no renewal, no custody under it.
     pub finishing: bool,
     /// A renewal is on its way to SQS; a release waits for its answer, so
@@ -244,6 +246,7 @@ mod tests {
             receives: 1,
             custody: Custody::No,
             copy_sent: false,
+            decided: false,
             finishing: false,
             renewing: false,
         }

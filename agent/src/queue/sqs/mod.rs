@@ -428,6 +428,7 @@ impl SqsQueue {
                     receives: receive_count,
                     custody: Custody::No,
                     copy_sent: false,
+                    decided: false,
                     finishing: false,
                     renewing: false,
                 },
@@ -720,6 +721,12 @@ impl JobSource for SqsQueue {
             return self.delete(msg).await;
         }
         self.release_by_visibility(msg, delay).await
+    }
+
+    fn note_decided(&self, msg: &Message) {
+        if let Some(l) = self.leases().get_mut(&msg.id) {
+            l.decided = true;
+        }
     }
 
     fn abandon(&self, msg: &Message) {
