@@ -343,6 +343,8 @@ struct Baseline {
     elapsed: Duration,
     /// It gave up after `STALL_LIMIT` without a message.
     stalled: bool,
+    /// Its calls, as the proxy counted them.
+    calls: CallCounts,
 }
 
 /// The argv of a job message, read the naive way: no signature check, no
@@ -379,6 +381,7 @@ fn run_baseline(aws: &Aws, queue_url: &str, jobs: usize) -> Result<Baseline, Str
         failed: 0,
         elapsed: Duration::ZERO,
         stalled: false,
+        calls: CallCounts::default(),
     };
     let start = Instant::now();
     let mut last_progress = start;
@@ -634,11 +637,11 @@ fn run() -> Result<bool, String> {
     // The baseline goes through the proxy too, so both consumers pay for
     // the same hop.
     preload(&aws, &queue.url, &bodies)?;
-    let baseline = {
+    let mut baseline = {
         let through_proxy = Aws::new(&proxy.endpoint());
         run_baseline(&through_proxy, &queue.url, opts.jobs)?
     };
-    let baseline_calls = proxy.calls();
+    baseline.calls = proxy.calls();
     proxy.reset_calls();
 
     let sent = preload(&aws, &queue.url, &bodies)?;
@@ -651,7 +654,6 @@ fn run() -> Result<bool, String> {
         &queue.url,
         &events_url,
         &baseline,
-        &baseline_calls,
         &agent,
     );
     let lost: Vec<&String> = sent
@@ -798,7 +800,6 @@ fn run_agent(
 }
 
 /// Prints the table of both consumers' rates and the agent's calls.
-#[allow(clippy::too_many_arguments)]
 fn report(
     opts: &Options,
     bin: &Path,
@@ -806,7 +807,6 @@ fn report(
     queue_url: &str,
     events_url: &str,
     baseline: &Baseline,
-    baseline_calls: &CallCounts,
     agent: &AgentRun,
 ) {
     let n = opts.jobs;
@@ -937,7 +937,8 @@ fn report(
             agent.calls.unparsed
         );
     }
-    let baseline_by_action: Vec<String> = baseline_calls
+    let baseline_by_action: Vec<String> = baseline
+        .calls
         .on_queue(job_queue)
         .iter()
         .map(|(a, c)| format!("{a} {c}"))
