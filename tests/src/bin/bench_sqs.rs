@@ -1,50 +1,91 @@
-//! `bench_sqs`: how many SQS API calls `batchly-agent run` makes per job on
-//! its job queue in steady state, and how many jobs per second it runs,
-//! against a local SQS (moto) behind a counting proxy.
+//! `bench_sqs`: how fast `batchly-agent run` works through a deep queue of
+//! trivial jobs, next to a naive consumer measured in the same run against
+//! the same local SQS, and how many SQS API calls the agent makes per job
+//! on its job queue and on its events queue.
 //!
 //! ```text
-//! cargo run -p batchly-e2e --bin bench_sqs -- [--jobs 1000] [--slots 8] [--release-agent]
+//! cargo run -p batchly-e2e --bin bench_sqs -- [--jobs 1000] [--slots 8]
+//!     [--server fauxqs|moto] [--release-agent]
 //! ```
 //!
-//! It pre-loads N trivial jobs (`/bin/true`, signed with the agent
-//! library's `envelope::sign` and a fresh Ed25519 key) straight into moto,
-//! runs the agent (through the proxy) until every job's `job.succeeded`
-//! event has arrived and the queue is empty, drains it, and prints the
-//! calls per job by queue and action, with jobs/s measured from the first
-//! `job.started` to the last `job.succeeded` (the events' own `at`).
+//! The server is fauxqs (a fast in-memory SQS, installed by
+//! `scripts/install-fauxqs`, started on loopback by `tests/fauxqs/start.mjs`)
+//! when it is installed, else moto, which answers only a few dozen calls a
+//! second on a deep queue and so measures moto more than the agent. Both
+//! consumers talk to it through the same counting proxy.
+//!
+//! In order, in one run: start the server; pre-load N trivial jobs
+//! (`/bin/true`, signed with the agent library's `envelope::sign` and a
+//! fresh Ed25519 key); run the **baseline** to completion: one sequential
+//! loop on the Rust SDK of `ReceiveMessage` (10, long poll) -> run each
+//! job's command as a child process, one after another, verifying nothing
+//! -> `DeleteMessageBatch` of those, timed from its first receive to its
+//! last delete; pre-load N again; run the agent until every job's
+//! `job.succeeded` event has arrived and the queue is empty, timed from the
+//! first `job.started` to the last `job.succeeded` (the events' own `at`);
+//! drain it; print both rates, their ratio and the agent's calls per job by
+//! queue and action, each next to the issue's goal.
 //!
 //! It reports; it never fails on speed. The exit status is non-zero only
-//! when jobs were lost or did not succeed.
+//! when a job was lost or did not succeed (in either consumer).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
 use batchly_agent::envelope::{sign, Alg, SigningKey};
 use batchly_e2e::sqs::proxy::{CallCounts, Proxy};
-use batchly_e2e::sqs::{aws_env, queue_name, unix_now, Aws, Moto, QueueOptions};
+use batchly_e2e::sqs::{aws_env, queue_name, unix_now, Aws, Moto, QueueDepth, QueueOptions};
 
-/// Longest the bench waits without a single new event before it gives up.
+/// Longest the bench waits without any progress (a new event, a received
+/// message) before it gives up on a consumer.
 const STALL_LIMIT: Duration = Duration::from_secs(120);
 /// Longest the agent may take to start, and to exit after SIGTERM.
 const AGENT_WAIT: Duration = Duration::from_secs(60);
-/// The goal from the issue: SQS calls per job on the job queue.
+/// Longest fauxqs may take to print its port and answer.
+const FAUXQS_START_WAIT: Duration = Duration::from_secs(30);
+/// SQS's limit on messages per `ReceiveMessage` and entries per batch call.
+const SQS_MAX_BATCH: usize = 10;
+/// The longest long poll SQS allows (`WaitTimeSeconds`).
+const LONG_POLL_S: i32 = 20;
+/// The goals from issue 13: with `GOAL_SLOTS` slots, at least
+/// `RATIO_GOAL` times the baseline's jobs/s, at no more than
+/// `CALLS_PER_JOB_GOAL` calls per job on the job queue and on the events
+/// queue each.
+const GOAL_SLOTS: usize = 8;
+const RATIO_GOAL: f64 = 2.0;
 const CALLS_PER_JOB_GOAL: f64 = 0.25;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ServerKind {
+    Moto,
+    Fauxqs,
+}
 
 struct Options {
     jobs: usize,
     slots: usize,
     release_agent: bool,
+    /// `None`: fauxqs if installed, else moto.
+    server: Option<ServerKind>,
 }
+
+const USAGE: &str = "usage: bench_sqs [--jobs N (1000)] [--slots N (8)] \
+                     [--server fauxqs|moto (fauxqs if installed)] [--release-agent]";
 
 fn parse_args() -> Result<Options, String> {
     let mut opts = Options {
         jobs: 1000,
         slots: 8,
         release_agent: false,
+        server: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -58,11 +99,14 @@ fn parse_args() -> Result<Options, String> {
             "--jobs" => opts.jobs = number("--jobs")?,
             "--slots" => opts.slots = number("--slots")?,
             "--release-agent" => opts.release_agent = true,
-            "-h" | "--help" => {
-                return Err(
-                    "usage: bench_sqs [--jobs N (1000)] [--slots N (8)] [--release-agent]".into(),
-                )
+            "--server" => {
+                opts.server = Some(match args.next().as_deref() {
+                    Some("fauxqs") => ServerKind::Fauxqs,
+                    Some("moto") => ServerKind::Moto,
+                    other => return Err(format!("--server needs fauxqs or moto, not {other:?}")),
+                })
             }
+            "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?} (try --help)")),
         }
     }
@@ -76,10 +120,12 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// `BATCHLY_AGENT_BIN`, or the workspace's agent binary, built (or found
-/// up to date) by cargo first so the bench never measures a stale one.
+/// The agent binary: `BATCHLY_AGENT_BIN` for a debug agent, else the
+/// workspace's agent built (or found up to date) by cargo first, so the
+/// bench never measures a stale one. `--release-agent` always builds,
+/// since `BATCHLY_AGENT_BIN` (set by scripts/test) names a debug build.
 fn agent_bin(release: bool) -> Result<PathBuf, String> {
-    if let Some(bin) = std::env::var_os("BATCHLY_AGENT_BIN") {
+    if let (Some(bin), false) = (std::env::var_os("BATCHLY_AGENT_BIN"), release) {
         return Ok(PathBuf::from(bin));
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -96,14 +142,301 @@ fn agent_bin(release: bool) -> Result<PathBuf, String> {
     if !status.success() {
         return Err(format!("building batchly-agent failed ({status})"));
     }
-    let bin = workspace_root()
-        .join("target")
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let bin = target
         .join(if release { "release" } else { "debug" })
         .join("batchly-agent");
     if !bin.is_file() {
         return Err(format!("no agent binary at {}", bin.display()));
     }
     Ok(bin)
+}
+
+/// Where scripts/install-fauxqs puts Node 22 and fauxqs.
+fn installed_tool(var: &str, under_ci_node: &str) -> PathBuf {
+    std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".ci/node").join(under_ci_node))
+}
+
+/// An installed fauxqs: the Node that runs it and its package folder.
+struct FauxqsInstall {
+    node: PathBuf,
+    package: PathBuf,
+    version: String,
+}
+
+/// `BATCHLY_TEST_NODE` and `BATCHLY_TEST_FAUXQS` (a node binary, the
+/// fauxqs package folder), else the copies in `.ci/node`.
+fn find_fauxqs() -> Result<FauxqsInstall, String> {
+    let node = installed_tool("BATCHLY_TEST_NODE", "node_modules/.bin/node");
+    let package = installed_tool("BATCHLY_TEST_FAUXQS", "node_modules/fauxqs");
+    let manifest = package.join("package.json");
+    if !node.is_file() || !manifest.is_file() {
+        return Err(format!(
+            "fauxqs is not installed (no {} or no {}): run `bash scripts/install-fauxqs`, \
+             or set BATCHLY_TEST_NODE and BATCHLY_TEST_FAUXQS",
+            node.display(),
+            manifest.display()
+        ));
+    }
+    let version = std::fs::read_to_string(&manifest)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|m| m["version"].as_str().map(str::to_string))
+        .unwrap_or_else(|| "(unknown version)".to_string());
+    Ok(FauxqsInstall {
+        node,
+        package,
+        version,
+    })
+}
+
+/// A fauxqs server on a free port of 127.0.0.1, stopped when dropped (and
+/// by itself when the bench dies: it exits when its stdin closes).
+struct Fauxqs {
+    child: Child,
+    port: u16,
+    _stdin: ChildStdin,
+    _dir: tempfile::TempDir,
+}
+
+impl Fauxqs {
+    fn start(install: &FauxqsInstall) -> Result<Fauxqs, String> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fauxqs/start.mjs");
+        let dir = tempfile::tempdir().map_err(|e| format!("tempdir for fauxqs's log: {e}"))?;
+        let log = dir.path().join("fauxqs.stderr");
+        let mut child = Command::new(&install.node)
+            // fauxqs loads node:sqlite, which warns on every start.
+            .arg("--disable-warning=ExperimentalWarning")
+            .arg(&script)
+            .arg(&install.package)
+            .arg("0")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(File::create(&log).map_err(|e| format!("fauxqs log: {e}"))?)
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", install.node.display()))?;
+        let stdin = child.stdin.take().expect("stdin was piped");
+        let stdout = child.stdout.take().expect("stdout was piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let failed = |child: &mut Child, why: String| {
+            let _ = child.kill();
+            let _ = child.wait();
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            format!("fauxqs ({}) did not start: {why}\n{text}", script.display())
+        };
+        let line = match rx.recv_timeout(FAUXQS_START_WAIT) {
+            Ok(line) => line,
+            Err(_) => {
+                return Err(failed(
+                    &mut child,
+                    format!("no port within {FAUXQS_START_WAIT:?}"),
+                ))
+            }
+        };
+        let Some(port) = line
+            .trim()
+            .strip_prefix("listening 127.0.0.1:")
+            .and_then(|p| p.parse::<u16>().ok())
+        else {
+            return Err(failed(&mut child, format!("it printed {line:?}")));
+        };
+        let deadline = Instant::now() + FAUXQS_START_WAIT;
+        while !answers_health(port) {
+            if Instant::now() >= deadline {
+                return Err(failed(
+                    &mut child,
+                    format!("port {port} did not answer within {FAUXQS_START_WAIT:?}"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Fauxqs {
+            child,
+            port,
+            _stdin: stdin,
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Fauxqs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether fauxqs's `/health` answers 200 on `port`.
+fn answers_health(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") && &head[9..12] == b"200"
+}
+
+/// The local SQS of the run; stopped when dropped.
+enum Server {
+    Moto(Moto),
+    Fauxqs(Fauxqs, String),
+}
+
+impl Server {
+    fn start(kind: Option<ServerKind>) -> Result<Server, String> {
+        match kind {
+            Some(ServerKind::Moto) => Ok(Server::Moto(Moto::start())),
+            Some(ServerKind::Fauxqs) => {
+                let install = find_fauxqs()?;
+                Ok(Server::Fauxqs(Fauxqs::start(&install)?, install.version))
+            }
+            None => match find_fauxqs() {
+                Ok(install) => Ok(Server::Fauxqs(Fauxqs::start(&install)?, install.version)),
+                Err(why) => {
+                    eprintln!("bench_sqs: {why}; using moto, which is far slower");
+                    Ok(Server::Moto(Moto::start()))
+                }
+            },
+        }
+    }
+
+    fn port(&self) -> u16 {
+        match self {
+            Server::Moto(moto) => moto.port(),
+            Server::Fauxqs(fauxqs, _) => fauxqs.port,
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port())
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Server::Moto(_) => "moto".to_string(),
+            Server::Fauxqs(_, version) => format!("fauxqs {version}"),
+        }
+    }
+}
+
+/// What the baseline loop did.
+struct Baseline {
+    /// Jobs whose command ran and exited 0.
+    succeeded: usize,
+    /// Jobs whose command could not be read, could not start or failed.
+    failed: usize,
+    /// From the first receive to the last delete.
+    elapsed: Duration,
+    /// It gave up after `STALL_LIMIT` without a message.
+    stalled: bool,
+    /// Its calls, as the proxy counted them.
+    calls: CallCounts,
+}
+
+/// The argv of a job message, read the naive way: no signature check, no
+/// validation beyond what it takes to find `command`.
+fn command_of(body: &str) -> Option<Vec<String>> {
+    let envelope: serde_json::Value = serde_json::from_str(body).ok()?;
+    let job: serde_json::Value = serde_json::from_str(envelope["job"].as_str()?).ok()?;
+    let argv: Vec<String> = job["command"]
+        .as_array()?
+        .iter()
+        .map(|a| a.as_str().map(str::to_string))
+        .collect::<Option<_>>()?;
+    (!argv.is_empty()).then_some(argv)
+}
+
+/// Whether `argv` ran and exited 0.
+fn run_command(argv: &[String]) -> bool {
+    Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The loop the agent is measured against, the shape a newcomer writes in
+/// ten lines: receive up to 10 with a long poll, run each job one after
+/// another, delete the batch. It stops once it has deleted `jobs`
+/// messages.
+fn run_baseline(aws: &Aws, queue_url: &str, jobs: usize) -> Result<Baseline, String> {
+    let mut done = Baseline {
+        succeeded: 0,
+        failed: 0,
+        elapsed: Duration::ZERO,
+        stalled: false,
+        calls: CallCounts::default(),
+    };
+    let start = Instant::now();
+    let mut last_progress = start;
+    while done.succeeded + done.failed < jobs {
+        let received = aws
+            .block_on(
+                aws.sqs
+                    .receive_message()
+                    .queue_url(queue_url)
+                    .max_number_of_messages(SQS_MAX_BATCH as i32)
+                    .wait_time_seconds(LONG_POLL_S)
+                    .send(),
+            )
+            .map_err(|e| format!("baseline: receiving from {queue_url}: {e:?}"))?;
+        let messages = received.messages.unwrap_or_default();
+        if messages.is_empty() {
+            if last_progress.elapsed() > STALL_LIMIT {
+                done.stalled = true;
+                break;
+            }
+            continue;
+        }
+        let mut entries = Vec::with_capacity(messages.len());
+        for (i, m) in messages.iter().enumerate() {
+            match command_of(m.body().unwrap_or_default()) {
+                Some(argv) if run_command(&argv) => done.succeeded += 1,
+                _ => done.failed += 1,
+            }
+            entries.push(
+                DeleteMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(m.receipt_handle().unwrap_or_default())
+                    .build()
+                    .map_err(|e| format!("baseline: a delete entry: {e}"))?,
+            );
+        }
+        let deleted = aws
+            .block_on(
+                aws.sqs
+                    .delete_message_batch()
+                    .queue_url(queue_url)
+                    .set_entries(Some(entries))
+                    .send(),
+            )
+            .map_err(|e| format!("baseline: deleting from {queue_url}: {e:?}"))?;
+        if !deleted.failed().is_empty() {
+            return Err(format!(
+                "baseline: SQS refused deletes: {:?}",
+                deleted.failed()
+            ));
+        }
+        done.elapsed = start.elapsed();
+        last_progress = Instant::now();
+    }
+    Ok(done)
 }
 
 /// Milliseconds since the Unix epoch of an event's `at`
@@ -169,20 +502,25 @@ impl Outcomes {
     }
 }
 
-/// Prints the calls on one queue, with the messages each kind of call
-/// carried; returns the calls per job of the `main` actions (the ones made
-/// for jobs) in steady state: receives count only when they brought work
-/// (receives that found the queue empty, or were still waiting when the
-/// bench stopped, cost per second of idling, not per job). The rest are
-/// one-off checks at start.
+/// One line of the calls table.
+fn calls_row(what: &str, n: u64, jobs: usize, note: &str) {
+    let line = format!(
+        "  {what:<34} {n:>7} {:>9.3}  {note}",
+        n as f64 / jobs as f64
+    );
+    println!("{}", line.trim_end());
+}
+
+/// Prints the calls on one queue by action, with the messages each kind of
+/// call carried; returns the calls per job of the `main` actions (the ones
+/// made for jobs) in steady state: receives count only when they brought
+/// work (receives that found the queue empty, or were still waiting when
+/// the bench stopped, cost per second of idling, not per job). The rest
+/// are one-off checks at start.
 fn print_calls(title: &str, calls: &CallCounts, queue: &str, jobs: usize, main: &[&str]) -> f64 {
     let by_action = calls.on_queue(queue);
     let total: u64 = by_action.values().sum();
-    println!(
-        "  {title}: {total} calls, {:.3} per job",
-        total as f64 / jobs as f64
-    );
-    let mut others = 0;
+    calls_row(title, total, jobs, "");
     let mut steady = 0;
     for action in main {
         let n = by_action.get(*action).copied().unwrap_or(0);
@@ -190,53 +528,52 @@ fn print_calls(title: &str, calls: &CallCounts, queue: &str, jobs: usize, main: 
             continue;
         }
         let carried = calls.carried_by(queue, action);
-        let (working, note) = if *action == "ReceiveMessage" {
+        let (working, idle) = if *action == "ReceiveMessage" {
             let fruitful = calls.fruitful_receives_on(queue);
-            let idle = n - fruitful;
-            (
-                fruitful,
-                if idle > 0 {
-                    format!(" ({idle} found nothing or were still polling)")
-                } else {
-                    String::new()
-                },
-            )
+            (fruitful, n - fruitful)
         } else {
-            (n, String::new())
+            (n, 0)
         };
         steady += working;
-        let fill = if carried > 0 {
-            format!(
-                ", {:.2} messages per call{note}",
+        let mut note = String::new();
+        if carried > 0 {
+            note = format!(
+                "{:.2} messages per call",
                 carried as f64 / working.max(1) as f64
-            )
-        } else {
-            note
-        };
-        println!(
-            "    {action:<30} {n:>7}  {:.3}/job{fill}",
-            n as f64 / jobs as f64
-        );
+            );
+        }
+        if idle > 0 {
+            note.push_str(&format!(" ({idle} found nothing or were still polling)"));
+        }
+        calls_row(&format!("  {action}"), n, jobs, note.trim_start());
     }
     let rest: Vec<String> = by_action
         .iter()
         .filter(|(a, _)| !main.contains(&a.as_str()))
-        .map(|(a, n)| {
-            others += n;
-            format!("{a} {n}")
-        })
+        .map(|(a, n)| format!("{a} {n}"))
         .collect();
-    println!(
-        "    {:<30} {others:>7}  {:.3}/job{}",
-        "others",
-        others as f64 / jobs as f64,
-        if rest.is_empty() {
-            String::new()
-        } else {
-            format!("  ({})", rest.join(", "))
-        }
-    );
+    if !rest.is_empty() {
+        let others = by_action
+            .iter()
+            .filter(|(a, _)| !main.contains(&a.as_str()))
+            .map(|(_, n)| n)
+            .sum();
+        calls_row("  others (at start)", others, jobs, &rest.join(", "));
+    }
     steady as f64 / jobs as f64
+}
+
+fn goal(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "NOT met"
+    }
+}
+
+/// jobs/s of `jobs` done in `elapsed`, if it can be told.
+fn rate(jobs: usize, elapsed: Duration) -> Option<f64> {
+    (jobs > 0 && !elapsed.is_zero()).then(|| jobs as f64 / elapsed.as_secs_f64())
 }
 
 fn main() -> ExitCode {
@@ -250,12 +587,34 @@ fn main() -> ExitCode {
     }
 }
 
+/// Sends `bodies` to the job queue; returns their message ids.
+fn preload(aws: &Aws, queue_url: &str, bodies: &[String]) -> Result<BTreeSet<String>, String> {
+    let sent: BTreeSet<String> = aws.send_batch(queue_url, bodies).into_iter().collect();
+    if sent.len() != bodies.len() {
+        return Err(format!(
+            "only {} of {} jobs were queued",
+            sent.len(),
+            bodies.len()
+        ));
+    }
+    Ok(sent)
+}
+
+/// What the agent phase saw.
+struct AgentRun {
+    outcomes: Outcomes,
+    depth: QueueDepth,
+    calls: CallCounts,
+    exit: Option<std::process::ExitStatus>,
+    log: String,
+}
+
 fn run() -> Result<bool, String> {
     let opts = parse_args()?;
     let bin = agent_bin(opts.release_agent)?;
-    let moto = Moto::start();
-    let aws = Aws::new(&moto.endpoint());
-    let proxy = Proxy::start(moto.port());
+    let server = Server::start(opts.server)?;
+    let aws = Aws::new(&server.endpoint());
+    let proxy = Proxy::start(server.port());
     let queue = aws.job_queue("bench", &QueueOptions::default());
     let events_url = aws.create_queue("bench-events", &[]);
     let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
@@ -274,15 +633,75 @@ fn run() -> Result<bool, String> {
             sign(&key, iat, iat + 3600, &job.to_string())
         })
         .collect();
-    let sent: BTreeSet<String> = aws.send_batch(&queue.url, &bodies).into_iter().collect();
-    if sent.len() != opts.jobs {
-        return Err(format!(
-            "only {} of {} jobs were queued",
-            sent.len(),
-            opts.jobs
-        ));
-    }
 
+    // The baseline goes through the proxy too, so both consumers pay for
+    // the same hop.
+    preload(&aws, &queue.url, &bodies)?;
+    let mut baseline = {
+        let through_proxy = Aws::new(&proxy.endpoint());
+        run_baseline(&through_proxy, &queue.url, opts.jobs)?
+    };
+    baseline.calls = proxy.calls();
+    proxy.reset_calls();
+
+    let sent = preload(&aws, &queue.url, &bodies)?;
+    let agent = run_agent(&opts, &bin, &proxy, &aws, &queue.url, &events_url, root)?;
+
+    report(
+        &opts,
+        &bin,
+        &server,
+        &queue.url,
+        &events_url,
+        &baseline,
+        &agent,
+    );
+    let lost: Vec<&String> = sent
+        .iter()
+        .filter(|m| {
+            !agent.outcomes.succeeded.contains(*m) && !agent.outcomes.other_finals.contains_key(*m)
+        })
+        .collect();
+    let agent_ok = lost.is_empty()
+        && agent.outcomes.other_finals.is_empty()
+        && agent.outcomes.succeeded.len() == opts.jobs;
+    if !agent_ok {
+        eprintln!(
+            "bench_sqs: FAILED: {} job(s) without a final event, {} not succeeded: {:?}\n--- agent log ---\n{}",
+            lost.len(),
+            agent.outcomes.other_finals.len(),
+            agent.outcomes.other_finals.values().take(5).collect::<Vec<_>>(),
+            agent.log
+        );
+    }
+    let baseline_ok = baseline.succeeded == opts.jobs;
+    if !baseline_ok {
+        eprintln!(
+            "bench_sqs: FAILED: the baseline loop ran {} of {} jobs successfully ({} failed{})",
+            baseline.succeeded,
+            opts.jobs,
+            baseline.failed,
+            if baseline.stalled {
+                ", then the queue ran dry"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(agent_ok && baseline_ok)
+}
+
+/// Runs the agent (through the proxy) until every job has its final event
+/// and the queue is empty, then drains it.
+fn run_agent(
+    opts: &Options,
+    bin: &Path,
+    proxy: &Proxy,
+    aws: &Aws,
+    queue_url: &str,
+    events_url: &str,
+    root: &Path,
+) -> Result<AgentRun, String> {
     let p = |sub: &str| toml_str(&root.join(sub).display().to_string());
     let config = root.join("agent.toml");
     std::fs::write(
@@ -293,9 +712,9 @@ fn run() -> Result<bool, String> {
              [state]\ndir = {state}\n\n\
              [jobs]\nwork_dir = {work}\nlog_dir = {logs}\nmax_concurrent = {slots}\n\n\
              [agent]\ninstance_id = \"bench\"\nlog_level = \"warn\"\n",
-            url = toml_str(&queue.url),
-            events = toml_str(&events_url),
-            keys = toml_str(&keys_file.display().to_string()),
+            url = toml_str(queue_url),
+            events = toml_str(events_url),
+            keys = p("keys.toml"),
             socket = p("agent.sock"),
             state = p("state"),
             work = p("work"),
@@ -306,7 +725,7 @@ fn run() -> Result<bool, String> {
     .map_err(|e| format!("writing {}: {e}", config.display()))?;
 
     let stderr_path = root.join("agent.stderr");
-    let mut cmd = Command::new(&bin);
+    let mut cmd = Command::new(bin);
     for (k, _) in std::env::vars_os() {
         if let Some(k) = k.to_str() {
             if k.starts_with("BATCHLY_") || k.starts_with("AWS_") {
@@ -333,7 +752,7 @@ fn run() -> Result<bool, String> {
             return Err(format!("the agent exited ({status}):\n{}", agent_log()));
         }
         let before = outcomes.events;
-        for m in aws.take_all(&events_url, 1) {
+        for m in aws.take_all(events_url, 1) {
             outcomes.add(&m.body);
         }
         if outcomes.events > before {
@@ -349,11 +768,11 @@ fn run() -> Result<bool, String> {
     }
     // Deletes come after the final events (ack last): wait for them too.
     let deadline = Instant::now() + STALL_LIMIT;
-    while !aws.depth(&queue.url).is_empty() && Instant::now() < deadline {
+    while !aws.depth(queue_url).is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let depth = aws.depth(&queue.url);
-    let calls: CallCounts = proxy.calls();
+    let depth = aws.depth(queue_url);
+    let calls = proxy.calls();
 
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent.id() as i32),
@@ -371,32 +790,105 @@ fn run() -> Result<bool, String> {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
+    Ok(AgentRun {
+        outcomes,
+        depth,
+        calls,
+        exit,
+        log: agent_log(),
+    })
+}
 
+/// Prints the table of both consumers' rates and the agent's calls.
+fn report(
+    opts: &Options,
+    bin: &Path,
+    server: &Server,
+    queue_url: &str,
+    events_url: &str,
+    baseline: &Baseline,
+    agent: &AgentRun,
+) {
     let n = opts.jobs;
+    let outcomes = &agent.outcomes;
     println!(
-        "bench_sqs: {n} jobs (/bin/true), {} slots, {} agent ({}), SQS = moto behind a counting proxy",
+        "bench_sqs: {n} jobs (/bin/true), SQS = {} on 127.0.0.1 behind a counting proxy; \
+         agent: {}, {} slots ({})",
+        server.describe(),
+        if opts.release_agent {
+            "release"
+        } else {
+            "debug"
+        },
         opts.slots,
-        if opts.release_agent { "release" } else { "debug" },
         bin.display()
     );
     println!(
-        "  succeeded: {} of {n}; other final outcomes: {}; left in the queue: {depth:?}",
+        "  agent: succeeded {} of {n}, other final outcomes {}, left in the queue {:?}",
         outcomes.succeeded.len(),
-        outcomes.other_finals.len()
+        outcomes.other_finals.len(),
+        agent.depth
     );
-    match (outcomes.first_start_ms, outcomes.last_success_ms) {
-        (Some(a), Some(b)) if b > a => println!(
-            "  throughput: {:.1} jobs/s ({} jobs in {:.2} s, first job.started to last job.succeeded)",
-            outcomes.succeeded.len() as f64 * 1000.0 / (b - a) as f64,
-            outcomes.succeeded.len(),
-            (b - a) as f64 / 1000.0
+    println!();
+    println!(
+        "  {:<34} {:>7} {:>9}  goal",
+        "throughput", "jobs/s", "seconds"
+    );
+    let baseline_rate = rate(baseline.succeeded + baseline.failed, baseline.elapsed);
+    match baseline_rate {
+        Some(r) => println!(
+            "  {:<34} {r:>7.1} {:>9.3}  (receive 10, run each, delete batch; first receive to last delete)",
+            "baseline loop (Rust SDK)",
+            baseline.elapsed.as_secs_f64()
         ),
-        _ => println!("  throughput: not measurable (no start or success events)"),
+        None => println!("  {:<34} {:>7}", "baseline loop (Rust SDK)", "-"),
     }
+    let agent_elapsed = match (outcomes.first_start_ms, outcomes.last_success_ms) {
+        (Some(a), Some(b)) if b > a => Some(Duration::from_millis((b - a) as u64)),
+        _ => None,
+    };
+    let agent_rate = agent_elapsed.and_then(|e| rate(outcomes.succeeded.len(), e));
+    match (agent_rate, agent_elapsed) {
+        (Some(r), Some(e)) => println!(
+            "  {:<34} {r:>7.1} {:>9.3}  (first job.started to last job.succeeded)",
+            format!("agent, {} slots", opts.slots),
+            e.as_secs_f64()
+        ),
+        _ => println!(
+            "  {:<34} {:>7}  (not measurable: no start or success events)",
+            format!("agent, {} slots", opts.slots),
+            "-"
+        ),
+    }
+    let slots_note = if opts.slots == GOAL_SLOTS {
+        String::new()
+    } else {
+        format!(" (the goal is for {GOAL_SLOTS} slots)")
+    };
+    match (agent_rate, baseline_rate) {
+        (Some(a), Some(b)) => {
+            let ratio = a / b;
+            println!(
+                "  {:<34} {:>6.2}x {:>9}  >= {RATIO_GOAL}x: {}{slots_note}",
+                "ratio agent / baseline",
+                ratio,
+                "",
+                goal(ratio >= RATIO_GOAL)
+            );
+        }
+        _ => println!("  {:<34} {:>7}", "ratio agent / baseline", "-"),
+    }
+
+    println!();
+    println!(
+        "  {:<34} {:>7} {:>9}",
+        "agent's SQS calls", "calls", "per job"
+    );
+    let job_queue = queue_name(queue_url);
     let per_job = print_calls(
-        &format!("job queue {}", queue_name(&queue.url)),
-        &calls,
-        queue_name(&queue.url),
+        &format!("job queue {job_queue}"),
+        &agent.calls,
+        job_queue,
         n,
         &[
             "ReceiveMessage",
@@ -405,59 +897,65 @@ fn run() -> Result<bool, String> {
             "DeleteMessage",
             "ChangeMessageVisibility",
             "SendMessage",
+            "SendMessageBatch",
         ],
     );
-    println!(
-        "    steady state (the calls above, less receives that found nothing): {per_job:.3} per job; goal <= {CALLS_PER_JOB_GOAL}: {}",
-        if per_job <= CALLS_PER_JOB_GOAL {
-            "met"
-        } else {
-            "NOT met"
-        }
-    );
-    print_calls(
-        &format!("events queue {}", queue_name(&events_url)),
-        &calls,
-        queue_name(&events_url),
+    calls_row(
+        "  steady state (less idle receives)",
+        (per_job * n as f64).round() as u64,
         n,
-        &["SendMessage", "SendMessageBatch"],
+        &format!(
+            "goal <= {CALLS_PER_JOB_GOAL}: {}",
+            goal(per_job <= CALLS_PER_JOB_GOAL)
+        ),
     );
-    for (q, by_action) in &calls.by_queue {
-        if q != queue_name(&queue.url) && q != queue_name(&events_url) {
-            println!("  other: {q}: {by_action:?}");
+    let events_queue = queue_name(events_url);
+    let events_per_job = print_calls(
+        &format!("events queue {events_queue}"),
+        &agent.calls,
+        events_queue,
+        n,
+        &["SendMessageBatch", "SendMessage"],
+    );
+    calls_row(
+        "  steady state",
+        (events_per_job * n as f64).round() as u64,
+        n,
+        &format!(
+            "goal <= {CALLS_PER_JOB_GOAL}: {}",
+            goal(events_per_job <= CALLS_PER_JOB_GOAL)
+        ),
+    );
+    for (q, by_action) in &agent.calls.by_queue {
+        if q != job_queue && q != events_queue {
+            println!("  other queue {q}: {by_action:?}");
         }
     }
-    if calls.unparsed > 0 {
+    if agent.calls.unparsed > 0 {
         println!(
             "  ({} requests could not be framed and were not counted)",
-            calls.unparsed
+            agent.calls.unparsed
         );
     }
-    match exit {
+    let baseline_by_action: Vec<String> = baseline
+        .calls
+        .on_queue(job_queue)
+        .iter()
+        .map(|(a, c)| format!("{a} {c}"))
+        .collect();
+    println!(
+        "  (baseline's calls on {job_queue}: {})",
+        baseline_by_action.join(", ")
+    );
+    match agent.exit {
         Some(status) => println!("  agent after SIGTERM: {status}"),
         None => println!("  agent did not exit within {AGENT_WAIT:?} of SIGTERM (killed)"),
     }
-
-    let lost: Vec<&String> = sent
-        .iter()
-        .filter(|m| !outcomes.succeeded.contains(*m) && !outcomes.other_finals.contains_key(*m))
-        .collect();
-    let ok = lost.is_empty() && outcomes.other_finals.is_empty() && outcomes.succeeded.len() == n;
-    if !ok {
-        eprintln!(
-            "bench_sqs: FAILED: {} job(s) without a final event, {} not succeeded: {:?}\n--- agent log ---\n{}",
-            lost.len(),
-            outcomes.other_finals.len(),
-            outcomes.other_finals.values().take(5).collect::<Vec<_>>(),
-            agent_log()
-        );
-    }
-    Ok(ok)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::parse_at;
+    use super::{command_of, parse_at};
 
     #[test]
     fn event_times_parse_to_unix_milliseconds() {
@@ -468,5 +966,17 @@ mod tests {
         );
         assert_eq!(parse_at("2000-03-01T00:00:01Z"), Some(951_868_801_000));
         assert_eq!(parse_at("yesterday"), None);
+    }
+
+    #[test]
+    fn the_baseline_reads_a_jobs_command_out_of_its_envelope_without_checking_it() {
+        let job = r#"{"id":"a","command":["/bin/true","x"]}"#;
+        let body = serde_json::json!({"v": 1, "kid": "k", "iat": 0, "exp": 1, "job": job, "sig": "not checked"});
+        assert_eq!(
+            command_of(&body.to_string()),
+            Some(vec!["/bin/true".to_string(), "x".to_string()])
+        );
+        assert_eq!(command_of("not json"), None);
+        assert_eq!(command_of(r#"{"job":"{\"command\":[]}"}"#), None);
     }
 }
