@@ -68,6 +68,10 @@ pub struct JobsConfig {
     pub work_dir: PathBuf,
     pub log_dir: PathBuf,
     pub log_max_bytes: u64,
+    /// Releases that are not failures (exit 75, drains, agent-side
+    /// trouble) a job may have before it is dead-lettered as
+    /// `agent_gave_up`.
+    pub max_requeues: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -304,6 +308,16 @@ static KEYS: &[Key] = &[
         secret: false,
     },
     Key {
+        name: "jobs.max_requeues",
+        slot: Slot::Count {
+            positive: true,
+            field: field!(jobs.max_requeues),
+        },
+        default: Builtin::Value("20"),
+        doc: "releases that are not failures (exit 75, drain, agent-side trouble) a job may have before it is dead-lettered as agent_gave_up",
+        secret: false,
+    },
+    Key {
         name: "jobs.default_timeout_s",
         slot: Slot::Seconds {
             positive: true,
@@ -466,7 +480,7 @@ static KEYS: &[Key] = &[
         name: "agent.instance_id",
         slot: Slot::OptionalText(field!(agent.instance_id)),
         default: Builtin::Unset,
-        doc: "EC2 instance id (unset: discovered from instance metadata)",
+        doc: "the instance_id in events (unset: host-<hostname>; read from instance metadata in a later release)",
         secret: false,
     },
 ];
@@ -575,6 +589,7 @@ impl Config {
                 work_dir: PathBuf::new(),
                 log_dir: PathBuf::new(),
                 log_max_bytes: 0,
+                max_requeues: 0,
             },
             signing: SigningConfig {
                 keys_file: PathBuf::new(),
@@ -1324,6 +1339,7 @@ mod tests {
                 work_dir: PathBuf::from("/var/lib/batchly/work"),
                 log_dir: PathBuf::from("/var/lib/batchly/logs"),
                 log_max_bytes: 256 * 1024 * 1024,
+                max_requeues: 20,
             }
         );
         assert_eq!(

@@ -52,9 +52,6 @@ const RECOVERY_BUDGET: Duration = Duration::from_secs(60);
 /// How long the agent tries to say it stops.
 const STOP_ANNOUNCE_BUDGET: Duration = Duration::from_secs(5);
 
-/// Default of `jobs.max_requeues`.
-pub const DEFAULT_MAX_REQUEUES: u32 = 20;
-
 /// How long to wait before asking a failing source again, at most.
 const RECEIVE_RETRY_MAX: Duration = Duration::from_secs(30);
 
@@ -762,7 +759,7 @@ mod tests {
             log_max_bytes: 1024,
             verify: VerifyPolicy::default(),
             instance_id: "i-test".into(),
-            max_requeues: DEFAULT_MAX_REQUEUES,
+            max_requeues: 20,
         };
         let drain = Drain::new();
         let board = Arc::new(StatusBoard::new("test", "dir".into(), 2, drain.clone()));
