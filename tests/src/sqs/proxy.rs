@@ -1052,11 +1052,15 @@ mod tests {
 
     type SendResult = Result<
         String,
-        aws_sdk_sqs::error::SdkError<aws_sdk_sqs::operation::send_message::SendMessageError>,
+        Box<aws_sdk_sqs::error::SdkError<aws_sdk_sqs::operation::send_message::SendMessageError>>,
     >;
     type ReceiveResult = Result<
         Vec<aws_sdk_sqs::types::Message>,
-        aws_sdk_sqs::error::SdkError<aws_sdk_sqs::operation::receive_message::ReceiveMessageError>,
+        Box<
+            aws_sdk_sqs::error::SdkError<
+                aws_sdk_sqs::operation::receive_message::ReceiveMessageError,
+            >,
+        >,
     >;
 
     /// moto, the proxy in front of it, a client through the proxy, and two
@@ -1100,6 +1104,7 @@ mod tests {
                         .send(),
                 )
                 .map(|out| out.message_id.unwrap_or_default())
+                .map_err(Box::new)
         }
 
         fn receive(&self, url: &str) -> ReceiveResult {
@@ -1112,6 +1117,7 @@ mod tests {
                         .send(),
                 )
                 .map(|out| out.messages.unwrap_or_default())
+                .map_err(Box::new)
         }
 
         fn open_connections(&self) -> usize {
@@ -1220,6 +1226,7 @@ mod tests {
                     .set_entries(Some(entries.clone()))
                     .send(),
             )
+            .map_err(Box::new)
         };
         let out = delete().expect("a batch answer");
         assert!(out.successful().is_empty(), "{out:?}");
@@ -1271,7 +1278,7 @@ mod tests {
             "no answer at all: {e:?}"
         );
         assert!(
-            io_kinds(&e).contains(&ErrorKind::ConnectionReset),
+            io_kinds(&*e).contains(&ErrorKind::ConnectionReset),
             "a reset, not a graceful close: {e:?}"
         );
         assert_eq!(w.proxy.hits(&reset), 1);
