@@ -256,7 +256,8 @@ fn a_delete_refused_for_an_invalid_receipt_frees_the_slot_for_the_next_job() {
 fn a_requeue_whose_original_cannot_be_deleted_for_an_invalid_receipt_frees_the_slot() {
     // Exit 75 on a standard queue: a copy is sent, then the original is
     // deleted; that delete is refused. The copy stands for the job.
-    let once = "if [ -e \"$MARK/asked\" ]; then true; else touch \"$MARK/asked\"; exit 75; fi";
+    // In a subshell, so the runs file records the end of the first run too.
+    let once = "(if [ -e \"$MARK/asked\" ]; then true; else touch \"$MARK/asked\"; exit 75; fi)";
     let (t, _proxy, agent, first) =
         next_job_runs_after_an_invalid_receipt("DeleteMessageBatch", once, &[]);
     wait_runs(&t, "the first job's copy to run", &[&agent], |runs| {
