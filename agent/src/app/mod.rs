@@ -105,7 +105,7 @@ fn settings(config: &Config) -> Settings {
             max_ttl: config.signing.max_ttl,
         },
         instance_id: instance_id(config),
-        max_requeues: u32::try_from(config.jobs.max_requeues).unwrap_or(u32::MAX),
+        max_requeues: config.jobs.max_requeues,
     }
 }
 

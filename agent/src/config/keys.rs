@@ -1,0 +1,339 @@
+//! The schema: every setting the agent has, with its type, built-in default, one-line
+//! description and (derived from its name) its environment variable. Adding a setting: one entry
+//! in `KEYS`, its field in the section struct, and the field's placeholder in `Config::blank`
+//! (every placeholder is overwritten by the default). Nothing here reads a value.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::parse::{check_log_group_name, check_metrics_namespace, check_non_empty};
+use super::{Config, LogFormat};
+
+/// Every setting's environment variable is this prefix followed by `SECTION_KEY`.
+pub(super) const ENV_PREFIX: &str = "BATCHLY_";
+
+/// One setting: its dotted name (`section.key`; sections contain no underscore, so the
+/// environment name `BATCHLY_SECTION_KEY` maps back unambiguously), how its value is parsed and
+/// where it is stored, its built-in default, a one-line description, and whether it is secret.
+pub(super) struct Key {
+    pub(super) name: &'static str,
+    pub(super) slot: Slot,
+    pub(super) default: Builtin,
+    pub(super) doc: &'static str,
+    pub(super) secret: bool,
+}
+
+pub(super) enum Builtin {
+    /// No default: the setting is optional, or required only by some commands.
+    Unset,
+    /// Parsed exactly like a value from the environment.
+    Value(&'static str),
+    /// The number of CPUs this process may use.
+    CpuCount,
+}
+
+/// What a key's value is and which field of [`Config`] holds it.
+pub(super) enum Slot {
+    QueueUrls(Field<Vec<String>>),
+    OptionalUrl(Field<Option<String>>),
+    Count {
+        positive: bool,
+        field: Field<usize>,
+    },
+    /// How many times something may happen: at least once.
+    Times(Field<u32>),
+    Seconds {
+        positive: bool,
+        field: Field<Duration>,
+    },
+    Size(Field<u64>),
+    Path(Field<PathBuf>),
+    Text {
+        /// Returns what was expected when the text is not acceptable.
+        check: fn(&str) -> Result<(), &'static str>,
+        field: Field<String>,
+    },
+    OptionalText(Field<Option<String>>),
+    LogFormat(Field<LogFormat>),
+}
+
+pub(super) struct Field<T: 'static> {
+    pub(super) get: fn(&Config) -> &T,
+    pub(super) set: fn(&mut Config) -> &mut T,
+}
+
+macro_rules! field {
+    ($section:ident . $name:ident) => {
+        Field {
+            get: |config| &config.$section.$name,
+            set: |config| &mut config.$section.$name,
+        }
+    };
+}
+
+pub(super) static KEYS: &[Key] = &[
+    Key {
+        name: "queue.url",
+        slot: Slot::QueueUrls(field!(queue.urls)),
+        default: Builtin::Unset,
+        doc: "SQS queue URL to pull jobs from, or an array of URLs in priority order",
+        secret: false,
+    },
+    Key {
+        name: "queue.events_url",
+        slot: Slot::OptionalUrl(field!(queue.events_url)),
+        default: Builtin::Unset,
+        doc: "SQS queue URL where job events are published",
+        secret: false,
+    },
+    Key {
+        name: "queue.dead_letter_url",
+        slot: Slot::OptionalUrl(field!(queue.dead_letter_url)),
+        default: Builtin::Unset,
+        doc: "SQS queue URL for rejected messages (unset: the queue's RedrivePolicy target)",
+        secret: false,
+    },
+    Key {
+        name: "jobs.max_concurrent",
+        slot: Slot::Count {
+            positive: true,
+            field: field!(jobs.max_concurrent),
+        },
+        default: Builtin::CpuCount,
+        doc: "job slots",
+        secret: false,
+    },
+    Key {
+        name: "jobs.default_timeout_s",
+        slot: Slot::Seconds {
+            positive: true,
+            field: field!(jobs.default_timeout),
+        },
+        default: Builtin::Value("3600"),
+        doc: "timeout in seconds when a job spec gives none",
+        secret: false,
+    },
+    Key {
+        name: "jobs.kill_grace_s",
+        slot: Slot::Seconds {
+            positive: false,
+            field: field!(jobs.kill_grace),
+        },
+        default: Builtin::Value("10"),
+        doc: "seconds between SIGTERM and SIGKILL when a job times out",
+        secret: false,
+    },
+    Key {
+        name: "jobs.retry_backoff_s",
+        slot: Slot::Seconds {
+            positive: false,
+            field: field!(jobs.retry_backoff),
+        },
+        default: Builtin::Value("10"),
+        doc: "delay in seconds before the first retry; doubles each attempt, with jitter",
+        secret: false,
+    },
+    Key {
+        name: "jobs.retry_backoff_max_s",
+        slot: Slot::Seconds {
+            positive: false,
+            field: field!(jobs.retry_backoff_max),
+        },
+        default: Builtin::Value("900"),
+        doc: "longest retry delay in seconds",
+        secret: false,
+    },
+    Key {
+        name: "jobs.max_requeues",
+        slot: Slot::Times(field!(jobs.max_requeues)),
+        default: Builtin::Value("20"),
+        doc: "times a job may be released without it counting as a failed attempt (exit 75, \
+              drain, agent-side trouble) before it is dead-lettered as agent_gave_up",
+        secret: false,
+    },
+    Key {
+        name: "jobs.work_dir",
+        slot: Slot::Path(field!(jobs.work_dir)),
+        default: Builtin::Value("/var/lib/batchly/work"),
+        doc: "directory holding each job's working directory",
+        secret: false,
+    },
+    Key {
+        name: "jobs.log_dir",
+        slot: Slot::Path(field!(jobs.log_dir)),
+        default: Builtin::Value("/var/lib/batchly/logs"),
+        doc: "directory holding each job's local output",
+        secret: false,
+    },
+    Key {
+        name: "jobs.log_max_bytes",
+        slot: Slot::Size(field!(jobs.log_max_bytes)),
+        default: Builtin::Value("256MiB"),
+        doc: "most output kept per job: bytes, or a size such as 64MiB or 10MB",
+        secret: false,
+    },
+    Key {
+        name: "signing.keys_file",
+        slot: Slot::Path(field!(signing.keys_file)),
+        default: Builtin::Value("/etc/batchly/keys.toml"),
+        doc: "verification keys for job envelopes",
+        secret: false,
+    },
+    Key {
+        name: "signing.skew_s",
+        slot: Slot::Seconds {
+            positive: false,
+            field: field!(signing.skew),
+        },
+        default: Builtin::Value("60"),
+        doc: "clock skew in seconds tolerated when checking envelope times",
+        secret: false,
+    },
+    Key {
+        name: "signing.max_ttl_s",
+        slot: Slot::Seconds {
+            positive: true,
+            field: field!(signing.max_ttl),
+        },
+        default: Builtin::Value("604800"),
+        doc: "longest envelope lifetime in seconds the agent accepts",
+        secret: false,
+    },
+    Key {
+        name: "logs.group",
+        slot: Slot::Text {
+            check: check_log_group_name,
+            field: field!(logs.group),
+        },
+        default: Builtin::Value("/batchly/jobs"),
+        doc: "CloudWatch Logs group for job output and agent logs",
+        secret: false,
+    },
+    Key {
+        name: "metrics.namespace",
+        slot: Slot::Text {
+            check: check_metrics_namespace,
+            field: field!(metrics.namespace),
+        },
+        default: Builtin::Value("Batchly/Agent"),
+        doc: "CloudWatch metrics namespace",
+        secret: false,
+    },
+    Key {
+        name: "drain.margin_s",
+        slot: Slot::Seconds {
+            positive: false,
+            field: field!(drain.margin),
+        },
+        default: Builtin::Value("15"),
+        doc: "seconds before a spot termination by which messages are released and telemetry flushed",
+        secret: false,
+    },
+    Key {
+        name: "drain.timeout_s",
+        slot: Slot::Seconds {
+            positive: true,
+            field: field!(drain.timeout),
+        },
+        default: Builtin::Value("90"),
+        doc: "longest a SIGTERM or `drain` drain may take before remaining jobs are killed and released",
+        secret: false,
+    },
+    Key {
+        name: "admin.socket",
+        slot: Slot::Path(field!(admin.socket)),
+        default: Builtin::Value("/run/batchly/agent.sock"),
+        doc: "local socket for `status` and `drain`",
+        secret: false,
+    },
+    Key {
+        name: "state.dir",
+        slot: Slot::Path(field!(state.dir)),
+        default: Builtin::Value("/var/lib/batchly/state"),
+        doc: "directory for state that survives a restart",
+        secret: false,
+    },
+    Key {
+        name: "agent.log_format",
+        slot: Slot::LogFormat(field!(agent.log_format)),
+        default: Builtin::Value("text"),
+        doc: "agent log format: \"text\" or \"json\"",
+        secret: false,
+    },
+    Key {
+        name: "agent.log_level",
+        slot: Slot::Text {
+            check: check_non_empty,
+            field: field!(agent.log_level),
+        },
+        default: Builtin::Value("info"),
+        doc: "tracing filter, such as \"info\" or \"batchly_agent=debug\"",
+        secret: false,
+    },
+    Key {
+        name: "agent.instance_id",
+        slot: Slot::OptionalText(field!(agent.instance_id)),
+        default: Builtin::Unset,
+        doc: "the instance_id in events (unset: host-<hostname>; read from instance metadata in a later release)",
+        secret: false,
+    },
+];
+
+pub(super) fn find_key(name: &str) -> Option<(usize, &'static Key)> {
+    KEYS.iter().enumerate().find(|(_, key)| key.name == name)
+}
+
+pub(super) fn env_name(key_name: &str) -> String {
+    format!(
+        "{ENV_PREFIX}{}",
+        key_name.replace('.', "_").to_ascii_uppercase()
+    )
+}
+
+pub(super) fn split_name(key_name: &str) -> (&str, &str) {
+    key_name.split_once('.').unwrap_or(("", key_name))
+}
+
+/// Section names in schema order, each once.
+pub(super) fn sections() -> Vec<&'static str> {
+    let mut sections: Vec<&'static str> = Vec::new();
+    for key in KEYS {
+        let (section, _) = split_name(key.name);
+        if !sections.contains(&section) {
+            sections.push(section);
+        }
+    }
+    sections
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_has_a_section_a_doc_and_a_distinct_environment_name() {
+        let mut names: Vec<String> = KEYS.iter().map(|key| env_name(key.name)).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), KEYS.len());
+        for key in KEYS {
+            let (section, leaf) = split_name(key.name);
+            assert!(!section.is_empty() && !leaf.is_empty(), "{}", key.name);
+            assert!(
+                !section.contains('_'),
+                "{}: section names have no underscore",
+                key.name
+            );
+            assert!(!key.doc.is_empty(), "{}", key.name);
+        }
+        // render() writes a [section] header whenever the section changes; a section split in
+        // two would render as a duplicate table, which is invalid TOML.
+        let mut runs: Vec<&str> = KEYS.iter().map(|key| split_name(key.name).0).collect();
+        runs.dedup();
+        assert_eq!(
+            runs,
+            sections(),
+            "each section's keys must be adjacent in KEYS"
+        );
+    }
+}
