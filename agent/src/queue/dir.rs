@@ -14,25 +14,47 @@
 //! `agent.lock`); at start it moves everything left in `claimed/` back to
 //! `queue/`, which is this source's crash recovery. Producers (`submit`) need
 //! no lock: they only ever rename complete files into `queue/`.
+//!
+//! New submissions are noticed through an inotify watch on `queue/`, so a job
+//! starts as soon as it is submitted; the directory is still re-listed now and
+//! then for what inotify cannot see. Without inotify (too many instances or
+//! watches, or the watch stops working) the directory is polled instead.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::{Flock, FlockArg};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent, WatchDescriptor};
+use tokio::sync::Notify;
 
 use super::{JobSource, Message, QueueError};
 
 /// How long `receive` waits for a first message before returning none.
 const LONG_POLL: Duration = Duration::from_millis(500);
-/// How often an idle queue directory is checked for new submissions.
-const SCAN_INTERVAL: Duration = Duration::from_millis(50);
-/// A listing is re-read at least this often even if the directory's mtime
-/// says nothing changed (coarse mtimes on some file systems).
+/// Without a watch: how often an idle queue directory is checked for new
+/// submissions (a `stat` of it; it is listed only when its mtime changed).
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// Without a watch: a listing is re-read at least this often even if the
+/// directory's mtime says nothing changed (coarse mtimes on some file systems).
 const FULL_RESCAN_INTERVAL: Duration = Duration::from_secs(5);
+/// With a watch: `queue/` is still listed this often, for changes inotify
+/// never reports (a network file system written to from another host). The
+/// watch does the real work; `tests/tests/dev_watch.rs` relies on this being
+/// far longer than it waits for a job.
+pub const WATCHED_RESCAN_INTERVAL: Duration = Duration::from_secs(300);
+/// What in `queue/` may mean a new message: a file renamed in (how `submit`
+/// and releases arrive) or written in place and closed; and the directory
+/// itself going away, which ends the watch.
+const WATCH_MASK: AddWatchFlags = AddWatchFlags::IN_MOVED_TO
+    .union(AddWatchFlags::IN_CLOSE_WRITE)
+    .union(AddWatchFlags::IN_MOVE_SELF)
+    .union(AddWatchFlags::IN_DELETE_SELF)
+    .union(AddWatchFlags::IN_ONLYDIR);
 
 const QUEUE: &str = "queue";
 const CLAIMED: &str = "claimed";
@@ -157,6 +179,8 @@ pub struct DirQueue {
     /// Held for the agent's lifetime: one agent per root.
     _lock: Flock<File>,
     cache: Mutex<Cache>,
+    /// `None` when inotify could not be set up: then `queue/` is polled.
+    watch: Option<QueueWatch>,
 }
 
 #[derive(Default)]
@@ -164,6 +188,126 @@ struct Cache {
     waiting: VecDeque<Waiting>,
     scanned_at: Option<Instant>,
     scanned_mtime: Option<SystemTime>,
+}
+
+/// An inotify watch on `queue/`, read by a thread of its own that raises
+/// `changed` and wakes `receive` on every notification. It is set up before
+/// the directory is first listed, and `changed` is taken only right before a
+/// listing, so a message renamed in after a listing always ends the next wait.
+struct QueueWatch {
+    inotify: Arc<Inotify>,
+    queue_dir: WatchDescriptor,
+    shared: Arc<WatchShared>,
+}
+
+/// What the watch thread and the queue share.
+#[derive(Default)]
+struct WatchShared {
+    /// Something arrived in `queue/` since the last listing.
+    changed: AtomicBool,
+    /// The watch no longer works (`queue/` was moved or removed, reading
+    /// failed): `queue/` is polled from then on.
+    stopped: AtomicBool,
+    /// The queue is being dropped: the thread ends without a word.
+    closing: AtomicBool,
+    /// Holds a wake-up for a `receive` that is not waiting yet.
+    wake: Notify,
+}
+
+/// What one read of the watch said.
+#[derive(Debug, PartialEq)]
+enum Notice {
+    /// Something arrived in `queue/`, or so much that the kernel's queue of
+    /// notifications overflowed: list the directory again.
+    Changed,
+    /// The watch no longer sees `queue/`.
+    Stopped(String),
+}
+
+impl QueueWatch {
+    fn start(dir: &Path) -> Result<QueueWatch, String> {
+        // Blocking reads: the thread has nothing else to do.
+        let inotify =
+            Inotify::init(InitFlags::IN_CLOEXEC).map_err(|e| format!("starting inotify: {e}"))?;
+        let queue_dir = inotify
+            .add_watch(dir, WATCH_MASK)
+            .map_err(|e| format!("watching {}: {e}", dir.display()))?;
+        let inotify = Arc::new(inotify);
+        let shared = Arc::new(WatchShared::default());
+        let (reader, thread_shared, thread_dir) =
+            (inotify.clone(), shared.clone(), dir.to_path_buf());
+        std::thread::Builder::new()
+            .name("queue-watch".into())
+            .spawn(move || read_notices(&reader, &thread_shared, &thread_dir))
+            .map_err(|e| format!("starting the watch thread: {e}"))?;
+        Ok(QueueWatch {
+            inotify,
+            queue_dir,
+            shared,
+        })
+    }
+
+    fn working(&self) -> bool {
+        !self.shared.stopped.load(Ordering::SeqCst)
+    }
+
+    /// Whether something arrived since the last call; the caller lists.
+    fn take_changed(&self) -> bool {
+        self.shared.changed.swap(false, Ordering::SeqCst)
+    }
+
+    /// Waits for the next notification (or one that came since the last
+    /// wait). Cancel-safe: dropping it loses nothing.
+    async fn notified(&self) {
+        self.shared.wake.notified().await;
+    }
+}
+
+impl Drop for QueueWatch {
+    fn drop(&mut self) {
+        self.shared.closing.store(true, Ordering::SeqCst);
+        // Ends the thread's blocking read with IN_IGNORED. An error means the
+        // watch is gone already, and so is the thread.
+        let _ = self.inotify.rm_watch(self.queue_dir);
+    }
+}
+
+/// The watch thread: reads notifications until the watch ends.
+fn read_notices(inotify: &Inotify, shared: &WatchShared, dir: &Path) {
+    let why = loop {
+        match inotify.read_events() {
+            Ok(events) => match notice_of(&events) {
+                Notice::Changed => {
+                    shared.changed.store(true, Ordering::SeqCst);
+                    shared.wake.notify_one();
+                }
+                Notice::Stopped(why) => break why,
+            },
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => break format!("reading inotify: {e}"),
+        }
+    };
+    shared.stopped.store(true, Ordering::SeqCst);
+    shared.wake.notify_one();
+    if !shared.closing.load(Ordering::SeqCst) {
+        // Said once: the thread ends here and the queue polls from now on.
+        tracing::warn!(
+            dir = %dir.display(),
+            "the queue directory watch stopped ({why}); checking it every {} ms instead",
+            POLL_INTERVAL.as_millis()
+        );
+    }
+}
+
+fn notice_of(events: &[InotifyEvent]) -> Notice {
+    let gone = AddWatchFlags::IN_MOVE_SELF
+        | AddWatchFlags::IN_DELETE_SELF
+        | AddWatchFlags::IN_IGNORED
+        | AddWatchFlags::IN_UNMOUNT;
+    match events.iter().find(|event| event.mask.intersects(gone)) {
+        Some(event) => Notice::Stopped(format!("queue/ went away: {:?}", event.mask)),
+        None => Notice::Changed,
+    }
 }
 
 fn dir_mtime(dir: &Path) -> Option<SystemTime> {
@@ -210,11 +354,53 @@ impl DirQueue {
         };
         lock.set_len(0).map_err(io_err("writing", &lock_path))?;
         write!(lock, "{}", std::process::id()).map_err(io_err("writing", &lock_path))?;
+        // Before anything lists queue/: what arrives after a listing must
+        // leave a notification behind.
+        let queue_dir = root.join(QUEUE);
+        let watch = match QueueWatch::start(&queue_dir) {
+            Ok(watch) => Some(watch),
+            Err(why) => {
+                tracing::warn!(
+                    dir = %queue_dir.display(),
+                    "cannot watch the queue directory ({why}); checking it every {} ms instead",
+                    POLL_INTERVAL.as_millis()
+                );
+                None
+            }
+        };
         Ok(DirQueue {
             root: root.to_path_buf(),
             _lock: lock,
             cache: Mutex::new(Cache::default()),
+            watch,
         })
+    }
+
+    /// The watch, while it works.
+    fn working_watch(&self) -> Option<&QueueWatch> {
+        self.watch.as_ref().filter(|watch| watch.working())
+    }
+
+    /// Waits until `queue/` may hold something new (or, watched, until the
+    /// first waiting message becomes visible), but never past `deadline`.
+    async fn wait_for_news(&self, deadline: Instant) {
+        let Some(watch) = self.working_watch() else {
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::time::sleep(POLL_INTERVAL.min(left)).await;
+            return;
+        };
+        let until = self
+            .next_visible_at()
+            .map_or(deadline, |at| at.min(deadline));
+        // Timing out is the normal end of an idle wait.
+        let _ = tokio::time::timeout_at(until.into(), watch.notified()).await;
+    }
+
+    /// When the first known waiting message becomes visible, if it is not yet.
+    fn next_visible_at(&self) -> Option<Instant> {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let wait_ms = cache.waiting.front()?.visible_at_ms.checked_sub(now_ms())?;
+        Some(Instant::now() + Duration::from_millis(wait_ms))
     }
 
     pub fn root(&self) -> &Path {
@@ -280,12 +466,16 @@ impl DirQueue {
     }
 
     /// Re-reading `queue/` costs a directory listing: do it only when it may
-    /// show something new (the directory changed) and not too often.
+    /// show something new (the watch said so, or the directory changed) and
+    /// not too often.
     fn worth_rescanning(&self, cache: &Cache) -> bool {
         let Some(at) = cache.scanned_at else {
             return true;
         };
-        if at.elapsed() < SCAN_INTERVAL {
+        if let Some(watch) = self.working_watch() {
+            return watch.take_changed() || at.elapsed() >= WATCHED_RESCAN_INTERVAL;
+        }
+        if at.elapsed() < POLL_INTERVAL {
             return false;
         }
         at.elapsed() >= FULL_RESCAN_INTERVAL
@@ -348,7 +538,7 @@ impl JobSource for DirQueue {
             if !got.is_empty() || Instant::now() >= deadline {
                 return Ok(got);
             }
-            tokio::time::sleep(SCAN_INTERVAL).await;
+            self.wait_for_news(deadline).await;
         }
     }
 
@@ -560,6 +750,74 @@ mod tests {
         let q = DirQueue::open(tmp.path()).expect("open");
         let m = q.receive(1).await.expect("receive").remove(0);
         assert_eq!(m.body.len(), super::super::MAX_BODY_BYTES + 1);
+    }
+
+    /// Far longer than a healthy watch needs; reaching it is a failure.
+    const NOTICE_WAIT: Duration = Duration::from_secs(60);
+
+    /// Receives until a message comes (each receive is one bounded long
+    /// poll), for at most `NOTICE_WAIT`.
+    async fn receive_within(q: &DirQueue) -> Vec<Message> {
+        let give_up = Instant::now() + NOTICE_WAIT;
+        loop {
+            let got = q.receive(1).await.expect("receive");
+            if !got.is_empty() || Instant::now() >= give_up {
+                return got;
+            }
+        }
+    }
+
+    fn bodies(messages: &[Message]) -> Vec<Vec<u8>> {
+        messages.iter().map(|m| m.body.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_message_submitted_after_the_first_listing_arrives_through_the_watch() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let q = DirQueue::open(tmp.path()).expect("open");
+        assert!(q.working_watch().is_some(), "inotify is available here");
+        assert!(q.receive(1).await.expect("receive").is_empty());
+        enqueue(tmp.path(), b"late").expect("enqueue");
+        // Without a notice the next listing is WATCHED_RESCAN_INTERVAL away,
+        // far beyond NOTICE_WAIT: only the watch can bring the message in.
+        assert_eq!(bodies(&receive_within(&q).await), vec![b"late".to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn a_message_renamed_in_between_the_listing_and_the_wait_ends_the_wait() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let q = DirQueue::open(tmp.path()).expect("open");
+        assert!(q.claim_visible(1).expect("listing").is_empty());
+        enqueue(tmp.path(), b"in between").expect("enqueue");
+        let an_hour = Instant::now() + Duration::from_secs(3600);
+        tokio::time::timeout(NOTICE_WAIT, q.wait_for_news(an_hour))
+            .await
+            .expect("the rename before the wait must end the wait");
+        let got = q.claim_visible(1).expect("listing");
+        assert_eq!(bodies(&got), vec![b"in between".to_vec()], "it is listed");
+    }
+
+    #[tokio::test]
+    async fn without_a_watch_the_directory_is_polled() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut q = DirQueue::open(tmp.path()).expect("open");
+        q.watch = None;
+        assert!(q.receive(1).await.expect("receive").is_empty());
+        enqueue(tmp.path(), b"polled").expect("enqueue");
+        assert_eq!(bodies(&receive_within(&q).await), vec![b"polled".to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn a_queue_directory_replaced_under_the_watch_is_polled_from_then_on() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let q = DirQueue::open(tmp.path()).expect("open");
+        assert!(q.receive(1).await.expect("receive").is_empty());
+        fs::rename(tmp.path().join(QUEUE), tmp.path().join("queue.old")).expect("mv");
+        fs::create_dir(tmp.path().join(QUEUE)).expect("mkdir");
+        enqueue(tmp.path(), b"into the new dir").expect("enqueue");
+        let got = receive_within(&q).await;
+        assert!(q.working_watch().is_none(), "the watch saw queue/ go");
+        assert_eq!(bodies(&got), vec![b"into the new dir".to_vec()]);
     }
 
     #[test]

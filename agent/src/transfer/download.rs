@@ -7,7 +7,7 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::operation::get_object::GetObjectError;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::ChecksumMode;
@@ -22,7 +22,7 @@ use super::integrity::{ContentDigest, ExpectedContent};
 use super::paths::{
     file_kind, open_dir_beneath, split_relative, FileKind, MissingDirs, PathRefusal,
 };
-use super::{S3Url, TransferError, Transfers, MIB};
+use super::{AgentTrouble, S3Url, TransferError, Transfers, MIB};
 use crate::envelope::Transfer;
 
 /// Buffer between the network and a downloading file, so that the disk sees large writes.
@@ -40,7 +40,7 @@ impl Transfers {
         let context = format!("input {url}");
         let location = S3Url::parse(url)
             .filter(|l| !l.key.is_empty() && !l.key.ends_with('/'))
-            .ok_or_else(|| TransferError::Job(format!("{context}: not an s3://bucket/key URL")))?;
+            .ok_or_else(|| TransferError::job(&context, "not an s3://bucket/key URL"))?;
         let (parents, name) = split_relative(&input.path).map_err(|r| r.into_error(&context))?;
         let dir = open_dir_beneath(root, &parents, MissingDirs::Create)
             .map_err(|r| r.into_error(&context))?;
@@ -69,18 +69,15 @@ fn get_object_error(context: &str, error: SdkError<GetObjectError>) -> TransferE
         .as_service_error()
         .is_some_and(GetObjectError::is_no_such_key)
     {
-        return TransferError::Job(format!("{context}: no such object"));
+        return TransferError::job(context, "no such object");
     }
     if error.code() == Some("NoSuchBucket") {
-        return TransferError::Job(format!("{context}: no such bucket"));
+        return TransferError::job(context, "no such bucket");
     }
     if error.raw_response().map(|r| r.status().as_u16()) == Some(404) {
-        return TransferError::Job(format!("{context}: no such object"));
+        return TransferError::job(context, "no such object");
     }
-    TransferError::Agent(format!(
-        "{context}: downloading: {}",
-        DisplayErrorContext(&error)
-    ))
+    TransferError::agent(context, AgentTrouble::s3("downloading", error))
 }
 
 /// A download in progress: a temporary file beside its destination,
@@ -128,9 +125,10 @@ impl PartialDownload {
                 }
             }
         }
-        Err(TransferError::Agent(format!(
-            "{context}: creating a temporary file for the download: {last_error}"
-        )))
+        Err(TransferError::agent(
+            context,
+            AgentTrouble::io("creating a temporary file for the download", last_error),
+        ))
     }
 
     /// Moves the finished file to `name`, refusing to replace a link or a
@@ -182,25 +180,21 @@ async fn write_body(
     let mut md5 = Md5::new();
     let mut length: u64 = 0;
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| {
-            TransferError::Agent(format!(
-                "{context}: downloading: {}",
-                DisplayErrorContext(&e)
-            ))
-        })?;
+        let chunk =
+            chunk.map_err(|e| TransferError::agent(context, AgentTrouble::s3("downloading", e)))?;
         md5.update(&chunk);
         length += chunk.len() as u64;
         writer
             .write_all(&chunk)
             .await
-            .map_err(|e| TransferError::Agent(format!("{context}: writing: {e}")))?;
+            .map_err(|e| TransferError::agent(context, AgentTrouble::io("writing", e)))?;
     }
     // tokio writes in the background: flush so the bytes are in the file
     // before it is renamed into place.
     writer
         .flush()
         .await
-        .map_err(|e| TransferError::Agent(format!("{context}: writing: {e}")))?;
+        .map_err(|e| TransferError::agent(context, AgentTrouble::io("writing", e)))?;
     Ok(ContentDigest {
         length,
         md5: md5.finalize().into(),

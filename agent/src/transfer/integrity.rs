@@ -6,7 +6,7 @@
 use aws_sdk_s3::operation::get_object::GetObjectOutput;
 use aws_sdk_s3::types::ServerSideEncryption;
 
-use super::TransferError;
+use super::{AgentTrouble, TransferError};
 
 /// What the downloaded bytes must match, from the response headers.
 #[derive(Debug)]
@@ -36,19 +36,25 @@ impl ExpectedContent {
     pub(super) fn check(&self, got: &ContentDigest, context: &str) -> Result<(), TransferError> {
         if let Some(length) = self.length {
             if length != got.length {
-                return Err(TransferError::Agent(format!(
-                    "{context}: received {} bytes, S3 announced {length}; the download is discarded",
-                    got.length
-                )));
+                return Err(TransferError::agent(
+                    context,
+                    AgentTrouble::Corrupted(format!(
+                        "received {} bytes, S3 announced {length}",
+                        got.length
+                    )),
+                ));
             }
         }
         if let Some(md5) = self.md5 {
             if md5 != got.md5 {
-                return Err(TransferError::Agent(format!(
-                    "{context}: content MD5 {} does not match the ETag {}; the download is discarded",
-                    hex(&got.md5),
-                    hex(&md5)
-                )));
+                return Err(TransferError::agent(
+                    context,
+                    AgentTrouble::Corrupted(format!(
+                        "content MD5 {} does not match the ETag {}",
+                        hex(&got.md5),
+                        hex(&md5)
+                    )),
+                ));
             }
         }
         Ok(())
@@ -212,10 +218,11 @@ mod tests {
             .download_inputs(&[transfer("s3://bits/k", "in/k")], job.path())
             .await
             .expect_err("a corrupted download must fail");
-        let TransferError::Agent(message) = error else {
+        let message = error.to_string();
+        let TransferError::Agent { context, .. } = error else {
             panic!("a corrupted download is not the job's fault: {error:?}");
         };
-        assert!(message.starts_with("input s3://bits/k: "), "{message}");
+        assert_eq!(context, "input s3://bits/k");
         let left = std::fs::read_dir(job.path().join("in"))
             .expect("listing")
             .count();
@@ -274,24 +281,27 @@ mod tests {
 
         let mut corrupted = content.to_vec();
         corrupted[4] ^= 1;
-        let Err(TransferError::Agent(message)) =
+        let Err(changed @ TransferError::Agent { .. }) =
             expected.check(&digest(&corrupted), "input s3://b/k")
         else {
             panic!("a changed byte must be caught");
         };
+        let message = changed.to_string();
         assert!(
             message.starts_with("input s3://b/k: content MD5 "),
             "{message}"
         );
 
-        let Err(TransferError::Agent(message)) =
+        let Err(TransferError::Agent { context, source }) =
             expected.check(&digest(&content[1..]), "input s3://b/k")
         else {
             panic!("a short download must be caught");
         };
+        assert_eq!(context, "input s3://b/k");
+        assert!(matches!(source, AgentTrouble::Corrupted(_)), "{source:?}");
         assert_eq!(
-            message,
-            "input s3://b/k: received 42 bytes, S3 announced 43; the download is discarded"
+            source.to_string(),
+            "received 42 bytes, S3 announced 43; the download is discarded"
         );
     }
 }

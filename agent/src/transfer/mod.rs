@@ -27,6 +27,8 @@ mod upload;
 use std::os::fd::AsFd;
 use std::path::Path;
 
+use aws_sdk_s3::error::DisplayErrorContext;
+
 use crate::envelope::Transfer;
 use paths::open_work_dir;
 use plan::plan_uploads;
@@ -40,17 +42,86 @@ pub struct Transfers {
     client: aws_sdk_s3::Client,
 }
 
+/// A transfer that did not happen, and whose fault that is: the supervisor
+/// fails the job for `Job` and gives its message back for `Agent`.
+/// `context` names what was being moved (`input s3://b/k`,
+/// `output out.csv: s3://b/out.csv`).
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
     /// The job's own fault: a missing input object, an output the job did
     /// not create, an output that is a link, a special file or leaves the
-    /// work dir. The message names the URL or path.
+    /// work dir. `problem` names the URL or path.
+    #[error("{context}: {problem}")]
+    Job { context: String, problem: String },
+    /// Anything else (access denied, network, disk, a corrupted download):
+    /// the agent's or the platform's problem.
+    #[error("{context}: {source}")]
+    Agent {
+        context: String,
+        #[source]
+        source: AgentTrouble,
+    },
+}
+
+impl TransferError {
+    fn job(context: &str, problem: impl Into<String>) -> TransferError {
+        TransferError::Job {
+            context: context.to_owned(),
+            problem: problem.into(),
+        }
+    }
+
+    fn agent(context: &str, source: AgentTrouble) -> TransferError {
+        TransferError::Agent {
+            context: context.to_owned(),
+            source,
+        }
+    }
+}
+
+/// What went wrong on the agent's side of a transfer, with its cause.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentTrouble {
+    /// An S3 call failed: network, access denied, throttling, a 5xx, or a
+    /// checksum the SDK found wrong while the body streamed.
+    #[error("{doing}: {}", DisplayErrorContext(.source.as_ref()))]
+    S3 {
+        doing: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Reading or writing in the work dir failed.
+    #[error("{doing}: {source}")]
+    Io {
+        doing: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bytes received are not those S3 announced.
+    #[error("{0}; the download is discarded")]
+    Corrupted(String),
+    /// S3 (or the runtime) answered in a way the agent cannot use.
     #[error("{0}")]
-    Job(String),
-    /// Anything else (access denied, network, disk): the agent's or the
-    /// platform's problem. The message names the URL and the cause.
-    #[error("{0}")]
-    Agent(String),
+    Unexpected(String),
+}
+
+impl AgentTrouble {
+    fn s3(
+        doing: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> AgentTrouble {
+        AgentTrouble::S3 {
+            doing: doing.into(),
+            source: Box::new(source),
+        }
+    }
+
+    fn io(doing: impl Into<String>, source: impl Into<std::io::Error>) -> AgentTrouble {
+        AgentTrouble::Io {
+            doing: doing.into(),
+            source: source.into(),
+        }
+    }
 }
 
 impl Transfers {
@@ -89,7 +160,12 @@ impl Transfers {
         let uploads =
             tokio::task::spawn_blocking(move || plan_uploads(&owned_outputs, &owned_work_dir))
                 .await
-                .map_err(|e| TransferError::Agent(format!("listing outputs: {e}")))??;
+                .map_err(|e| {
+                    TransferError::agent(
+                        "outputs",
+                        AgentTrouble::Unexpected(format!("the task listing them failed: {e}")),
+                    )
+                })??;
         let root = open_work_dir(work_dir)?;
         for upload in &uploads {
             self.upload_file(upload, root.as_fd()).await?;

@@ -188,7 +188,7 @@ pub(super) async fn object(client: &aws_sdk_s3::Client, bucket: &str, key: &str)
 
 pub(super) fn job_error(result: Result<impl std::fmt::Debug, TransferError>) -> String {
     match result {
-        Err(TransferError::Job(message)) => message,
+        Err(error @ TransferError::Job { .. }) => error.to_string(),
         other => panic!("expected a job error, got {other:?}"),
     }
 }

@@ -13,7 +13,7 @@ use nix::errno::Errno;
 use nix::fcntl::{openat, AtFlags, OFlag};
 use nix::sys::stat::{fstat, fstatat, mkdirat, FileStat, Mode, SFlag};
 
-use super::TransferError;
+use super::{AgentTrouble, TransferError};
 
 /// Why a path under the work dir cannot be used. Paths are relative to the
 /// work dir.
@@ -46,7 +46,7 @@ impl PathRefusal {
 
     pub(super) fn into_error(self, context: &str) -> TransferError {
         use PathRefusal::*;
-        let job = |text: String| TransferError::Job(format!("{context}: {text}"));
+        let job = |problem: String| TransferError::job(context, problem);
         match self {
             NotBeneath(path) => job(format!(
                 "{} is not a relative path inside the work dir",
@@ -75,7 +75,8 @@ impl PathRefusal {
                 path.display()
             )),
             Io(path, doing, errno) => {
-                TransferError::Agent(format!("{context}: {doing} {}: {errno}", path.display()))
+                let doing = format!("{doing} {}", path.display());
+                TransferError::agent(context, AgentTrouble::io(doing, errno))
             }
         }
     }
@@ -119,8 +120,10 @@ pub(super) fn check_single_link(stat: &FileStat, path: &Path) -> Result<(), Path
 
 pub(super) fn open_work_dir(work_dir: &Path) -> Result<OwnedFd, TransferError> {
     // The work dir itself is the agent's; what lies beneath it is the job's.
-    nix::fcntl::open(work_dir, directory_flags(), Mode::empty())
-        .map_err(|e| TransferError::Agent(format!("opening work dir {}: {e}", work_dir.display())))
+    nix::fcntl::open(work_dir, directory_flags(), Mode::empty()).map_err(|e| {
+        let context = format!("work dir {}", work_dir.display());
+        TransferError::agent(&context, AgentTrouble::io("opening", e))
+    })
 }
 
 fn directory_flags() -> OFlag {

@@ -39,10 +39,10 @@ pub(super) fn plan_uploads(
     for output in outputs {
         let context = format!("output {}", output.path.display());
         let location = S3Url::parse(&output.url).ok_or_else(|| {
-            TransferError::Job(format!(
-                "{context}: {} is not an s3://bucket/prefix URL",
-                output.url
-            ))
+            TransferError::job(
+                &context,
+                format!("{} is not an s3://bucket/prefix URL", output.url),
+            )
         })?;
         let (parents, name) = split_relative(&output.path).map_err(|r| r.into_error(&context))?;
         let dir = open_dir_beneath(root.as_fd(), &parents, MissingDirs::Refuse)
@@ -93,11 +93,14 @@ fn planned(
     context: &str,
 ) -> Result<PlannedUpload, TransferError> {
     if key.len() > MAX_S3_KEY_BYTES {
-        return Err(TransferError::Job(format!(
-            "{context}: {} would need a key of {} bytes; S3 allows at most {MAX_S3_KEY_BYTES}",
-            file.display(),
-            key.len()
-        )));
+        return Err(TransferError::job(
+            context,
+            format!(
+                "{} would need a key of {} bytes; S3 allows at most {MAX_S3_KEY_BYTES}",
+                file.display(),
+                key.len()
+            ),
+        ));
     }
     Ok(PlannedUpload {
         output: output.path.clone(),
@@ -131,10 +134,13 @@ fn list_tree(
             let key = format!("{dir_key}{}", utf8_name(&name, &path, context)?);
             if key.len() > MAX_S3_KEY_BYTES {
                 // Checked before descending too: it bounds how deep the walk goes.
-                return Err(TransferError::Job(format!(
-                    "{context}: {} would need a key of more than {MAX_S3_KEY_BYTES} bytes, S3's limit",
-                    path.display()
-                )));
+                return Err(TransferError::job(
+                    context,
+                    format!(
+                        "{} would need a key of more than {MAX_S3_KEY_BYTES} bytes, S3's limit",
+                        path.display()
+                    ),
+                ));
             }
             let stat = stat_beneath(&dir, &name, &path).map_err(|r| r.into_error(context))?;
             match file_kind(&stat) {
@@ -156,10 +162,13 @@ fn list_tree(
 
 fn utf8_name<'a>(name: &'a OsStr, path: &Path, context: &str) -> Result<&'a str, TransferError> {
     name.to_str().ok_or_else(|| {
-        TransferError::Job(format!(
-            "{context}: the name of {} is not UTF-8, which an S3 key must be",
-            path.display()
-        ))
+        TransferError::job(
+            context,
+            format!(
+                "the name of {} is not UTF-8, which an S3 key must be",
+                path.display()
+            ),
+        )
     })
 }
 

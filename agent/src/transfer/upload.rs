@@ -14,7 +14,7 @@ use tokio::io::AsyncReadExt;
 
 use super::paths::open_regular_file_beneath;
 use super::plan::PlannedUpload;
-use super::{TransferError, Transfers, MIB};
+use super::{AgentTrouble, TransferError, Transfers, MIB};
 
 /// Output files larger than this go up as a multipart upload.
 pub const MULTIPART_THRESHOLD: u64 = 16 * MIB;
@@ -37,10 +37,13 @@ impl Transfers {
         let context = format!("{context}: s3://{}/{}", upload.bucket, upload.key);
         let mut file = tokio::fs::File::from_std(file);
         if size > MAX_OBJECT_BYTES {
-            return Err(TransferError::Job(format!(
-                "{context}: {} is {size} bytes; S3 stores at most {MAX_OBJECT_BYTES} bytes per object",
-                upload.file.display()
-            )));
+            return Err(TransferError::job(
+                &context,
+                format!(
+                    "{} is {size} bytes; S3 stores at most {MAX_OBJECT_BYTES} bytes per object",
+                    upload.file.display()
+                ),
+            ));
         }
         if size > MULTIPART_THRESHOLD {
             self.upload_multipart(&mut file, size, upload, &context)
@@ -91,9 +94,10 @@ impl Transfers {
             .await
             .map_err(|e| s3_error(context, "starting the multipart upload", e))?;
         let upload_id = created.upload_id().ok_or_else(|| {
-            TransferError::Agent(format!(
-                "{context}: S3 started a multipart upload without an id"
-            ))
+            TransferError::agent(
+                context,
+                AgentTrouble::Unexpected("S3 started a multipart upload without an id".into()),
+            )
         })?;
         let mut guard = AbortOnDrop {
             client: self.client.clone(),
@@ -263,7 +267,7 @@ async fn read_exactly(
         .take(length)
         .read_to_end(&mut buffer)
         .await
-        .map_err(|e| TransferError::Agent(format!("{context}: reading {}: {e}", path.display())))?;
+        .map_err(|e| reading_failed(path, context, e))?;
     if buffer.len() as u64 != length {
         return Err(changed_while_uploading(path, context));
     }
@@ -279,32 +283,34 @@ async fn ensure_no_more_bytes(
     let read = file
         .read(&mut probe)
         .await
-        .map_err(|e| TransferError::Agent(format!("{context}: reading {}: {e}", path.display())))?;
+        .map_err(|e| reading_failed(path, context, e))?;
     if read != 0 {
         return Err(changed_while_uploading(path, context));
     }
     Ok(())
 }
 
+fn reading_failed(path: &Path, context: &str, error: std::io::Error) -> TransferError {
+    let doing = format!("reading {}", path.display());
+    TransferError::agent(context, AgentTrouble::io(doing, error))
+}
+
 fn changed_while_uploading(path: &Path, context: &str) -> TransferError {
     // The job has exited; only something it left running can still write.
-    TransferError::Job(format!(
-        "{context}: {} changed size while being uploaded",
-        path.display()
-    ))
+    TransferError::job(
+        context,
+        format!("{} changed size while being uploaded", path.display()),
+    )
 }
 
 fn s3_error<E>(context: &str, doing: &str, error: SdkError<E>) -> TransferError
 where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
     if error.code() == Some("NoSuchBucket") {
-        return TransferError::Job(format!("{context}: no such bucket"));
+        return TransferError::job(context, "no such bucket");
     }
-    TransferError::Agent(format!(
-        "{context}: {doing}: {}",
-        DisplayErrorContext(&error)
-    ))
+    TransferError::agent(context, AgentTrouble::s3(doing, error))
 }
 
 #[cfg(test)]
@@ -444,12 +450,23 @@ mod tests {
         let result = Transfers::new(through_proxy)
             .upload_outputs(&[transfer("s3://parts/", "big.bin")], job.path())
             .await;
-        let Err(TransferError::Agent(message)) = result else {
+        let Err(error @ TransferError::Agent { .. }) = result else {
             panic!("a lost connection is the agent's problem, got {result:?}");
         };
+        let message = error.to_string();
         assert!(
             message.starts_with("output big.bin: s3://parts/big.bin: uploading part 2: "),
             "{message}"
+        );
+        assert!(
+            matches!(
+                &error,
+                TransferError::Agent {
+                    source: AgentTrouble::S3 { .. },
+                    ..
+                }
+            ),
+            "the SDK's error is kept as the cause: {error:?}"
         );
         let uploads = direct
             .list_multipart_uploads()
