@@ -745,8 +745,8 @@ async fn stop_within(
 /// agent's (S3 unreachable, access denied).
 fn transfer_ending(e: crate::transfer::TransferError) -> Ending {
     match e {
-        crate::transfer::TransferError::Job(why) => Ending::JobFault(why),
-        crate::transfer::TransferError::Agent(why) => Ending::AgentFault(why),
+        e @ crate::transfer::TransferError::Job { .. } => Ending::JobFault(e.to_string()),
+        e @ crate::transfer::TransferError::Agent { .. } => Ending::AgentFault(e.to_string()),
     }
 }
 
