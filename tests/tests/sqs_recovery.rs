@@ -127,20 +127,6 @@ fn config_path(agent: &SqsAgent) -> PathBuf {
     agent.dir().join("agent.toml")
 }
 
-/// Rewrites one line of an agent's config file (for its next start).
-fn edit_config(agent: &SqsAgent, from: &str, to: &str) {
-    let path = config_path(agent);
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    assert!(
-        text.contains(from),
-        "{} has no {from:?}:\n{text}",
-        path.display()
-    );
-    std::fs::write(&path, text.replace(from, to))
-        .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
-}
-
 /// A `batchly-agent run` the test starts itself, on a config file of its
 /// own making (the harness's agents each get their own directories).
 struct OtherRun {
@@ -491,7 +477,11 @@ fn a_job_that_succeeded_while_its_message_was_in_custody_does_not_run_again_afte
         .and_then(|l| l.record(0, &entry))
         .expect("recording the decided delete in the ledger");
     drop(crashed);
-    assert_eq!(list_dir(&custody_dir).len(), 1, "the copy survives the crash");
+    assert_eq!(
+        list_dir(&custody_dir).len(),
+        1,
+        "the copy survives the crash"
+    );
 
     // The next start completes the decision. A SIGTERM at once stops it
     // right after its recovery (which runs before any receive), so what
@@ -505,7 +495,9 @@ fn a_job_that_succeeded_while_its_message_was_in_custody_does_not_run_again_afte
     let depth = t.aws.depth(&url);
     let runs = t.runs();
     assert!(
-        depth == EMPTY && runs.starts(&job.job_id) == 0 && count_of(&events, &job, "job.started") == 0,
+        depth == EMPTY
+            && runs.starts(&job.job_id) == 0
+            && count_of(&events, &job, "job.started") == 0,
         "a job that succeeded is not run again: after the restart the queue holds {depth:?} \
          (the custody copy sent back?) and the job started {} time(s)\n{}",
         runs.starts(&job.job_id),
