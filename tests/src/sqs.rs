@@ -720,6 +720,9 @@ pub struct AgentSettings {
     pub slots: usize,
     /// Where the agent reaches AWS (`AWS_ENDPOINT_URL`); moto if `None`.
     pub endpoint: Option<String>,
+    /// More config keys (`section.key`, a TOML value), written after the
+    /// harness's own and replacing any of them with the same name.
+    pub extra: Vec<(String, String)>,
 }
 
 impl AgentSettings {
@@ -736,6 +739,7 @@ impl AgentSettings {
             events_url: None,
             slots: 4,
             endpoint: None,
+            extra: Vec::new(),
         }
     }
 
@@ -758,11 +762,56 @@ impl AgentSettings {
         self.endpoint = Some(url.to_string());
         self
     }
+
+    /// Sets one more config key: `.extra("drain.timeout_s", "8")`; `value`
+    /// is TOML as written in the file (quote strings: `"\"text\""`).
+    pub fn extra(mut self, key: &str, value: &str) -> Self {
+        self.extra.push((key.to_string(), value.to_string()));
+        self
+    }
 }
 
 /// A TOML basic string (JSON's escaping is valid TOML for these values).
 fn toml_str(s: &str) -> String {
     serde_json::to_string(s).expect("a string serializes")
+}
+
+/// An agent config file being written: sections in order, each key once
+/// (a later value for a key replaces the earlier one).
+#[derive(Default)]
+struct ConfigText {
+    sections: Vec<(String, Vec<(String, String)>)>,
+}
+
+impl ConfigText {
+    fn set(&mut self, section: &str, key: &str, value: String) {
+        let at = match self.sections.iter().position(|(s, _)| s == section) {
+            Some(at) => at,
+            None => {
+                self.sections.push((section.to_string(), Vec::new()));
+                self.sections.len() - 1
+            }
+        };
+        let entries = &mut self.sections[at].1;
+        match entries.iter_mut().find(|(k, _)| k == key) {
+            Some(entry) => entry.1 = value,
+            None => entries.push((key.to_string(), value)),
+        }
+    }
+
+    fn render(&self) -> String {
+        self.sections
+            .iter()
+            .map(|(section, entries)| {
+                let lines: String = entries
+                    .iter()
+                    .map(|(k, v)| format!("{k} = {v}\n"))
+                    .collect();
+                format!("[{section}]\n{lines}")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
 }
 
 /// One test's world: a moto server, the test's clients, a temporary
@@ -942,31 +991,52 @@ impl SqsTest {
                     .join(", ")
             ),
         };
-        let mut queue = format!(
-            "url = {urls}\nevents_url = {}\n",
-            toml_str(settings.events_url.as_deref().unwrap_or(&self.events_url))
-        );
+        let events = toml_str(settings.events_url.as_deref().unwrap_or(&self.events_url));
+        let mut queue = vec![("url", urls), ("events_url", events)];
         if let Some(dlq) = &settings.dead_letter_url {
-            queue.push_str(&format!("dead_letter_url = {}\n", toml_str(dlq)));
+            queue.push(("dead_letter_url", toml_str(dlq)));
         }
-        let text = format!(
-            "[queue]\n{queue}\n\
-             [signing]\nkeys_file = {keys}\n\n\
-             [admin]\nsocket = {socket}\n\n\
-             [state]\ndir = {state}\n\n\
-             [jobs]\nwork_dir = {work}\nlog_dir = {logs}\nmax_concurrent = {slots}\n\
-             retry_backoff_s = 0\nkill_grace_s = 1\n\n\
-             [agent]\ninstance_id = \"agent-{n}\"\n",
-            keys = toml_str(&self.keys_file().display().to_string()),
-            socket = p("agent.sock"),
-            state = p("state"),
-            work = p("work"),
-            logs = p("logs"),
-            slots = settings.slots,
-        );
-        let config = dir.join("agent.toml");
-        std::fs::write(&config, text).expect("writing the agent config");
-        (dir, config)
+        let mut config = ConfigText::default();
+        for (section, entries) in [
+            ("queue", queue),
+            (
+                "signing",
+                vec![(
+                    "keys_file",
+                    toml_str(&self.keys_file().display().to_string()),
+                )],
+            ),
+            ("admin", vec![("socket", p("agent.sock"))]),
+            ("state", vec![("dir", p("state"))]),
+            (
+                "jobs",
+                vec![
+                    ("work_dir", p("work")),
+                    ("log_dir", p("logs")),
+                    ("max_concurrent", settings.slots.to_string()),
+                    ("retry_backoff_s", "0".to_string()),
+                    ("kill_grace_s", "1".to_string()),
+                ],
+            ),
+            (
+                "agent",
+                vec![("instance_id", toml_str(&format!("agent-{n}")))],
+            ),
+        ] {
+            for (key, value) in entries {
+                config.set(section, key, value);
+            }
+        }
+        for (key, value) in &settings.extra {
+            let (section, name) = key
+                .split_once('.')
+                .unwrap_or_else(|| panic!("extra config key {key:?} is not `section.key`"));
+            config.set(section, name, value.clone());
+        }
+        let text = config.render();
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, text).expect("writing the agent config");
+        (dir, path)
     }
 
     fn agent_env(&self, settings: &AgentSettings) -> Vec<(String, String)> {
@@ -977,7 +1047,19 @@ impl SqsTest {
     /// Starts `batchly-agent run` with `settings` and waits until it has
     /// checked its queues and opened its admin socket.
     pub fn agent(&self, settings: AgentSettings) -> SqsAgent {
+        self.agent_with_state(settings, |_| {})
+    }
+
+    /// Like `agent`, but first hands `prepare` the agent's `state.dir`
+    /// (not created yet) to leave there what an earlier run would have
+    /// (custody copies, say).
+    pub fn agent_with_state(
+        &self,
+        settings: AgentSettings,
+        prepare: impl FnOnce(&Path),
+    ) -> SqsAgent {
         let (dir, config) = self.write_agent_config(&settings);
+        prepare(&dir.join("state"));
         let mut agent = SqsAgent {
             dir,
             config,

@@ -1,6 +1,7 @@
-//! A TCP proxy between an agent and the local AWS server, for two things a
-//! test cannot see from outside: how many SQS calls the agent makes (per
-//! queue and action), and what the agent does while the endpoint is gone.
+//! A TCP proxy between an agent and the local AWS server, for three things a
+//! test cannot see or do from outside: how many SQS calls the agent makes
+//! (per queue and action), what the agent does while the endpoint is gone,
+//! and what it does when one kind of call fails the way SQS fails.
 //!
 //! It forwards bytes both ways unchanged. On the way in it reads just
 //! enough HTTP/1.1 to count requests: each request's head, its
@@ -15,6 +16,14 @@
 //!
 //! `down()` stops listening (new connections are refused) and cuts every
 //! open connection; `up()` listens on the same port again.
+//!
+//! `inject()` makes requests of one action (optionally on one queue) fail
+//! for the next N matches or until cleared (see [`Fault`]): an error answer
+//! shaped like SQS's own, a reset, a request that is never answered, or an
+//! answer lost after the action took effect. A faulted request is counted
+//! like any other. The SDK sends one request at a time on a connection (no
+//! pipelining), so an answer the proxy makes up never overtakes one coming
+//! back from upstream.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{ErrorKind, Read, Write};
@@ -27,6 +36,9 @@ use std::time::{Duration, Instant};
 
 /// How often the accept loop looks for a new connection or a state change.
 const ACCEPT_POLL: Duration = Duration::from_millis(2);
+/// How often a hung request looks whether its client left or its fault
+/// was cleared.
+const HANG_POLL: Duration = Duration::from_millis(20);
 /// How long `up()` keeps trying to listen on its old port again.
 const REBIND_WAIT: Duration = Duration::from_secs(10);
 /// The queue label of a request that names none (ListQueues, say).
@@ -79,6 +91,141 @@ impl CallCounts {
     }
 }
 
+/// What the proxy does to a request that matches an injected fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Answer with this HTTP status and an AWS JSON-protocol error body
+    /// (`{"__type": ..., "message": ...}`) plus the `x-amzn-query-error:
+    /// <code>;Sender` header the SQS JSON protocol uses; the request never
+    /// reaches upstream. `code` is what the SDK reports as `e.code()`: the
+    /// SDK takes it from that header (SQS's legacy query code, such as
+    /// `AWS.SimpleQueueService.NonExistentQueue`), not from `__type`, which
+    /// carries the JSON shape's name (`com.amazonaws.sqs#QueueDoesNotExist`).
+    Error {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    /// Close the connection with a reset (SO_LINGER 0) instead of
+    /// forwarding.
+    Reset,
+    /// Read the request, never forward it, never answer: the connection is
+    /// held open until the client gives up or the fault is cleared (then
+    /// it is closed).
+    Hang,
+    /// Forward to upstream, then cut the connection instead of returning
+    /// the answer (the action took effect, the caller does not know).
+    DropAnswer,
+    /// Answer 200 with every entry of the batch request in `Failed`
+    /// (sender fault, this code), without forwarding: how SQS reports, say,
+    /// `ReceiptHandleIsInvalid` for entries of a `DeleteMessageBatch` or
+    /// `ChangeMessageVisibilityBatch`.
+    BatchEntriesFail { code: String },
+}
+
+impl Fault {
+    pub fn error(status: u16, code: &str, message: &str) -> Fault {
+        Fault::Error {
+            status,
+            code: code.to_string(),
+            message: message.to_string(),
+        }
+    }
+
+    /// The queue is gone (deleted, or never existed).
+    pub fn non_existent_queue() -> Fault {
+        Fault::error(
+            400,
+            "AWS.SimpleQueueService.NonExistentQueue",
+            "The specified queue does not exist.",
+        )
+    }
+
+    /// SQS's throttling answer; the SDK's retry classifier and the agent
+    /// both take `RequestThrottled` (like `ThrottlingException`) as
+    /// throttling.
+    pub fn throttled() -> Fault {
+        Fault::error(400, "RequestThrottled", "Rate exceeded")
+    }
+
+    pub fn server_error() -> Fault {
+        Fault::error(
+            500,
+            "InternalError",
+            "We encountered an internal error. Please try again.",
+        )
+    }
+
+    /// The caller's role may not use the queue for this action.
+    pub fn access_denied() -> Fault {
+        Fault::error(
+            403,
+            "AccessDenied",
+            "User is not authorized to perform this action on the queue (injected by the test proxy).",
+        )
+    }
+
+    /// A single-message call (`DeleteMessage`, `ChangeMessageVisibility`)
+    /// with a receipt SQS no longer accepts.
+    pub fn receipt_invalid() -> Fault {
+        Fault::error(
+            400,
+            "ReceiptHandleIsInvalid",
+            "The input receipt handle is invalid.",
+        )
+    }
+
+    /// Every entry of a batch call fails with `code`.
+    pub fn entries_fail(code: &str) -> Fault {
+        Fault::BatchEntriesFail {
+            code: code.to_string(),
+        }
+    }
+}
+
+/// Names one injected fault, to clear it or count its hits.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FaultId(u64);
+
+/// One injected fault and what it matches.
+struct Rule {
+    id: u64,
+    action: String,
+    queue: Option<String>,
+    fault: Fault,
+    /// Matches left; `None`: every match until cleared.
+    left: Option<u32>,
+}
+
+#[derive(Default)]
+struct Faults {
+    next_id: u64,
+    /// In the order injected: the first rule that matches applies.
+    rules: Vec<Rule>,
+    /// Hits per fault, kept after the fault is cleared.
+    hits: HashMap<u64, u64>,
+}
+
+impl Faults {
+    /// The fault a request meets, if any; counts the hit.
+    fn take(&mut self, queue: &str, action: &str) -> Option<(u64, Fault)> {
+        let rule = self.rules.iter_mut().find(|r| {
+            r.action == action && r.queue.as_deref().is_none_or(|q| q == queue) && r.left != Some(0)
+        })?;
+        if let Some(left) = &mut rule.left {
+            *left -= 1;
+        }
+        *self.hits.entry(rule.id).or_default() += 1;
+        Some((rule.id, rule.fault.clone()))
+    }
+
+    /// Whether a fault is still injected (an exhausted one still holds the
+    /// requests it hung).
+    fn is_injected(&self, id: u64) -> bool {
+        self.rules.iter().any(|r| r.id == id)
+    }
+}
+
 struct Shared {
     up: AtomicBool,
     listening: AtomicBool,
@@ -87,6 +234,9 @@ struct Shared {
     /// Both sockets of every open connection, to cut them on `down()`.
     conns: Mutex<HashMap<u64, (TcpStream, TcpStream)>>,
     counts: Mutex<CallCounts>,
+    faults: Mutex<Faults>,
+    /// Numbers the `x-amzn-RequestId` of made-up answers.
+    next_answer: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -94,6 +244,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    fn new() -> Shared {
+        Shared {
+            up: AtomicBool::new(true),
+            listening: AtomicBool::new(true),
+            stop: AtomicBool::new(false),
+            next_conn: AtomicU64::new(0),
+            conns: Mutex::new(HashMap::new()),
+            counts: Mutex::new(CallCounts::default()),
+            faults: Mutex::new(Faults::default()),
+            next_answer: AtomicU64::new(0),
+        }
+    }
+
     fn cut_all(&self) {
         for (_, (client, server)) in lock(&self.conns).drain() {
             let _ = client.shutdown(Shutdown::Both);
@@ -127,6 +290,18 @@ impl Shared {
             *tally.entry(queue.to_string()).or_default() += 1;
         }
     }
+
+    /// Whether a request hung by fault `id` should still be held.
+    fn holds(&self, id: u64) -> bool {
+        !self.stop.load(Ordering::SeqCst)
+            && self.up.load(Ordering::SeqCst)
+            && lock(&self.faults).is_injected(id)
+    }
+
+    fn request_id(&self) -> String {
+        let n = self.next_answer.fetch_add(1, Ordering::SeqCst);
+        format!("00000000-0000-4000-8000-{n:012}")
+    }
 }
 
 /// A running proxy; stopped (and every connection cut) when dropped.
@@ -145,14 +320,7 @@ impl Proxy {
         listener
             .set_nonblocking(true)
             .expect("non-blocking proxy listener");
-        let shared = Arc::new(Shared {
-            up: AtomicBool::new(true),
-            listening: AtomicBool::new(true),
-            stop: AtomicBool::new(false),
-            next_conn: AtomicU64::new(0),
-            conns: Mutex::new(HashMap::new()),
-            counts: Mutex::new(CallCounts::default()),
-        });
+        let shared = Arc::new(Shared::new());
         let upstream = SocketAddr::from(([127, 0, 0, 1], upstream_port));
         let accept = {
             let shared = shared.clone();
@@ -206,6 +374,53 @@ impl Proxy {
     pub fn reset_calls(&self) {
         *lock(&self.shared.counts) = CallCounts::default();
     }
+
+    /// From now on, requests of `action` (`ReceiveMessage`, as in
+    /// `X-Amz-Target: AmazonSQS.ReceiveMessage`) on `queue` (the last
+    /// segment of the request's `QueueUrl`; any queue if `None`) meet
+    /// `fault`: the next `times` of them, or every one until cleared if
+    /// `None`. When several faults match a request, the one injected first
+    /// applies.
+    pub fn inject(
+        &self,
+        action: &str,
+        queue: Option<&str>,
+        fault: Fault,
+        times: Option<u32>,
+    ) -> FaultId {
+        let mut faults = lock(&self.shared.faults);
+        faults.next_id += 1;
+        let id = faults.next_id;
+        faults.rules.push(Rule {
+            id,
+            action: action.to_string(),
+            queue: queue.map(str::to_string),
+            fault,
+            left: times,
+        });
+        faults.hits.insert(id, 0);
+        FaultId(id)
+    }
+
+    /// Ends one fault; requests it hung are closed.
+    pub fn clear(&self, id: FaultId) {
+        lock(&self.shared.faults).rules.retain(|r| r.id != id.0);
+    }
+
+    /// Ends every fault; requests they hung are closed.
+    pub fn clear_faults(&self) {
+        lock(&self.shared.faults).rules.clear();
+    }
+
+    /// How many requests this fault has hit so far (also after it was
+    /// cleared).
+    pub fn hits(&self, id: &FaultId) -> u64 {
+        lock(&self.shared.faults)
+            .hits
+            .get(&id.0)
+            .copied()
+            .unwrap_or(0)
+    }
 }
 
 impl Drop for Proxy {
@@ -250,6 +465,26 @@ fn accept_loop(shared: &Arc<Shared>, first: TcpListener, port: u16, upstream: So
     }
 }
 
+/// The client's side of a connection, written by both directions: answers
+/// from upstream and answers the proxy makes up, one whole message at a
+/// time.
+#[derive(Clone)]
+struct ToClient(Arc<Mutex<TcpStream>>);
+
+impl Write for ToClient {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        lock(&self.0).write(buf)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        lock(&self.0).write_all(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        lock(&self.0).flush()
+    }
+}
+
 fn serve_connection(shared: &Arc<Shared>, client: TcpStream, upstream: SocketAddr) {
     if client.set_nonblocking(false).is_err() || !shared.up.load(Ordering::SeqCst) {
         return;
@@ -269,21 +504,87 @@ fn serve_connection(shared: &Arc<Shared>, client: TcpStream, upstream: SocketAdd
         shared.cut_all();
         return;
     }
-    let (Ok(mut client_out), Ok(mut server_in)) = (client.try_clone(), server.try_clone()) else {
+    let (Ok(client_out), Ok(mut server_in)) = (client.try_clone(), server.try_clone()) else {
         return;
     };
+    let to_client = ToClient(Arc::new(Mutex::new(client_out)));
+    // Set when the client is to get a reset: nothing may close the client
+    // socket gracefully (a FIN) before its last descriptor is closed.
+    let resetting = Arc::new(AtomicBool::new(false));
     let (asked, answered) = mpsc::channel();
-    let answers = shared.clone();
-    let back = std::thread::spawn(move || {
-        let _ = forward_answers(&answers, &answered, &mut server_in, &mut client_out);
-        let _ = client_out.shutdown(Shutdown::Both);
-    });
+    let back = {
+        let shared = shared.clone();
+        let mut to_client = to_client.clone();
+        let resetting = resetting.clone();
+        std::thread::spawn(move || {
+            let _ = forward_answers(&shared, &answered, &mut server_in, &mut to_client);
+            // Upstream is done, or an answer is being dropped: the client
+            // learns it from the connection closing.
+            let _ = server_in.shutdown(Shutdown::Both);
+            if !resetting.load(Ordering::SeqCst) {
+                let _ = lock(&to_client.0).shutdown(Shutdown::Both);
+            }
+        })
+    };
     let mut server_out = server;
-    let _ = forward_requests(shared, &asked, &mut &client, &mut server_out);
+    let ended = forward_requests(
+        shared,
+        &asked,
+        &mut &client,
+        &mut server_out,
+        &mut to_client.clone(),
+    );
+    match ended {
+        Ok(Some(Cut::Hang(fault))) => hold_until_released(shared, &client, fault),
+        Ok(Some(Cut::Reset)) => {
+            resetting.store(true, Ordering::SeqCst);
+            reset_on_close(&client);
+        }
+        Ok(None) | Ok(Some(Cut::Gone)) | Err(_) => {}
+    }
     let _ = server_out.shutdown(Shutdown::Both);
-    let _ = client.shutdown(Shutdown::Both);
+    if !resetting.load(Ordering::SeqCst) {
+        let _ = client.shutdown(Shutdown::Both);
+    }
     let _ = back.join();
     lock(&shared.conns).remove(&id);
+    // With SO_LINGER 0, closing the last descriptor of the client socket
+    // (here, now that the answer thread and the map let go of theirs)
+    // sends the reset.
+    drop(to_client);
+    drop(client);
+}
+
+/// SO_LINGER 0: the socket's close sends a reset instead of a FIN.
+fn reset_on_close(socket: &TcpStream) {
+    use nix::sys::socket::{setsockopt, sockopt::Linger};
+    let linger = nix::libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let _ = setsockopt(socket, Linger, &linger);
+}
+
+/// Holds a hung request's connection open, reading (and dropping) whatever
+/// the client still sends, until the client closes it, the fault is
+/// cleared, or the proxy goes down or stops.
+fn hold_until_released(shared: &Shared, client: &TcpStream, fault: u64) {
+    if client.set_read_timeout(Some(HANG_POLL)).is_err() {
+        return;
+    }
+    let mut ignored = [0u8; 4096];
+    while shared.holds(fault) {
+        match (&*client).read(&mut ignored) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) => {}
+            Err(_) => return,
+        }
+    }
 }
 
 /// The head of one HTTP request, as far as counting needs it.
@@ -349,16 +650,123 @@ fn batch_entries(body: &[u8]) -> Option<u64> {
     json["Entries"].as_array().map(|e| e.len() as u64)
 }
 
+/// The name of the JSON protocol's error shape that SQS sends in `__type`
+/// along with a legacy query code.
+fn json_error_type(code: &str) -> String {
+    match code {
+        "AWS.SimpleQueueService.NonExistentQueue" => "com.amazonaws.sqs#QueueDoesNotExist".into(),
+        "AccessDenied" => "com.amazon.coral.service#AccessDeniedException".into(),
+        "InternalError" => "com.amazon.coral.service#InternalFailure".into(),
+        other => format!(
+            "com.amazonaws.sqs#{}",
+            other.rsplit('.').next().unwrap_or(other)
+        ),
+    }
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        413 => "Payload Too Large",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    }
+}
+
+/// One whole HTTP/1.1 answer with a JSON-protocol body.
+fn json_answer(status: u16, extra_headers: &str, request_id: &str, body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status} {}\r\nx-amzn-RequestId: {request_id}\r\n{extra_headers}\
+         Content-Type: application/x-amz-json-1.0\r\nContent-Length: {}\r\n\r\n{body}",
+        reason_phrase(status),
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// An error answer as SQS's JSON protocol gives it.
+fn error_answer(status: u16, code: &str, message: &str, request_id: &str) -> Vec<u8> {
+    let fault = if status >= 500 { "Receiver" } else { "Sender" };
+    let body = serde_json::json!({
+        "__type": json_error_type(code),
+        "message": message,
+    });
+    json_answer(
+        status,
+        &format!("x-amzn-query-error: {code};{fault}\r\n"),
+        request_id,
+        &body.to_string(),
+    )
+}
+
+/// A 200 answer to a batch request with each of its entries in `Failed`.
+fn entries_failed_answer(request: &[u8], code: &str, request_id: &str) -> Vec<u8> {
+    let ids: Vec<String> = serde_json::from_slice::<serde_json::Value>(request)
+        .ok()
+        .and_then(|json| {
+            json["Entries"].as_array().map(|entries| {
+                entries
+                    .iter()
+                    .filter_map(|e| e["Id"].as_str().map(str::to_string))
+                    .collect()
+            })
+        })
+        .unwrap_or_default();
+    let failed: Vec<serde_json::Value> = ids
+        .iter()
+        .map(|id| {
+            serde_json::json!({
+                "Id": id,
+                "SenderFault": true,
+                "Code": code,
+                "Message": format!("{code} (injected by the test proxy)"),
+            })
+        })
+        .collect();
+    let body = serde_json::json!({ "Successful": [], "Failed": failed });
+    json_answer(200, "", request_id, &body.to_string())
+}
+
+/// What to do with one framed message.
+enum Flow<S> {
+    /// Pass it on.
+    Forward,
+    /// Drop it and go on with the next one.
+    Withhold,
+    /// Drop it and stop copying, for the reason given.
+    Stop(S),
+}
+
+/// Why a connection's requests stopped being copied before the client
+/// closed it.
+#[derive(Debug, PartialEq, Eq)]
+enum Cut {
+    /// Hold the connection open until fault `u64` is cleared.
+    Hang(u64),
+    /// Close the connection with a reset.
+    Reset,
+    /// The client cannot be written to any more.
+    Gone,
+}
+
 /// Copies HTTP/1.1 messages (requests or answers) from `from` to `to`
-/// unchanged, calling `seen` with the head and body of each one it can
+/// unchanged, asking `seen` about the head and body of each one it can
 /// frame (`Content-Length`). The first it cannot frame switches the
-/// connection to plain copying, after `unframed` is called once.
-fn forward_framed(
+/// connection to plain copying, after `unframed` is called once. Returns
+/// `None` once `from` is closed, or why `seen` stopped it.
+fn forward_framed<S>(
     from: &mut impl Read,
     to: &mut impl Write,
-    mut seen: impl FnMut(Head, &[u8]),
+    mut seen: impl FnMut(Head, &[u8]) -> Flow<S>,
     mut unframed: impl FnMut(),
-) -> std::io::Result<()> {
+) -> std::io::Result<Option<S>> {
     let mut buf: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
     let mut framing = true;
@@ -375,8 +783,11 @@ fn forward_framed(
                 break;
             }
             let body_at = head.len;
-            seen(head, &buf[body_at..total]);
-            to.write_all(&buf[..total])?;
+            match seen(head, &buf[body_at..total]) {
+                Flow::Forward => to.write_all(&buf[..total])?,
+                Flow::Withhold => {}
+                Flow::Stop(why) => return Ok(Some(why)),
+            }
             buf.drain(..total);
         }
         if !framing && !buf.is_empty() {
@@ -385,20 +796,31 @@ fn forward_framed(
         }
         let n = from.read(&mut chunk)?;
         if n == 0 {
-            return Ok(());
+            return Ok(None);
         }
         buf.extend_from_slice(&chunk[..n]);
     }
 }
 
+/// A forwarded request, as the answer side needs to know it.
+struct Asked {
+    queue: String,
+    action: String,
+    /// Cut the connection instead of passing its answer on.
+    drop_answer: bool,
+}
+
 /// Copies requests from `from` to `to`, counting each complete one and
-/// telling the answer side which (queue, action) each was.
+/// telling the answer side which (queue, action) each was. A request that
+/// meets a fault is answered on `client` (error answers) or stops the
+/// copying (hang, reset).
 fn forward_requests(
     shared: &Shared,
-    asked: &mpsc::Sender<(String, String)>,
+    asked: &mpsc::Sender<Asked>,
     from: &mut impl Read,
     to: &mut impl Write,
-) -> std::io::Result<()> {
+    client: &mut impl Write,
+) -> std::io::Result<Option<Cut>> {
     let seen = |head: Head, body: &[u8]| {
         let action = head.action.unwrap_or_else(|| "(not SQS)".to_string());
         let queue = queue_of(body);
@@ -406,7 +828,35 @@ fn forward_requests(
         if let Some(entries) = batch_entries(body) {
             shared.carried(&queue, &action, entries);
         }
-        let _ = asked.send((queue, action));
+        let fault = lock(&shared.faults).take(&queue, &action);
+        let drop_answer = matches!(fault, Some((_, Fault::DropAnswer)));
+        let made_up = match fault {
+            None | Some((_, Fault::DropAnswer)) => {
+                let _ = asked.send(Asked {
+                    queue,
+                    action,
+                    drop_answer,
+                });
+                return Flow::Forward;
+            }
+            Some((id, Fault::Hang)) => return Flow::Stop(Cut::Hang(id)),
+            Some((_, Fault::Reset)) => return Flow::Stop(Cut::Reset),
+            Some((
+                _,
+                Fault::Error {
+                    status,
+                    code,
+                    message,
+                },
+            )) => error_answer(status, &code, &message, &shared.request_id()),
+            Some((_, Fault::BatchEntriesFail { code })) => {
+                entries_failed_answer(body, &code, &shared.request_id())
+            }
+        };
+        match client.write_all(&made_up) {
+            Ok(()) => Flow::Withhold,
+            Err(_) => Flow::Stop(Cut::Gone),
+        }
     };
     let unframed = || lock(&shared.counts).unparsed += 1;
     forward_framed(from, to, seen, unframed)
@@ -414,23 +864,28 @@ fn forward_requests(
 
 /// Copies answers from `from` to `to`; counts the messages in each
 /// `ReceiveMessage` answer (answers come in the order of the requests).
+/// Stops at an answer that is to be dropped.
 fn forward_answers(
     shared: &Shared,
-    answered: &mpsc::Receiver<(String, String)>,
+    answered: &mpsc::Receiver<Asked>,
     from: &mut impl Read,
     to: &mut impl Write,
-) -> std::io::Result<()> {
+) -> std::io::Result<Option<()>> {
     let seen = |_head: Head, body: &[u8]| {
-        let Ok((queue, action)) = answered.try_recv() else {
-            return;
+        let Ok(asked) = answered.try_recv() else {
+            return Flow::Forward;
         };
-        if action == "ReceiveMessage" {
+        if asked.drop_answer {
+            return Flow::Stop(());
+        }
+        if asked.action == "ReceiveMessage" {
             let messages = serde_json::from_slice::<serde_json::Value>(body)
                 .ok()
                 .and_then(|json| json["Messages"].as_array().map(|m| m.len() as u64))
                 .unwrap_or(0);
-            shared.carried(&queue, &action, messages);
+            shared.carried(&asked.queue, &asked.action, messages);
         }
+        Flow::Forward
     };
     forward_framed(from, to, seen, || {})
 }
@@ -438,24 +893,29 @@ fn forward_answers(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::eventually;
+    use crate::sqs::Moto;
+    use aws_sdk_sqs::error::ProvideErrorMetadata;
+
+    fn request(target: &str, body: &str) -> String {
+        format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nX-Amz-Target: AmazonSQS.{target}\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    fn answer(body: &str) -> String {
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.0\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    }
 
     #[test]
     fn requests_on_one_connection_are_counted_by_queue_and_action() {
-        let shared = Shared {
-            up: AtomicBool::new(true),
-            listening: AtomicBool::new(true),
-            stop: AtomicBool::new(false),
-            next_conn: AtomicU64::new(0),
-            conns: Mutex::new(HashMap::new()),
-            counts: Mutex::new(CallCounts::default()),
-        };
-        let request = |target: &str, body: &str| {
-            format!(
-                "POST / HTTP/1.1\r\nHost: x\r\nX-Amz-Target: AmazonSQS.{target}\r\n\
-                 Content-Length: {}\r\n\r\n{body}",
-                body.len()
-            )
-        };
+        let shared = Shared::new();
         let input = [
             request(
                 "ReceiveMessage",
@@ -469,17 +929,19 @@ mod tests {
         ]
         .concat();
         let (asked, answered) = mpsc::channel();
-        let mut out = Vec::new();
-        forward_requests(&shared, &asked, &mut input.as_bytes(), &mut out).expect("forward");
+        let (mut out, mut made_up) = (Vec::new(), Vec::new());
+        let ended = forward_requests(
+            &shared,
+            &asked,
+            &mut input.as_bytes(),
+            &mut out,
+            &mut made_up,
+        )
+        .expect("forward");
+        assert_eq!(ended, None, "copied until the input ended");
         assert_eq!(out, input.as_bytes(), "bytes pass unchanged");
+        assert!(made_up.is_empty(), "no fault, no made-up answer");
 
-        let answer = |body: &str| {
-            format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.0\r\n\
-                 Content-Length: {}\r\n\r\n{body}",
-                body.len()
-            )
-        };
         let answers = [
             answer(r#"{"Messages":[{"MessageId":"a"},{"MessageId":"b"}]}"#),
             answer("{}"),
@@ -490,7 +952,7 @@ mod tests {
         forward_answers(&shared, &answered, &mut answers.as_bytes(), &mut back).expect("answers");
         assert_eq!(back, answers.as_bytes(), "answers pass unchanged");
 
-        let counts = shared.counts.lock().expect("lock").clone();
+        let counts = lock(&shared.counts).clone();
         assert_eq!(counts.on_queue("jobs").get("ReceiveMessage"), Some(&2));
         assert_eq!(counts.on_queue("dlq").get("GetQueueUrl"), Some(&1));
         assert_eq!(counts.carried_by("jobs", "ReceiveMessage"), 2);
@@ -505,5 +967,418 @@ mod tests {
             r#"{"QueueUrl":"http://h:1/1/jobs","Entries":[{"Id":"0"},{"Id":"1"},{"Id":"2"}]}"#;
         assert_eq!(batch_entries(body.as_bytes()), Some(3));
         assert_eq!(batch_entries(br#"{"QueueUrl":"x"}"#), None);
+    }
+
+    #[test]
+    fn a_fault_for_the_next_request_answers_it_in_place_and_is_counted() {
+        let shared = Shared::new();
+        lock(&shared.faults).rules.push(Rule {
+            id: 7,
+            action: "ReceiveMessage".into(),
+            queue: Some("jobs".into()),
+            fault: Fault::throttled(),
+            left: Some(1),
+        });
+        let jobs = r#"{"QueueUrl":"http://h:1/123456789012/jobs"}"#;
+        let other = r#"{"QueueUrl":"http://h:1/123456789012/other"}"#;
+        let input = [
+            request("ReceiveMessage", other),
+            request("ReceiveMessage", jobs),
+            request("ReceiveMessage", jobs),
+        ]
+        .concat();
+        let (asked, answered) = mpsc::channel();
+        let (mut out, mut made_up) = (Vec::new(), Vec::new());
+        forward_requests(
+            &shared,
+            &asked,
+            &mut input.as_bytes(),
+            &mut out,
+            &mut made_up,
+        )
+        .expect("forward");
+        let forwarded = [
+            request("ReceiveMessage", other),
+            request("ReceiveMessage", jobs),
+        ]
+        .concat();
+        assert_eq!(
+            out,
+            forwarded.as_bytes(),
+            "only the faulted one is held back"
+        );
+        let made_up = String::from_utf8(made_up).expect("text");
+        assert!(
+            made_up.starts_with("HTTP/1.1 400 Bad Request\r\n")
+                && made_up.contains("\r\nx-amzn-query-error: RequestThrottled;Sender\r\n")
+                && made_up.ends_with(
+                    r#"{"__type":"com.amazonaws.sqs#RequestThrottled","message":"Rate exceeded"}"#
+                ),
+            "{made_up}"
+        );
+        assert_eq!(answered.try_iter().count(), 2, "two answers to come back");
+        assert_eq!(lock(&shared.faults).hits.get(&7), Some(&1));
+        let counts = lock(&shared.counts).clone();
+        assert_eq!(counts.on_queue("jobs").get("ReceiveMessage"), Some(&2));
+    }
+
+    /// An SQS client of the test's own on `endpoint`, without the SDK's
+    /// retries: each call is one request, so hits count calls.
+    fn single_shot_client(endpoint: &str) -> (tokio::runtime::Runtime, aws_sdk_sqs::Client) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        let conf = aws_sdk_sqs::Config::builder()
+            .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
+            .region(aws_sdk_sqs::config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+                "testing",
+                "testing",
+                None,
+                None,
+                "proxy-test",
+            ))
+            .endpoint_url(endpoint)
+            .retry_config(aws_sdk_sqs::config::retry::RetryConfig::disabled())
+            .timeout_config(
+                aws_sdk_sqs::config::timeout::TimeoutConfig::builder()
+                    .operation_timeout(Duration::from_secs(60))
+                    .build(),
+            )
+            .build();
+        (rt, aws_sdk_sqs::Client::from_conf(conf))
+    }
+
+    type SendResult = Result<
+        String,
+        Box<aws_sdk_sqs::error::SdkError<aws_sdk_sqs::operation::send_message::SendMessageError>>,
+    >;
+    type ReceiveResult = Result<
+        Vec<aws_sdk_sqs::types::Message>,
+        Box<
+            aws_sdk_sqs::error::SdkError<
+                aws_sdk_sqs::operation::receive_message::ReceiveMessageError,
+            >,
+        >,
+    >;
+
+    /// moto, the proxy in front of it, a client through the proxy, and two
+    /// queues (`jobs`, `other`) made on moto directly.
+    struct World {
+        _moto: Moto,
+        proxy: Proxy,
+        rt: tokio::runtime::Runtime,
+        via_proxy: aws_sdk_sqs::Client,
+        direct: crate::sqs::Aws,
+        jobs: String,
+        other: String,
+    }
+
+    impl World {
+        fn start() -> World {
+            let moto = Moto::start();
+            let proxy = Proxy::start(moto.port());
+            let (rt, via_proxy) = single_shot_client(&proxy.endpoint());
+            let direct = crate::sqs::Aws::new(&moto.endpoint());
+            let jobs = direct.create_queue("jobs", &[]);
+            let other = direct.create_queue("other", &[]);
+            World {
+                _moto: moto,
+                proxy,
+                rt,
+                via_proxy,
+                direct,
+                jobs,
+                other,
+            }
+        }
+
+        fn send(&self, url: &str) -> SendResult {
+            self.rt
+                .block_on(
+                    self.via_proxy
+                        .send_message()
+                        .queue_url(url)
+                        .message_body("hello")
+                        .send(),
+                )
+                .map(|out| out.message_id.unwrap_or_default())
+                .map_err(Box::new)
+        }
+
+        fn receive(&self, url: &str) -> ReceiveResult {
+            self.rt
+                .block_on(
+                    self.via_proxy
+                        .receive_message()
+                        .queue_url(url)
+                        .max_number_of_messages(10)
+                        .send(),
+                )
+                .map(|out| out.messages.unwrap_or_default())
+                .map_err(Box::new)
+        }
+
+        fn open_connections(&self) -> usize {
+            lock(&self.proxy.shared.conns).len()
+        }
+    }
+
+    #[test]
+    fn injected_errors_reach_the_sdk_with_the_code_and_type_sqs_would_give() {
+        let w = World::start();
+        let gone = w.proxy.inject(
+            "ReceiveMessage",
+            Some("jobs"),
+            Fault::non_existent_queue(),
+            Some(1),
+        );
+        let e = w.receive(&w.jobs).expect_err("the queue is gone");
+        assert_eq!(e.code(), Some("AWS.SimpleQueueService.NonExistentQueue"));
+        assert_eq!(e.message(), Some("The specified queue does not exist."));
+        assert!(
+            e.as_service_error()
+                .is_some_and(|s| s.is_queue_does_not_exist()),
+            "the SDK's typed error: {e:?}"
+        );
+        assert_eq!(w.proxy.hits(&gone), 1);
+        w.receive(&w.other).expect("another queue is not faulted");
+        w.receive(&w.jobs).expect("the fault was for one request");
+        assert_eq!(w.proxy.hits(&gone), 1);
+
+        let throttled = w
+            .proxy
+            .inject("SendMessage", None, Fault::throttled(), None);
+        for url in [&w.jobs, &w.other] {
+            let e = w.send(url).expect_err("throttled");
+            assert_eq!(e.code(), Some("RequestThrottled"));
+            assert!(
+                e.as_service_error()
+                    .is_some_and(|s| s.is_request_throttled()),
+                "{e:?}"
+            );
+        }
+        assert_eq!(w.proxy.hits(&throttled), 2, "every queue, until cleared");
+        w.proxy.clear(throttled);
+        w.send(&w.jobs).expect("cleared");
+
+        let denied = w
+            .proxy
+            .inject("SendMessage", Some("other"), Fault::access_denied(), None);
+        let e = w.send(&w.other).expect_err("denied");
+        assert_eq!(e.code(), Some("AccessDenied"));
+        assert_eq!(
+            e.raw_response().map(|r| r.status().as_u16()),
+            Some(403),
+            "{e:?}"
+        );
+        w.proxy.clear_faults();
+        assert_eq!(w.proxy.hits(&denied), 1, "hits outlive the fault");
+
+        w.proxy
+            .inject("ReceiveMessage", None, Fault::server_error(), Some(1));
+        let e = w.receive(&w.other).expect_err("a 500");
+        assert_eq!(e.code(), Some("InternalError"));
+        assert_eq!(e.raw_response().map(|r| r.status().as_u16()), Some(500));
+
+        let sent = w.direct.depth(&w.jobs).visible;
+        assert_eq!(sent, 1, "only the send after the clear reached moto");
+        let calls = w.proxy.calls();
+        assert_eq!(
+            calls.on_queue("jobs").get("ReceiveMessage"),
+            Some(&2),
+            "faulted requests are counted: {calls:?}"
+        );
+        assert_eq!(calls.on_queue("other").get("SendMessage"), Some(&2));
+    }
+
+    #[test]
+    fn failed_batch_entries_reach_the_sdk_as_a_200_with_every_entry_failed_and_nothing_done() {
+        let w = World::start();
+        for body in ["a", "b"] {
+            w.direct.send(&w.jobs, body);
+        }
+        let got = w.receive(&w.jobs).expect("receive");
+        assert_eq!(got.len(), 2, "{got:?}");
+        let invalid = w.proxy.inject(
+            "DeleteMessageBatch",
+            Some("jobs"),
+            Fault::entries_fail("ReceiptHandleIsInvalid"),
+            Some(1),
+        );
+        let entries: Vec<_> = got
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                aws_sdk_sqs::types::DeleteMessageBatchRequestEntry::builder()
+                    .id(format!("e{i}"))
+                    .receipt_handle(m.receipt_handle().expect("receipt"))
+                    .build()
+                    .expect("entry")
+            })
+            .collect();
+        let delete = || {
+            w.rt.block_on(
+                w.via_proxy
+                    .delete_message_batch()
+                    .queue_url(&w.jobs)
+                    .set_entries(Some(entries.clone()))
+                    .send(),
+            )
+            .map_err(Box::new)
+        };
+        let out = delete().expect("a batch answer");
+        assert!(out.successful().is_empty(), "{out:?}");
+        let failed: Vec<(&str, &str, bool)> = out
+            .failed()
+            .iter()
+            .map(|f| (f.id(), f.code(), f.sender_fault()))
+            .collect();
+        assert_eq!(
+            failed,
+            [
+                ("e0", "ReceiptHandleIsInvalid", true),
+                ("e1", "ReceiptHandleIsInvalid", true)
+            ]
+        );
+        assert_eq!(w.proxy.hits(&invalid), 1);
+        assert_eq!(
+            w.direct.depth(&w.jobs).in_flight,
+            2,
+            "the delete never reached moto"
+        );
+        let out = delete().expect("the fault was for one request");
+        assert_eq!(out.successful().len(), 2, "{out:?}");
+        assert_eq!(w.proxy.calls().carried_by("jobs", "DeleteMessageBatch"), 4);
+    }
+
+    /// The kinds of the I/O errors among an error's causes.
+    fn io_kinds(e: &(dyn std::error::Error + 'static)) -> Vec<ErrorKind> {
+        let mut kinds = Vec::new();
+        let mut cur = Some(e);
+        while let Some(err) = cur {
+            if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                kinds.push(io.kind());
+            }
+            cur = err.source();
+        }
+        kinds
+    }
+
+    #[test]
+    fn a_reset_fails_the_call_without_an_answer_and_forwards_nothing() {
+        let w = World::start();
+        let reset = w
+            .proxy
+            .inject("SendMessage", Some("jobs"), Fault::Reset, Some(1));
+        let e = w.send(&w.jobs).expect_err("reset");
+        assert!(
+            e.as_service_error().is_none() && e.raw_response().is_none(),
+            "no answer at all: {e:?}"
+        );
+        assert!(
+            io_kinds(&*e).contains(&ErrorKind::ConnectionReset),
+            "a reset, not a graceful close: {e:?}"
+        );
+        assert_eq!(w.proxy.hits(&reset), 1);
+        assert_eq!(w.direct.depth(&w.jobs).visible, 0, "nothing was sent");
+        w.send(&w.jobs).expect("a new connection works");
+        eventually(
+            "the reset connection to be gone",
+            Duration::from_secs(10),
+            || w.open_connections() <= 1,
+            || format!("{} connections open", w.open_connections()),
+        );
+    }
+
+    #[test]
+    fn a_dropped_answer_fails_the_call_although_the_action_took_effect() {
+        let w = World::start();
+        let dropped = w
+            .proxy
+            .inject("SendMessage", Some("jobs"), Fault::DropAnswer, Some(1));
+        let e = w.send(&w.jobs).expect_err("no answer");
+        assert!(
+            e.as_service_error().is_none() && e.raw_response().is_none(),
+            "no answer at all: {e:?}"
+        );
+        assert_eq!(w.proxy.hits(&dropped), 1);
+        assert_eq!(
+            w.direct.depth(&w.jobs).visible,
+            1,
+            "the message was sent all the same"
+        );
+    }
+
+    #[test]
+    fn a_hung_request_is_held_until_its_fault_is_cleared_then_closed() {
+        let w = World::start();
+        let hang = w
+            .proxy
+            .inject("ReceiveMessage", Some("jobs"), Fault::Hang, None);
+        let outcome = std::thread::scope(|s| {
+            let proxy = &w.proxy;
+            let hang = &hang;
+            s.spawn(move || {
+                eventually(
+                    "the receive to hang",
+                    Duration::from_secs(30),
+                    || proxy.hits(hang) == 1,
+                    String::new,
+                );
+                proxy.clear(hang.clone());
+            });
+            w.receive(&w.jobs)
+        });
+        let e = outcome.expect_err("the hung call ends without an answer once cleared");
+        assert!(e.raw_response().is_none(), "{e:?}");
+        assert_eq!(w.proxy.hits(&hang), 1);
+        eventually(
+            "the hung connection to be closed",
+            Duration::from_secs(10),
+            || w.open_connections() == 0,
+            || format!("{} connections open", w.open_connections()),
+        );
+        w.receive(&w.jobs).expect("cleared for good");
+    }
+
+    #[test]
+    fn a_hung_request_whose_client_gives_up_lets_its_connection_go() {
+        let w = World::start();
+        let hang = w.proxy.inject("ReceiveMessage", None, Fault::Hang, None);
+        let impatient = w
+            .via_proxy
+            .receive_message()
+            .queue_url(&w.jobs)
+            .customize()
+            .config_override(
+                aws_sdk_sqs::config::Config::builder().timeout_config(
+                    aws_sdk_sqs::config::timeout::TimeoutConfig::builder()
+                        .operation_timeout(Duration::from_secs(1))
+                        .build(),
+                ),
+            );
+        let e =
+            w.rt.block_on(impatient.send())
+                .expect_err("the client gives up");
+        assert!(
+            matches!(e, aws_sdk_sqs::error::SdkError::TimeoutError(_)),
+            "{e:?}"
+        );
+        assert_eq!(w.proxy.hits(&hang), 1);
+        // The client closes its side from a task of its runtime, which
+        // only runs while the runtime is driven.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        w.rt.block_on(async {
+            while w.open_connections() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        assert_eq!(
+            w.open_connections(),
+            0,
+            "the abandoned connection is closed (the fault still stands)"
+        );
     }
 }
