@@ -20,7 +20,7 @@ use batchly_agent::events::{EventType, JobEvent};
 use batchly_agent::queue::sqs::SqsQueue;
 use batchly_agent::queue::{JobSource, Message};
 use batchly_agent::state::{Decided, DecidedAction, InFlight, Ledger};
-use batchly_e2e::sqs::proxy::{CallCounts, Proxy};
+use batchly_e2e::sqs::proxy::{CallCounts, Fault, Proxy};
 use batchly_e2e::sqs::{
     aws_env, marked, unix_now, AgentSettings, QueueDepth, QueueOptions, SqsAgent, SqsTest,
     ED25519_KID, LONG_WAIT,
@@ -435,6 +435,49 @@ impl LibraryAgent {
     }
 }
 
+/// The run that crashes, through the library with a short custody limit
+/// on the agent's `state_dir`: it holds `job`'s message past the custody
+/// point, the job succeeds, the supervisor records "delete, with this
+/// final event" (what `finish` writes before it acts), and the agent dies
+/// before the custody copy is dropped.
+fn crash_after_success_in_custody(t: &SqsTest, url: &str, job: &Submitted, state_dir: &Path) {
+    let crashed = LibraryAgent::connect(&t.endpoint(), url, state_dir, MAX_HOLD);
+    let msg = crashed.receive_one();
+    assert_eq!(msg.id, job.message_id, "{msg:?}");
+    let custody_dir = state_dir.join("custody");
+    eventually(
+        "the message in custody (copy on disk, gone from SQS)",
+        MAX_HOLD + LONG_WAIT,
+        || !list_dir(&custody_dir).is_empty() && t.aws.depth(url) == EMPTY,
+        || {
+            format!(
+                "custody: {:?}, queue: {:?}",
+                list_dir(&custody_dir),
+                t.aws.depth(url)
+            )
+        },
+    );
+    let mut entry = InFlight::for_message(&msg);
+    entry.job_id = Some(job.job_id.clone());
+    let mut succeeded = JobEvent::new(EventType::Succeeded, &msg.id, msg.attempt, "agent-1");
+    succeeded.job_id = Some(job.job_id.clone());
+    succeeded.exit_code = Some(0);
+    succeeded.is_final = true;
+    entry.decided = Some(Decided {
+        event: succeeded,
+        action: DecidedAction::Delete,
+    });
+    Ledger::open(state_dir)
+        .and_then(|l| l.record(0, &entry))
+        .expect("recording the decided delete in the ledger");
+    drop(crashed);
+    assert_eq!(
+        list_dir(&custody_dir).len(),
+        1,
+        "the copy survives the crash"
+    );
+}
+
 #[test]
 fn a_job_that_succeeded_while_its_message_was_in_custody_does_not_run_again_after_a_crash() {
     let t = SqsTest::start();
@@ -446,61 +489,13 @@ fn a_job_that_succeeded_while_its_message_was_in_custody_does_not_run_again_afte
         },
     );
     let url = queue.url.clone();
-    // The binary's directories and config, from a first run on the empty
-    // queue that is then stopped: its state dir is where the crashed run
-    // below leaves its custody copy and its ledger.
-    let mut agent = t.agent(AgentSettings::new(&url).slots(1));
-    agent.signal(Signal::SIGTERM);
-    let status = agent.wait_exit();
-    assert_eq!(status.code(), Some(0), "{}", agent.diagnostics());
-    let state_dir = agent.dir().join("state");
     let job = submit_job(&t, &url, "custody", &[], &marked("true"));
-
-    // The run that crashes, through the library with a short custody limit:
-    // it holds the message past the custody point...
-    let crashed = LibraryAgent::connect(&t.endpoint(), &url, &state_dir, MAX_HOLD);
-    let msg = crashed.receive_one();
-    assert_eq!(msg.id, job.message_id, "{msg:?}");
-    let custody_dir = state_dir.join("custody");
-    eventually(
-        "the message in custody (copy on disk, gone from SQS)",
-        MAX_HOLD + LONG_WAIT,
-        || !list_dir(&custody_dir).is_empty() && t.aws.depth(&url) == EMPTY,
-        || {
-            format!(
-                "custody: {:?}, queue: {:?}",
-                list_dir(&custody_dir),
-                t.aws.depth(&url)
-            )
-        },
-    );
-    // ...its job succeeds and the supervisor records "delete, with this
-    // final event" (what `finish` writes before it acts), then the agent
-    // dies before the custody copy is dropped.
-    let mut entry = InFlight::for_message(&msg);
-    entry.job_id = Some(job.job_id.clone());
-    let mut succeeded = JobEvent::new(EventType::Succeeded, &msg.id, msg.attempt, "agent-1");
-    succeeded.job_id = Some(job.job_id.clone());
-    succeeded.exit_code = Some(0);
-    succeeded.is_final = true;
-    entry.decided = Some(Decided {
-        event: succeeded,
-        action: DecidedAction::Delete,
+    // The binary starts on the state dir the crashed run left. A SIGTERM at
+    // once stops it right after its recovery (which runs before any
+    // receive), so what the recovery did is all there is to see.
+    let mut agent = t.agent_with_state(AgentSettings::new(&url).slots(1), |state_dir| {
+        crash_after_success_in_custody(&t, &url, &job, state_dir)
     });
-    Ledger::open(&state_dir)
-        .and_then(|l| l.record(0, &entry))
-        .expect("recording the decided delete in the ledger");
-    drop(crashed);
-    assert_eq!(
-        list_dir(&custody_dir).len(),
-        1,
-        "the copy survives the crash"
-    );
-
-    // The next start completes the decision. A SIGTERM at once stops it
-    // right after its recovery (which runs before any receive), so what
-    // the recovery did is all there is to see.
-    agent.restart();
     agent.signal(Signal::SIGTERM);
     let status = agent.wait_exit();
     assert_eq!(status.code(), Some(0), "{}", agent.diagnostics());
@@ -517,6 +512,8 @@ fn a_job_that_succeeded_while_its_message_was_in_custody_does_not_run_again_afte
         runs.starts(&job.job_id),
         t.diagnostics(&events, &[&agent])
     );
+    let state_dir = agent.dir().join("state");
+    let custody_dir = state_dir.join("custody");
     assert!(
         list_dir(&custody_dir).is_empty(),
         "the custody copy of a finished job is dropped: {:?}",
@@ -531,4 +528,312 @@ fn a_job_that_succeeded_while_its_message_was_in_custody_does_not_run_again_afte
         "the success the crashed run decided is reported: {events:#?}"
     );
     assert_eq!(t.aws.depth(queue.dlq()), EMPTY, "nothing was dead-lettered");
+}
+
+#[test]
+fn a_crash_between_sending_the_copy_of_a_release_and_deleting_the_original_runs_the_job_once_more_not_twice(
+) {
+    let t = SqsTest::start();
+    let url = long_lease_queue(&t);
+    let proxy = Proxy::start(t.moto().port());
+    // First run: exit 75 (run me again), which on a standard queue sends a
+    // copy of the message and then deletes the original. Later runs take a
+    // moment and succeed, so two copies running would overlap.
+    let script = marked(
+        "if [ -e \"$MARK/$BATCHLY_JOB_ID.asked\" ]; then sleep 2; else\n\
+         touch \"$MARK/$BATCHLY_JOB_ID.asked\"; sh -c 'exit 75'; fi",
+    );
+    let job = submit_job(&t, &url, "again", &[], &script);
+    // The original's delete never gets an answer: the agent dies between
+    // the two steps.
+    let hung = proxy.inject("DeleteMessageBatch", Some("jobs"), Fault::Hang, None);
+    // One slot: it stays busy with the unfinished release, so the agent
+    // cannot take the copy before it dies.
+    let mut agent = t.agent(
+        AgentSettings::new(&url)
+            .slots(1)
+            .endpoint(&proxy.endpoint()),
+    );
+    eventually(
+        "the copy sent and the original's delete under way",
+        LONG_WAIT,
+        || calls_of(&proxy.calls(), "jobs", "SendMessage") >= 1 && proxy.hits(&hung) >= 1,
+        || {
+            format!(
+                "{:#?}\n{}",
+                proxy.calls(),
+                t.diagnostics(&t.events(), &[&agent])
+            )
+        },
+    );
+    agent.signal(Signal::SIGKILL);
+    agent.wait_exit();
+    assert_eq!(
+        t.aws.depth(&url),
+        QueueDepth {
+            visible: 1,
+            in_flight: 1,
+            delayed: 0
+        },
+        "the crash left the copy (visible) and the original (still hidden)"
+    );
+    proxy.clear(hung);
+    // Two slots now, so two messages of the job would run at once.
+    edit_config(&agent, "max_concurrent = 1\n", "max_concurrent = 2\n");
+    agent.restart();
+    let events = t.wait_events("the job's final event", &[&agent], |ev| is_final(ev, &job));
+    t.wait_queue_empty(&url, &[&agent]);
+
+    let runs = t.runs();
+    assert!(
+        runs.overlapping().is_empty(),
+        "two processes of the job ran at once after the restart: {:?}\n{}",
+        runs.lines,
+        t.diagnostics(&events, &[&agent])
+    );
+    assert_eq!(
+        runs.starts(&job.job_id),
+        2,
+        "the job ran once before the crash and exactly once after it: {:?}\n{}",
+        runs.lines,
+        t.diagnostics(&events, &[&agent])
+    );
+    let finals: Vec<&Event> = of_job(&events, &job.job_id)
+        .into_iter()
+        .filter(|e| e.is_final)
+        .collect();
+    assert_eq!(finals.len(), 1, "one final event: {finals:#?}");
+    assert_eq!(finals[0].kind, "job.succeeded", "{finals:#?}");
+    assert_eq!(
+        finals[0].attempt, 1,
+        "exit 75 is not an attempt, and the crash came after the job had ended: {finals:#?}"
+    );
+}
+
+/// The job queue's visibility timeout in the heartbeat test: the agent
+/// renews a lease once half of it is used up, on ticks of a quarter of it.
+const RACE_VISIBILITY_S: u32 = 12;
+
+#[test]
+fn a_retry_with_no_backoff_leaves_its_message_visible_and_no_heartbeat_hides_it_again() {
+    let t = SqsTest::start();
+    let url = t
+        .job_queue_with(
+            "jobs",
+            &QueueOptions {
+                visibility_s: Some(RACE_VISIBILITY_S),
+                ..QueueOptions::default()
+            },
+        )
+        .url;
+    let proxy = Proxy::start(t.moto().port());
+    // `failing` fails its first attempt when the test says so (the harness
+    // sets jobs.retry_backoff_s = 0: the retry is due at once) and succeeds
+    // on the next; `steady` runs until the test lets it end, so the agent
+    // keeps renewing a lease all along.
+    let failing = submit_job(
+        &t,
+        &url,
+        "failing",
+        &["--max-attempts", "3"],
+        &marked(&format!(
+            "if [ -e \"$MARK/failing.failed\" ]; then true; else\n{}\n\
+             touch \"$MARK/failing.failed\"; false; fi",
+            wait_for_file("fail")
+        )),
+    );
+    let steady = submit_job(&t, &url, "steady", &[], &marked(&wait_for_file("finish")));
+    let agent = t.agent(
+        AgentSettings::new(&url)
+            .slots(2)
+            .endpoint(&proxy.endpoint()),
+    );
+    t.wait_events("both jobs running", &[&agent], |ev| {
+        count_of(ev, &failing, "job.started") == 1 && count_of(ev, &steady, "job.started") == 1
+    });
+    // Both were received together, so their leases are renewed together.
+    // Right after a renewal, the next one is half a visibility timeout away:
+    // the release below is the next visibility change the agent makes.
+    let renewals = |c: &CallCounts| calls_of(c, "jobs", "ChangeMessageVisibilityBatch");
+    let before = renewals(&proxy.calls());
+    eventually(
+        "a lease renewal",
+        LONG_WAIT,
+        || renewals(&proxy.calls()) > before,
+        || format!("{:#?}\n{}", proxy.calls(), agent.diagnostics()),
+    );
+    // The slot freed by the release must not take the message back: only
+    // the queue's own view of the message counts here.
+    let receives = proxy.inject("ReceiveMessage", Some("jobs"), Fault::Hang, None);
+    let release = proxy.inject(
+        "ChangeMessageVisibilityBatch",
+        Some("jobs"),
+        Fault::Hang,
+        None,
+    );
+    std::fs::write(t.mark().join("fail"), b"").expect("telling the job to fail");
+    eventually(
+        "the release of the failed attempt under way",
+        LONG_WAIT,
+        || proxy.hits(&release) >= 1,
+        || t.diagnostics(&t.events(), &[&agent]),
+    );
+    // Held until both messages' visibility has run out at SQS (nothing
+    // renews them while the release is held): by then the agent's
+    // heartbeat has found both leases due, a quarter of a timeout ago.
+    eventually(
+        "both leases run out while the release is held",
+        LONG_WAIT,
+        || t.aws.depth(&url).visible == 2,
+        || format!("{:?}\n{}", t.aws.depth(&url), agent.diagnostics()),
+    );
+    let held = renewals(&proxy.calls());
+    proxy.clear(release);
+    // Three visibility changes after the held one: the release, then what
+    // the heartbeat queued behind it, then at least one more, which the
+    // agent sends only once everything before it was answered. (`steady`
+    // keeps being renewed, so they come.)
+    eventually(
+        "the release and the heartbeat's renewals after it answered",
+        LONG_WAIT,
+        || renewals(&proxy.calls()) >= held + 3,
+        || format!("{:#?}\n{}", proxy.calls(), agent.diagnostics()),
+    );
+    assert_eq!(
+        t.aws.depth(&url),
+        QueueDepth {
+            visible: 1,
+            in_flight: 1,
+            delayed: 0
+        },
+        "the failed job's message is visible for its retry at once (backoff 0 s), not hidden \
+         again for {RACE_VISIBILITY_S} s by a renewal of the lease being released; only the \
+         running job's message is in flight\n{}",
+        t.diagnostics(&t.events(), &[&agent])
+    );
+
+    proxy.clear(receives);
+    std::fs::write(t.mark().join("finish"), b"").expect("letting the steady job end");
+    let events = t.wait_events("both final events", &[&agent], |ev| {
+        is_final(ev, &failing) && is_final(ev, &steady)
+    });
+    t.wait_queue_empty(&url, &[&agent]);
+    let mine = history(&events, &failing);
+    assert_eq!(
+        kinds(&mine),
+        ["job.started", "job.failed", "job.started", "job.succeeded"],
+        "{mine:#?}"
+    );
+    assert_eq!(mine[3].attempt, 2, "{mine:#?}");
+    assert_eq!(
+        kinds(&history(&events, &steady)),
+        ["job.started", "job.succeeded"]
+    );
+}
+
+/// The job queue's visibility timeout in the redelivery test: short, so a
+/// lease the agent cannot renew runs out soon.
+const LAPSE_VISIBILITY_S: u32 = 4;
+
+#[test]
+fn a_message_sqs_hands_out_again_to_its_running_job_is_released_by_a_restart_with_its_new_receipt()
+{
+    let t = SqsTest::start();
+    let url = t
+        .job_queue_with(
+            "jobs",
+            &QueueOptions {
+                visibility_s: Some(LAPSE_VISIBILITY_S),
+                ..QueueOptions::default()
+            },
+        )
+        .url;
+    let proxy = Proxy::start(t.moto().port());
+    // First run: runs until killed. Any later run: succeeds at once.
+    let script = marked(&format!(
+        "if [ -e \"$MARK/$BATCHLY_JOB_ID.ran\" ]; then true; else\n\
+         touch \"$MARK/$BATCHLY_JOB_ID.ran\"\n{RECORD_LEADER}\n{}\nfi",
+        wait_for_file("never")
+    ));
+    let job = submit_job(&t, &url, "lapsed", &[], &script);
+    // Two slots: the free one keeps polling, so it is this agent that SQS
+    // hands the message to once its visibility lapses.
+    let mut agent = t.agent(
+        AgentSettings::new(&url)
+            .slots(2)
+            .endpoint(&proxy.endpoint()),
+    );
+    t.wait_events("the job running", &[&agent], |ev| {
+        count_of(ev, &job, "job.started") == 1
+    });
+    let leader = read_pid_file(&t.mark().join("lapsed.leader"));
+    let state_dir = agent.dir().join("state");
+    let receipt_of = |entries: &[InFlight]| {
+        entries
+            .iter()
+            .find(|e| e.message_id == job.message_id)
+            .map(|e| e.receipt.clone())
+    };
+    let first_receipt =
+        receipt_of(&ledger_entries(&state_dir)).expect("the running job is in the ledger");
+
+    // Renewals fail (SQS answers 500), so the lease lapses and SQS gives
+    // the message, with a new receipt, to the agent's own waiting poll.
+    let renewals = proxy.inject(
+        "ChangeMessageVisibilityBatch",
+        Some("jobs"),
+        Fault::server_error(),
+        None,
+    );
+    eventually(
+        "the message handed out again, to the same agent",
+        LONG_WAIT,
+        || proxy.calls().fruitful_receives_on("jobs") >= 2,
+        || format!("{:#?}\n{}", proxy.calls(), agent.diagnostics()),
+    );
+    proxy.clear(renewals);
+    assert!(pid_alive(leader), "the job runs on through the redelivery");
+    // The new receipt is what a restart needs to release the message:
+    // SQS refuses an older one (moto, here, would still take it).
+    let deadline = Instant::now() + REFUSAL_WAIT;
+    loop {
+        let ledger = ledger_entries(&state_dir);
+        match receipt_of(&ledger) {
+            Some(r) if r != first_receipt => break,
+            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            _ => panic!(
+                "after SQS handed the running message out again, the ledger the next start \
+                 reads still holds the receipt of the first receive: {ledger:#?}\n{}",
+                agent.diagnostics()
+            ),
+        }
+    }
+
+    agent.signal(Signal::SIGKILL);
+    agent.wait_exit();
+    agent.restart();
+    let events = t.wait_events("the job's final event", &[&agent], |ev| is_final(ev, &job));
+    t.wait_queue_empty(&url, &[&agent]);
+    let mine = history(&events, &job);
+    assert_eq!(
+        kinds(&mine),
+        [
+            "job.started",
+            "job.requeued",
+            "job.started",
+            "job.succeeded"
+        ],
+        "the restart released the message itself (job.requeued), with the receipt SQS \
+         accepts: {mine:#?}"
+    );
+    assert!(
+        mine[1]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("restart")),
+        "{mine:#?}"
+    );
+    let runs = t.runs();
+    assert!(runs.overlapping().is_empty(), "{:?}", runs.lines);
+    assert_eq!(runs.starts(&job.job_id), 2, "{:?}", runs.lines);
 }
