@@ -53,6 +53,17 @@ fn wait_for_file(name: &str) -> String {
 /// in `$MARK/<job id>.leader`.
 const RECORD_LEADER: &str = "echo $$ > \"$MARK/$BATCHLY_JOB_ID.leader\"";
 
+/// Waits until a job has left `$MARK/NAME`.
+fn wait_for_mark(t: &SqsTest, name: &str, agent: &SqsAgent) {
+    let path = t.mark().join(name);
+    eventually(
+        &format!("the job to leave {name}"),
+        LONG_WAIT,
+        || path.exists(),
+        || agent.diagnostics(),
+    );
+}
+
 fn long_lease_queue(t: &SqsTest) -> String {
     t.job_queue_with(
         "jobs",
@@ -539,21 +550,26 @@ fn a_crash_between_sending_the_copy_of_a_release_and_deleting_the_original_runs_
     // First run: exit 75 (run me again), which on a standard queue sends a
     // copy of the message and then deletes the original. Later runs take a
     // moment and succeed, so two copies running would overlap.
-    let script = marked(
+    let script = marked(&format!(
         "if [ -e \"$MARK/$BATCHLY_JOB_ID.asked\" ]; then sleep 2; else\n\
-         touch \"$MARK/$BATCHLY_JOB_ID.asked\"; sh -c 'exit 75'; fi",
-    );
+         touch \"$MARK/$BATCHLY_JOB_ID.asked\"\n{}\nsh -c 'exit 75'; fi",
+        wait_for_file("requeue")
+    ));
     let job = submit_job(&t, &url, "again", &[], &script);
     // The original's delete never gets an answer: the agent dies between
     // the two steps.
     let hung = proxy.inject("DeleteMessageBatch", Some("jobs"), Fault::Hang, None);
-    // One slot: it stays busy with the unfinished release, so the agent
-    // cannot take the copy before it dies.
     let mut agent = t.agent(
         AgentSettings::new(&url)
             .slots(1)
             .endpoint(&proxy.endpoint()),
     );
+    // Once the first run is under way, receives get no answer: the agent
+    // (whose slot is free again once the outcome is decided) cannot take
+    // the copy before it dies, so the restart meets both messages.
+    wait_for_mark(&t, &format!("{}.asked", job.job_id), &agent);
+    let no_receives = proxy.inject("ReceiveMessage", Some("jobs"), Fault::Hang, None);
+    std::fs::write(t.mark().join("requeue"), b"").expect("letting the first run exit 75");
     eventually(
         "the copy sent and the original's delete under way",
         LONG_WAIT,
@@ -578,6 +594,7 @@ fn a_crash_between_sending_the_copy_of_a_release_and_deleting_the_original_runs_
         "the crash left the copy (visible) and the original (still hidden)"
     );
     proxy.clear(hung);
+    proxy.clear(no_receives);
     // Two slots now, so two messages of the job would run at once.
     edit_config(&agent, "max_concurrent = 1\n", "max_concurrent = 2\n");
     agent.restart();
@@ -833,7 +850,13 @@ fn a_message_sqs_hands_out_again_to_its_running_job_is_released_by_a_restart_wit
             .is_some_and(|r| r.contains("restart")),
         "{mine:#?}"
     );
+    // The first run was killed by the restart (so it wrote no end line)
+    // before its message was released: the two runs never overlapped.
+    assert!(
+        !pid_alive(leader),
+        "the restart killed the first run (pid {leader}) before releasing its message"
+    );
     let runs = t.runs();
-    assert!(runs.overlapping().is_empty(), "{:?}", runs.lines);
     assert_eq!(runs.starts(&job.job_id), 2, "{:?}", runs.lines);
+    assert_eq!(runs.ends(&job.job_id), 1, "{:?}", runs.lines);
 }
