@@ -44,7 +44,7 @@ const POLL_INTERVAL: Duration = Duration::from_millis(50);
 const FULL_RESCAN_INTERVAL: Duration = Duration::from_secs(5);
 /// With a watch: `queue/` is still listed this often, for changes inotify
 /// never reports (a network file system written to from another host). The
-/// watch does the real work; `tests/tests/dev_watch.rs` relies on this being
+/// watch does the real work; `tests/tests/e2e/dev_watch.rs` relies on this being
 /// far longer than it waits for a job.
 pub const WATCHED_RESCAN_INTERVAL: Duration = Duration::from_secs(300);
 /// What in `queue/` may mean a new message: a file renamed in (how `submit`

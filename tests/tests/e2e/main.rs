@@ -1,0 +1,17 @@
+//! The end-to-end suite: each module drives the real `batchly-agent` binary
+//! against real local services (moto, a fault-injecting proxy, real
+//! processes). They are one test binary so the AWS SDK is linked once, not
+//! once per file.
+
+mod cli;
+mod dev_bad_input;
+mod dev_lifecycle;
+mod dev_watch;
+mod sqs_custody;
+mod sqs_drain;
+mod sqs_envelopes;
+mod sqs_faults;
+mod sqs_lifecycle;
+mod sqs_recovery;
+mod sqs_s3;
+mod sqs_setup;
