@@ -197,7 +197,7 @@ fn main() -> ExitCode {
         .nth(1)
         .is_some_and(|a| a == sandbox::LAUNCHER_ARG)
     {
-        sandbox::launcher::main();
+        sandbox::forkserver::serve();
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -1,8 +1,10 @@
-//! The launcher: the child side of the launch path. It runs in a fresh,
-//! single-threaded copy of the agent binary, so every step may allocate,
-//! read files and report errors freely before the final `execve`.
+//! The launcher: the child side of the launch path. It runs in a
+//! single-threaded copy of the agent binary (forked by the fork server,
+//! `forkserver.rs`), so every step may allocate, read files and report
+//! errors freely before the final `execve`.
 //!
-//! Protocol with the agent (see `process.rs`): fd 0 is a Unix socket. The
+//! Protocol with the agent (see `process.rs`): fd 0 is a Unix socket, fds 1
+//! and 2 the job's output pipes. The
 //! launcher reads one JSON `LaunchPlan` until EOF, keeps the socket as a
 //! close-on-exec "report" descriptor and puts `/dev/null` on fd 0. When every
 //! step has passed it writes one `READY` byte and calls `execve`; if that
@@ -53,7 +55,7 @@ impl StepError {
     }
 }
 
-/// Entry point of `batchly-agent __launch`. Never returns.
+/// Entry point of a launcher the fork server forked. Never returns.
 pub fn main() -> ! {
     let mut report: Option<std::fs::File> = None;
     let err = match run(&mut report) {

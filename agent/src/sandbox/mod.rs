@@ -1,8 +1,8 @@
 //! Everything that stands between a job and the host. It owns the launch
 //! path: the agent never forks its multi-threaded runtime to run job code;
-//! it spawns a fresh copy of its own binary (`__launch`), a single-threaded
-//! launcher that applies each isolation step in order and then `execve`s the
-//! job. Today the steps are: own session and process group, private work
+//! it spawns a fresh copy of its own binary once (`__launch`, the fork
+//! server), which forks a single-threaded launcher for each job that applies
+//! each isolation step in order and then `execve`s the job. Today the steps are: own session and process group, private work
 //! dir, scrubbed environment, default signal state. Namespaces, cgroups,
 //! identity, seccomp and Landlock are later steps in `launcher.rs`; if a step
 //! cannot be applied the launcher refuses the job (fail closed), it never
@@ -10,6 +10,7 @@
 //!
 //! This is the only module allowed to contain `unsafe`.
 
+pub mod forkserver;
 pub mod launcher;
 pub mod process;
 
@@ -17,7 +18,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// Hidden subcommand under which the agent binary acts as the launcher.
+/// Hidden subcommand under which the agent binary acts as the fork server.
 pub const LAUNCHER_ARG: &str = "__launch";
 
 /// Everything the launcher needs to start one job attempt. Sent to the

@@ -1,42 +1,58 @@
-//! The agent side of the launch path: start a launcher, hand it the plan,
-//! learn whether the job is running or why it was refused, and signal or
-//! reap the job's whole process group. Also finds and kills the process
-//! groups that a previous, crashed run of the agent left behind.
+//! The agent side of the launch path: keep a fork server running, have it
+//! fork a launcher for each job, hand the launcher the plan, learn whether
+//! the job is running or why it was refused, and wait for, signal or reap
+//! the job's whole process group. Also finds and kills the process groups
+//! that a previous, crashed run of the agent left behind.
 //!
-//! It never forks the runtime itself: the launcher is started with
+//! It never forks the runtime itself: the fork server is started with
 //! `posix_spawn` (what the standard library uses when no `pre_exec` hook is
-//! set), so the cost of a launch does not grow with the agent's memory.
+//! set) and forks its own small, single-threaded self (`forkserver.rs`). The
+//! launchers it forks are the agent's children (`CLONE_PARENT`); the agent
+//! waits for each through a pidfd.
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use nix::sys::socket::{
+    recv, sendmsg, socketpair, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType,
+};
+use nix::sys::wait::{WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::{Child, ChildStderr, ChildStdout};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::unix::pipe;
 
+use super::forkserver::{FAILED, FORK, FORKED};
 use super::launcher::READY;
 use super::{LaunchPlan, LAUNCHER_ARG};
 
 /// Longest a launcher may take to apply its steps (a hung mount in `chdir`,
 /// say) before the attempt is given up as the agent's fault.
-const PLAN_EXCHANGE_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+const PLAN_EXCHANGE_LIMIT: Duration = Duration::from_secs(60);
+/// Longest the fork server may take to answer one request; past it the
+/// server is taken for hung, killed, and another one started.
+const FORK_LIMIT: Duration = Duration::from_secs(10);
 
-/// How to start launchers. In production it is the running binary itself.
+/// How to start launchers: through a fork server running `program` (in
+/// production the running binary itself), started on first use and again
+/// whenever it has died. Clones share the server.
 #[derive(Debug, Clone)]
 pub struct Launcher {
     program: PathBuf,
+    server: Arc<tokio::sync::Mutex<Option<ForkServer>>>,
 }
 
 impl Default for Launcher {
     fn default() -> Self {
         // /proc/self/exe still works after a package upgrade replaced the
         // file on disk, so a running agent always launches its own code.
-        Launcher {
-            program: PathBuf::from("/proc/self/exe"),
-        }
+        Launcher::new("/proc/self/exe")
     }
 }
 
@@ -70,57 +86,297 @@ pub struct JobProcess {
     pid: Pid,
     start_time: u64,
     child: Child,
-    pub stdout: Option<ChildStdout>,
-    pub stderr: Option<ChildStderr>,
+    pub stdout: Option<pipe::Receiver>,
+    pub stderr: Option<pipe::Receiver>,
+}
+
+/// The fork server and the agent's end of its request socket.
+#[derive(Debug)]
+struct ForkServer {
+    sock: AsyncFd<OwnedFd>,
+    /// Held only to be killed (and reaped) when dropped: a server that
+    /// hangs or misbehaves is replaced.
+    _process: tokio::process::Child,
+}
+
+impl ForkServer {
+    fn start(program: &PathBuf) -> Result<ForkServer, LaunchError> {
+        let spawn_err = |source: io::Error| LaunchError::Spawn {
+            program: program.clone(),
+            source,
+        };
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| spawn_err(e.into()))?;
+        set_nonblocking(&ours).map_err(spawn_err)?;
+        let process = tokio::process::Command::new(program)
+            .arg(LAUNCHER_ARG)
+            .env_clear()
+            .stdin(Stdio::from(theirs))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(spawn_err)?;
+        // SAFETY: `ours` is an OwnedFd, moved into the AsyncFd: it stays
+        // open, and the same descriptor, for the AsyncFd's whole life.
+        let sock = unsafe {
+            AsyncFd::register_with_interest(ours, Interest::READABLE | Interest::WRITABLE)
+        }
+        .map_err(|e| spawn_err(e.into()))?;
+        Ok(ForkServer {
+            sock,
+            _process: process,
+        })
+    }
+
+    /// Asks for one launcher with these descriptors on its fds 0, 1, 2;
+    /// returns its pid. Errors mean the server is unusable.
+    async fn fork(&self, fds: [&OwnedFd; 3]) -> io::Result<i32> {
+        let raw = fds.map(|fd| fd.as_raw_fd());
+        self.sock
+            .async_io(Interest::WRITABLE, |sock| {
+                sendmsg::<()>(
+                    sock.as_raw_fd(),
+                    &[io::IoSlice::new(&[FORK])],
+                    &[ControlMessage::ScmRights(&raw)],
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .map_err(io::Error::from)
+            })
+            .await?;
+        let mut reply = [0u8; 512];
+        let n = self
+            .sock
+            .async_io(Interest::READABLE, |sock| {
+                recv(sock.as_raw_fd(), &mut reply, MsgFlags::empty()).map_err(io::Error::from)
+            })
+            .await?;
+        match &reply[..n] {
+            [] => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the fork server has exited",
+            )),
+            [FORKED, pid @ ..] if pid.len() == 4 => {
+                Ok(i32::from_le_bytes([pid[0], pid[1], pid[2], pid[3]]))
+            }
+            [FAILED, why @ ..] => Err(io::Error::other(String::from_utf8_lossy(why).into_owned())),
+            other => Err(io::Error::other(format!(
+                "the fork server answered {} unexpected bytes",
+                other.len()
+            ))),
+        }
+    }
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok(())
 }
 
 impl Launcher {
     pub fn new(program: impl Into<PathBuf>) -> Self {
         Launcher {
             program: program.into(),
+            server: Arc::new(tokio::sync::Mutex::new(None)),
         }
     }
 
     /// Starts a launcher that waits for its plan. The job cannot run any of
     /// its own code before `Spawned::start`, so the caller can first record
     /// the pid where crash recovery will find it. Dropping a `Spawned`
-    /// without starting it makes the launcher exit.
-    pub fn spawn(&self) -> Result<Spawned, LaunchError> {
+    /// without starting it kills the launcher.
+    pub async fn spawn(&self) -> Result<Spawned, LaunchError> {
+        // The exchange with the server runs to its end even if the caller
+        // stops waiting: a reply left unread would answer the next request.
+        let me = self.clone();
+        tokio::spawn(async move { me.spawn_now().await })
+            .await
+            .map_err(|e| LaunchError::Protocol(io::Error::other(e)))?
+    }
+
+    async fn spawn_now(&self) -> Result<Spawned, LaunchError> {
         let (ours, theirs) =
             std::os::unix::net::UnixStream::pair().map_err(LaunchError::Protocol)?;
-        let mut child = tokio::process::Command::new(&self.program)
-            .arg(LAUNCHER_ARG)
-            .env_clear()
-            .stdin(Stdio::from(OwnedFd::from(theirs)))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| LaunchError::Spawn {
-                program: self.program.clone(),
-                source,
-            })?;
-        let Some(pid) = child.id().map(|id| Pid::from_raw(id as i32)) else {
-            let _ = child.start_kill();
-            return Err(LaunchError::Protocol(io::Error::other(
-                "launcher exited at once",
-            )));
+        let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| LaunchError::Protocol(e.into()))?;
+        let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| LaunchError::Protocol(e.into()))?;
+        let theirs = OwnedFd::from(theirs);
+        let mut server = self.server.lock().await;
+        // A server that died since the last job is replaced once.
+        let mut tries = 0;
+        let pid = loop {
+            tries += 1;
+            let srv = match server.as_mut() {
+                Some(srv) => srv,
+                None => server.insert(ForkServer::start(&self.program)?),
+            };
+            let asked = tokio::time::timeout(FORK_LIMIT, srv.fork([&theirs, &out_w, &err_w])).await;
+            match asked {
+                Ok(Ok(pid)) => break pid,
+                Ok(Err(e)) if tries < 2 => {
+                    tracing::warn!(error = %e, "the job fork server failed; starting another");
+                    *server = None;
+                }
+                Ok(Err(e)) => {
+                    *server = None;
+                    return Err(LaunchError::Protocol(e));
+                }
+                Err(_) => {
+                    *server = None;
+                    return Err(LaunchError::Protocol(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the job fork server did not answer within {FORK_LIMIT:?}"),
+                    )));
+                }
+            }
         };
+        drop(server);
+        // The launcher has its copies now; with ours closed, its ends of the
+        // pipes are the only writers, so they reach end of file with it.
+        drop((theirs, out_w, err_w));
+        let pid = Pid::from_raw(pid);
+        let child = Child::adopt(pid).map_err(LaunchError::Protocol)?;
         // The start time of a process survives execve, so this is also the
         // job's; it tells the job apart from a later process reusing the pid.
         // Without it, a crash would leave a job the next start cannot tell
         // from a later process with the same pid: refuse to run it.
         let Some(start_time) = process_stat(pid.as_raw()).map(|s| s.start_time) else {
-            let _ = child.start_kill();
             return Err(LaunchError::Protocol(io::Error::other(format!(
                 "cannot read /proc/{pid}/stat of the launcher: the agent could not find the job again after a crash, so it is not started"
             ))));
         };
+        let receiver =
+            |fd: OwnedFd| pipe::Receiver::from_owned_fd(fd).map_err(LaunchError::Protocol);
         Ok(Spawned {
             pid,
             start_time,
             child,
             plan_socket: ours,
+            stdout: receiver(out_r)?,
+            stderr: receiver(err_r)?,
         })
+    }
+}
+
+/// A child of the agent forked by the fork server, waited for through its
+/// pidfd. Dropped before it was reaped, it is killed and reaped in the
+/// background: no launcher or job outlives its handle, and no zombie stays.
+#[derive(Debug)]
+struct Child {
+    pid: Pid,
+    pidfd: Option<AsyncFd<OwnedFd>>,
+    status: Option<ExitStatus>,
+    /// This handle is the background reaper of a dropped one.
+    reaping: bool,
+}
+
+impl Child {
+    fn adopt(pid: Pid) -> io::Result<Child> {
+        // SAFETY: pidfd_open takes two integers and returns a new
+        // descriptor or -1; nothing is borrowed.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            // Not reaped yet, so the pid is still this child's.
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+            return Err(io::Error::new(
+                e.kind(),
+                format!("pidfd_open for the launcher (Linux 5.3 or later is needed): {e}"),
+            ));
+        }
+        // SAFETY: the syscall just returned this descriptor; nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // SAFETY: as above, the OwnedFd moves into the AsyncFd and lives
+        // exactly as long.
+        let pidfd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }?;
+        Ok(Child {
+            pid,
+            pidfd: Some(pidfd),
+            status: None,
+            reaping: false,
+        })
+    }
+
+    /// Waits for the child to exit and reaps it. Cancel-safe; once reaped
+    /// it keeps answering with the same status.
+    async fn wait(&mut self) -> io::Result<ExitStatus> {
+        if let Some(st) = self.status {
+            return Ok(st);
+        }
+        let Some(fd) = self.pidfd.as_ref() else {
+            return Err(io::Error::other("child handle without a pidfd"));
+        };
+        loop {
+            let mut ready = fd.readable().await?;
+            match nix::sys::wait::waitpid(self.pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => ready.clear_ready(),
+                Ok(ws) => {
+                    if let Some(st) = exit_status(ws) {
+                        self.status = Some(st);
+                        self.pidfd = None;
+                        return Ok(st);
+                    }
+                    // Stopped or continued: not an exit.
+                    ready.clear_ready();
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if self.status.is_some() {
+            return;
+        }
+        // Not reaped, so the pid is still this child's.
+        let _ = nix::sys::signal::kill(self.pid, Signal::SIGKILL);
+        let pid = self.pid;
+        let background = self
+            .pidfd
+            .take()
+            .zip(tokio::runtime::Handle::try_current().ok());
+        match background {
+            Some((pidfd, rt)) if !self.reaping => {
+                rt.spawn(async move {
+                    let mut orphan = Child {
+                        pid,
+                        pidfd: Some(pidfd),
+                        status: None,
+                        reaping: true,
+                    };
+                    let _ = orphan.wait().await;
+                });
+            }
+            // No runtime (or the reaping task itself is being dropped, at
+            // shutdown): SIGKILL is quick, wait for it here.
+            _ => {
+                let _ = nix::sys::wait::waitpid(pid, None);
+            }
+        }
+    }
+}
+
+/// The exit status the standard library would report for a wait status.
+fn exit_status(ws: WaitStatus) -> Option<ExitStatus> {
+    match ws {
+        WaitStatus::Exited(_, code) => Some(ExitStatus::from_raw((code & 0xff) << 8)),
+        WaitStatus::Signaled(_, sig, core) => Some(ExitStatus::from_raw(
+            sig as i32 | if core { 0x80 } else { 0 },
+        )),
+        _ => None,
     }
 }
 
@@ -131,6 +387,8 @@ pub struct Spawned {
     start_time: u64,
     child: Child,
     plan_socket: std::os::unix::net::UnixStream,
+    stdout: pipe::Receiver,
+    stderr: pipe::Receiver,
 }
 
 impl Spawned {
@@ -149,6 +407,8 @@ impl Spawned {
             start_time,
             mut child,
             plan_socket,
+            stdout,
+            stderr,
         } = self;
         let exchange = tokio::time::timeout(PLAN_EXCHANGE_LIMIT, exchange_plan(plan_socket, plan));
         let reply = match exchange.await.unwrap_or_else(|_| {
@@ -159,7 +419,7 @@ impl Spawned {
         }) {
             Ok(reply) => reply,
             Err(e) => {
-                let _ = child.start_kill();
+                let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
                 let _ = child.wait().await;
                 return Err(LaunchError::Protocol(e));
             }
@@ -185,9 +445,9 @@ impl Spawned {
         Ok(JobProcess {
             pid,
             start_time,
-            stdout: child.stdout.take(),
-            stderr: child.stderr.take(),
             child,
+            stdout: Some(stdout),
+            stderr: Some(stderr),
         })
     }
 }
@@ -245,7 +505,7 @@ impl JobProcess {
         let _ = nix::sys::signal::killpg(self.pid, sig);
     }
 
-    /// Waits for the job's leader to exit (reaping it).
+    /// Waits for the job's leader to exit (reaping it). Cancel-safe.
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
         self.child.wait().await
     }

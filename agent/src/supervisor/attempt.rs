@@ -562,7 +562,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             env: scrubbed_env(work_dir, &job.id, msg.attempt, &job.env),
             work_dir: work_dir.clone(),
         };
-        let spawned = match self.launcher.spawn() {
+        let spawned = match self.launcher.spawn().await {
             Ok(s) => s,
             Err(e) => return Ending::AgentFault(e.to_string()),
         };

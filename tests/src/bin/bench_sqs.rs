@@ -75,10 +75,13 @@ struct Options {
     release_agent: bool,
     /// `None`: fauxqs if installed, else moto.
     server: Option<ServerKind>,
+    /// Keep the agent's log (at `debug`) here, to see where a run's time went.
+    agent_log: Option<PathBuf>,
 }
 
 const USAGE: &str = "usage: bench_sqs [--jobs N (1000)] [--slots N (8)] \
-                     [--server fauxqs|moto (fauxqs if installed)] [--release-agent]";
+                     [--server fauxqs|moto (fauxqs if installed)] [--release-agent] \
+                     [--agent-log FILE (the agent's log at debug level)]";
 
 fn parse_args() -> Result<Options, String> {
     let mut opts = Options {
@@ -86,6 +89,7 @@ fn parse_args() -> Result<Options, String> {
         slots: 8,
         release_agent: false,
         server: None,
+        agent_log: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -99,6 +103,13 @@ fn parse_args() -> Result<Options, String> {
             "--jobs" => opts.jobs = number("--jobs")?,
             "--slots" => opts.slots = number("--slots")?,
             "--release-agent" => opts.release_agent = true,
+            "--agent-log" => {
+                opts.agent_log = Some(
+                    args.next()
+                        .map(PathBuf::from)
+                        .ok_or("--agent-log needs a file")?,
+                )
+            }
             "--server" => {
                 opts.server = Some(match args.next().as_deref() {
                     Some("fauxqs") => ServerKind::Fauxqs,
@@ -711,7 +722,7 @@ fn run_agent(
              [signing]\nkeys_file = {keys}\n\n[admin]\nsocket = {socket}\n\n\
              [state]\ndir = {state}\n\n\
              [jobs]\nwork_dir = {work}\nlog_dir = {logs}\nmax_concurrent = {slots}\n\n\
-             [agent]\ninstance_id = \"bench\"\nlog_level = \"warn\"\n",
+             [agent]\ninstance_id = \"bench\"\nlog_level = {level}\n",
             url = toml_str(queue_url),
             events = toml_str(events_url),
             keys = p("keys.toml"),
@@ -720,11 +731,19 @@ fn run_agent(
             work = p("work"),
             logs = p("logs"),
             slots = opts.slots,
+            level = if opts.agent_log.is_some() {
+                "\"debug\""
+            } else {
+                "\"warn\""
+            },
         ),
     )
     .map_err(|e| format!("writing {}: {e}", config.display()))?;
 
-    let stderr_path = root.join("agent.stderr");
+    let stderr_path = opts
+        .agent_log
+        .clone()
+        .unwrap_or_else(|| root.join("agent.stderr"));
     let mut cmd = Command::new(bin);
     for (k, _) in std::env::vars_os() {
         if let Some(k) = k.to_str() {

@@ -5,6 +5,7 @@
 
 mod cli;
 mod dev_bad_input;
+mod dev_launch;
 mod dev_lifecycle;
 mod dev_watch;
 mod sqs_custody;

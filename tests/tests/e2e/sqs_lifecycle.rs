@@ -356,13 +356,15 @@ fn an_urgent_queue_goes_before_a_bulk_queue() {
         ev.iter().filter(|e| e.kind == "job.started").count() >= 2
     });
 
+    // Noted before the submit: the agent may start the first urgent job
+    // before the submit command has even returned.
+    t.note("urgent-submitted");
     let urgent_jobs = t.submit(
         &urgent.url,
         &[
             "--id", "urgent", "--count", "3", "--env", &mark, "--", "sh", "-c", &script,
         ],
     );
-    t.note("urgent-submitted");
     let mut all = bulk_jobs.clone();
     all.extend(urgent_jobs.iter().cloned());
     let events = t.wait_events("every final event", &[&agent], |ev| all_final(ev, &all));

@@ -1,0 +1,208 @@
+//! The fork server: the process every job is forked from.
+//!
+//! Starting a fresh copy of the agent binary for every job (`execve` of a
+//! large binary, dynamic relocations, a runtime's start) cost more than the
+//! trivial job itself and capped a small instance's throughput. So the agent
+//! starts this server once (`batchly-agent __launch`, with `posix_spawn`, as
+//! before: it never forks its own multi-threaded runtime), and for every job
+//! the server forks a copy of itself. A fork of this small, single-threaded
+//! process is cheap, and its child is exactly what the launcher always was:
+//! a single-threaded copy of the agent binary that may allocate, read files
+//! and report errors freely before its final `execve` (see `launcher.rs`).
+//!
+//! The child is forked with `CLONE_PARENT`: its parent is the agent, not this
+//! server. The agent waits for it (through a pidfd) and reaps it like any
+//! child; the death of the server loses no job and no exit status, and the
+//! agent simply starts another server.
+//!
+//! Protocol (fd 0 is a `SOCK_SEQPACKET` socket, one request in flight at a
+//! time): the agent sends one packet `L` carrying three descriptors, the
+//! job's plan socket, its stdout and its stderr. The server forks; the child
+//! puts them on fds 0, 1 and 2 and runs the launcher. The server answers `P`
+//! and the child's pid (4 bytes, little endian), or `E` and why it could not
+//! fork. An empty read (the agent closed its end, or died) ends the server.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::fcntl::{fcntl, FcntlArg};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessageOwned, MsgFlags};
+
+use super::launcher;
+
+/// The one request the server understands.
+pub const FORK: u8 = b'L';
+/// Reply: forked; the child's pid follows.
+pub const FORKED: u8 = b'P';
+/// Reply: could not fork; the reason follows.
+pub const FAILED: u8 = b'E';
+/// How many descriptors a request carries: plan socket, stdout, stderr.
+pub const REQUEST_FDS: usize = 3;
+
+/// Entry point of `batchly-agent __launch`. Never returns.
+pub fn serve() -> ! {
+    let sock = match setup() {
+        Ok(sock) => sock,
+        Err(e) => {
+            eprintln!("batchly-agent fork server: {e}");
+            std::process::exit(1);
+        }
+    };
+    loop {
+        let fds = match receive(&sock) {
+            Ok(Some(fds)) => fds,
+            // The agent is gone (or closed its end on purpose): so are we.
+            Ok(None) => std::process::exit(0),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                eprintln!("batchly-agent fork server: reading a request: {e}");
+                std::process::exit(1);
+            }
+        };
+        let reply = if fds.len() != REQUEST_FDS {
+            let mut r = vec![FAILED];
+            r.extend_from_slice(
+                format!(
+                    "a request carried {} descriptors, not {REQUEST_FDS}",
+                    fds.len()
+                )
+                .as_bytes(),
+            );
+            r
+        } else {
+            match fork_beside_the_agent() {
+                Ok(0) => child(sock, fds),
+                Ok(pid) => {
+                    let mut r = vec![FORKED];
+                    r.extend_from_slice(&pid.to_le_bytes());
+                    r
+                }
+                Err(e) => {
+                    let mut r = vec![FAILED];
+                    r.extend_from_slice(format!("fork: {}", e.desc()).as_bytes());
+                    r
+                }
+            }
+        };
+        // The descriptors are the child's now (or nobody's): ours close.
+        drop(fds);
+        if let Err(e) = sendmsg::<()>(
+            sock.as_raw_fd(),
+            &[IoSlice::new(&reply)],
+            &[],
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            eprintln!("batchly-agent fork server: answering the agent: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Leaves the agent's session (a Ctrl-C meant for the agent's terminal must
+/// not end the server), dies with the agent, and moves the request socket
+/// off fd 0, which becomes `/dev/null`.
+fn setup() -> Result<OwnedFd, String> {
+    let _ = nix::unistd::setsid();
+    // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag of this process.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) } != 0 {
+        return Err(format!(
+            "asking to die with the agent: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: fd 0 is the request socket the agent handed us; borrowed for
+    // one fcntl call.
+    let zero = unsafe { std::os::fd::BorrowedFd::borrow_raw(0) };
+    let fd: RawFd = fcntl(zero, FcntlArg::F_DUPFD_CLOEXEC(3))
+        .map_err(|e| format!("moving the request socket off fd 0: {e}"))?;
+    // SAFETY: fcntl just returned this descriptor and nothing else owns it.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let null = std::fs::File::open("/dev/null").map_err(|e| format!("opening /dev/null: {e}"))?;
+    dup_onto(null.as_fd(), 0).map_err(|e| format!("putting /dev/null on fd 0: {e}"))?;
+    Ok(sock)
+}
+
+/// One request's descriptors; `None` when the agent closed its end.
+fn receive(sock: &OwnedFd) -> Result<Option<Vec<OwnedFd>>, nix::errno::Errno> {
+    let mut byte = [0u8; 16];
+    let mut iov = [IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([RawFd; REQUEST_FDS]);
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = cmsg {
+            // SAFETY: the kernel just installed these descriptors in this
+            // process for us; nothing else owns them.
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    if msg.bytes == 0 && fds.is_empty() {
+        return Ok(None);
+    }
+    if msg.bytes != 1 || byte[0] != FORK {
+        // Not a request we know: answered as a bad request (no descriptors
+        // would make it one anyway).
+        return Ok(Some(Vec::new()));
+    }
+    Ok(Some(fds))
+}
+
+/// Forks this process with the agent as the child's parent; 0 in the child.
+fn fork_beside_the_agent() -> Result<i32, nix::errno::Errno> {
+    // SAFETY: this process is single-threaded (it never starts a thread or
+    // a runtime), so the child is a consistent copy: no lock is held by a
+    // thread that does not exist in it. With no new stack the raw syscall
+    // behaves like fork(2) plus CLONE_PARENT. glibc's per-thread cache of
+    // the thread id is not refreshed in the child; the child only makes
+    // direct system calls, allocates and execs, which do not use it.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (libc::CLONE_PARENT | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    if r < 0 {
+        return Err(nix::errno::Errno::last());
+    }
+    Ok(r as i32)
+}
+
+/// The forked child: the job's descriptors go on 0, 1 and 2, the server's
+/// socket closes, and the launcher takes over.
+fn child(sock: OwnedFd, fds: Vec<OwnedFd>) -> ! {
+    drop(sock);
+    for (target, fd) in fds.iter().enumerate() {
+        if let Err(e) = dup_onto(fd.as_fd(), target as RawFd) {
+            // Nobody can be told in the protocol's words: stderr may not be
+            // the job's yet. The agent sees the launcher die silently.
+            eprintln!("batchly-agent launcher: setting up fd {target}: {e}");
+            std::process::exit(launcher::LAUNCH_REFUSED_EXIT);
+        }
+    }
+    drop(fds);
+    launcher::main()
+}
+
+/// `dup2(fd, target)`: the copy at `target` is not close-on-exec.
+fn dup_onto(fd: std::os::fd::BorrowedFd<'_>, target: RawFd) -> nix::Result<()> {
+    // SAFETY: dup2 atomically replaces whatever `target` was; that
+    // descriptor (0, 1 or 2) is owned by no Rust value in this process.
+    let r = unsafe { libc::dup2(fd.as_raw_fd(), target) };
+    if r < 0 {
+        return Err(nix::errno::Errno::last());
+    }
+    Ok(())
+}
