@@ -170,9 +170,20 @@ impl AgentEvent {
     }
 }
 
-/// How many events may be on their way at once (one per job being worked
-/// on); a batching sink sends as soon as that many are waiting.
-pub type Publishers = Arc<dyn Fn() -> usize + Send + Sync>;
+/// What a batching sink needs to know about the events of the jobs being
+/// worked on (a start and an outcome each): how many have yet to be queued
+/// for a batch, so a batch goes out as soon as every one of them is in it
+/// (or it is full); and which have been queued.
+pub trait EventsExpected: Send + Sync {
+    /// Events of the jobs being worked on not queued yet.
+    fn to_come(&self) -> usize;
+    /// An event of this message's attempt is queued (`outcome`: its last).
+    fn queued(&self, message_id: &str, outcome: bool);
+}
+
+/// Raised whenever the events to come fall, so a batch waiting for company
+/// is asked again whether any is still coming.
+pub type EventsFell = tokio::sync::watch::Sender<()>;
 
 /// Where job events go.
 pub trait EventSink: Send + Sync + 'static {
@@ -187,9 +198,12 @@ pub trait EventSink: Send + Sync + 'static {
         async { Ok(()) }
     }
 
-    /// Tells a batching sink how to count who may publish (see
-    /// `Publishers`). Sinks that do not batch ignore it.
-    fn count_publishers(&self, _publishers: Publishers) {}
+    /// Tells a batching sink which events are still to come (see
+    /// `EventsExpected`); a sink that batches answers with the signal to
+    /// raise when fewer are. Sinks that do not batch ignore it.
+    fn expect_events(&self, _expected: Arc<dyn EventsExpected>) -> Option<EventsFell> {
+        None
+    }
 }
 
 /// No sink configured: events only appear in the agent's own log.
@@ -208,10 +222,8 @@ impl<E: EventSink> EventSink for Option<E> {
         }
     }
 
-    fn count_publishers(&self, publishers: Publishers) {
-        if let Some(sink) = self {
-            sink.count_publishers(publishers);
-        }
+    fn expect_events(&self, expected: Arc<dyn EventsExpected>) -> Option<EventsFell> {
+        self.as_ref().and_then(|sink| sink.expect_events(expected))
     }
 }
 
@@ -224,7 +236,8 @@ pub struct SqsEvents {
     url: String,
     fifo: bool,
     batcher: Batcher<Outgoing>,
-    publishers: Arc<OnceLock<Publishers>>,
+    expected: Arc<OnceLock<Arc<dyn EventsExpected>>>,
+    events_fell: EventsFell,
 }
 
 /// One event on its way.
@@ -240,22 +253,27 @@ const EVENT_LINGER: Duration = Duration::from_millis(50);
 impl SqsEvents {
     pub fn new(client: aws_sdk_sqs::Client, url: String) -> SqsEvents {
         let fifo = url.ends_with(".fifo");
-        let publishers: Arc<OnceLock<Publishers>> = Arc::default();
-        let counted = publishers.clone();
-        // Everyone who could publish has: nothing else can join the batch.
-        let complete = move |waiting: usize| match counted.get() {
-            Some(count) => waiting >= count().max(1),
+        let expected: Arc<OnceLock<Arc<dyn EventsExpected>>> = Arc::default();
+        let counted = expected.clone();
+        // Every event still to come is queued: nothing else can join.
+        let complete = move |_waiting: usize| match counted.get() {
+            Some(expected) => expected.to_come() == 0,
             None => false,
         };
         let target = url.clone();
-        let batcher = Batcher::spawn_until(EVENT_LINGER, complete, move |events: Vec<Outgoing>| {
-            send_batch(client.clone(), target.clone(), events)
-        });
+        let (events_fell, fell) = tokio::sync::watch::channel(());
+        let batcher = Batcher::spawn_until(
+            EVENT_LINGER,
+            complete,
+            Some(fell),
+            move |events: Vec<Outgoing>| send_batch(client.clone(), target.clone(), events),
+        );
         SqsEvents {
             url,
             fifo,
             batcher,
-            publishers,
+            expected,
+            events_fell,
         }
     }
 }
@@ -319,9 +337,10 @@ impl SqsEvents {
         body: String,
         group: Option<String>,
         dedup: Option<String>,
+        queued: impl FnOnce(),
     ) -> Result<(), EventError> {
         self.batcher
-            .submit(Outgoing { body, group, dedup })
+            .submit_then(Outgoing { body, group, dedup }, queued)
             .await
             .map_err(|e| EventError::Sqs {
                 url: self.url.clone(),
@@ -352,7 +371,12 @@ impl EventSink for SqsEvents {
         } else {
             (None, None)
         };
-        self.send(body, group, dedup).await
+        let queued = || {
+            if let Some(expected) = self.expected.get() {
+                expected.queued(&event.message_id, event.kind != EventType::Started);
+            }
+        };
+        self.send(body, group, dedup, queued).await
     }
 
     async fn publish_agent(&self, event: &AgentEvent) -> Result<(), EventError> {
@@ -365,11 +389,12 @@ impl EventSink for SqsEvents {
         } else {
             (None, None)
         };
-        self.send(body, group, dedup).await
+        self.send(body, group, dedup, || {}).await
     }
 
-    fn count_publishers(&self, publishers: Publishers) {
-        let _ = self.publishers.set(publishers);
+    fn expect_events(&self, expected: Arc<dyn EventsExpected>) -> Option<EventsFell> {
+        let _ = self.expected.set(expected);
+        Some(self.events_fell.clone())
     }
 }
 

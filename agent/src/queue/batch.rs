@@ -5,12 +5,15 @@
 //!
 //! The linger trades a few milliseconds of latency for fewer API calls (and
 //! a lower SQS bill); it is bounded, and a full batch goes out at once, as
-//! does one that `complete` says nothing more can join.
+//! does one that `complete` says nothing more can join. `complete` is asked
+//! again whenever an entry arrives or its `wake` says the world changed (a
+//! job that could have joined will not): a batch never waits out its linger
+//! for company that is not coming.
 
 use std::future::Future;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::retry::ErrorClass;
 
@@ -62,13 +65,19 @@ impl<T: Send + 'static> Batcher<T> {
         F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<EntryResult>> + Send,
     {
-        Batcher::spawn_until(linger, |_| false, flush)
+        Batcher::spawn_until(linger, |_| false, None, flush)
     }
 
     /// Like `spawn`, but a batch goes out before the linger ends once
     /// `complete(entries)` says no other entry can join it (every message
-    /// that could be deleted is in it, say).
-    pub fn spawn_until<C, F, Fut>(linger: Duration, complete: C, flush: F) -> Batcher<T>
+    /// that could be deleted is in it, say). `complete` is asked when an
+    /// entry arrives and whenever `wake` changes.
+    pub fn spawn_until<C, F, Fut>(
+        linger: Duration,
+        complete: C,
+        wake: Option<watch::Receiver<()>>,
+        flush: F,
+    ) -> Batcher<T>
     where
         C: Fn(usize) -> bool + Send + 'static,
         F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
@@ -76,18 +85,37 @@ impl<T: Send + 'static> Batcher<T> {
     {
         let (tx, mut rx) = mpsc::channel::<(T, Reply)>(QUEUE_DEPTH);
         tokio::spawn(async move {
+            let mut wake = wake;
             while let Some(first) = rx.recv().await {
                 let mut batch = vec![first];
                 let deadline = tokio::time::Instant::now() + linger;
-                while batch.len() < MAX_BATCH_ENTRIES && !complete(batch.len()) {
+                let why = loop {
+                    // What queued up while the last call was out joins
+                    // before anyone is asked whether more is coming.
+                    while batch.len() < MAX_BATCH_ENTRIES {
+                        match rx.try_recv() {
+                            Ok(item) => batch.push(item),
+                            Err(_) => break,
+                        }
+                    }
+                    if batch.len() >= MAX_BATCH_ENTRIES {
+                        break "full";
+                    }
+                    if complete(batch.len()) {
+                        break "complete";
+                    }
                     tokio::select! {
                         next = rx.recv() => match next {
                             Some(item) => batch.push(item),
-                            None => break,
+                            None => break "closing",
                         },
-                        _ = tokio::time::sleep_until(deadline) => break,
+                        _ = tokio::time::sleep_until(deadline) => break "linger",
+                        changed = changed(&mut wake) => if changed.is_err() {
+                            wake = None;
+                        },
                     }
-                }
+                };
+                tracing::trace!(entries = batch.len(), why, "batch call");
                 let (items, replies): (Vec<T>, Vec<Reply>) = batch.into_iter().unzip();
                 let mut results = flush(items).await.into_iter();
                 for reply in replies {
@@ -107,10 +135,25 @@ impl<T: Send + 'static> Batcher<T> {
     /// Queues one entry and waits for its own result. The entry is sent
     /// even if the caller stops waiting.
     pub async fn submit(&self, item: T) -> EntryResult {
+        self.submit_then(item, || {}).await
+    }
+
+    /// Like `submit`; `queued` runs as soon as the entry is in the queue for
+    /// a batch (before its result is known).
+    pub async fn submit_then(&self, item: T, queued: impl FnOnce()) -> EntryResult {
         let stopped = || EntryError::new(ErrorClass::Transient, "the batching task has stopped");
         let (reply, answer) = oneshot::channel();
         self.tx.send((item, reply)).await.map_err(|_| stopped())?;
+        queued();
         answer.await.unwrap_or_else(|_| Err(stopped()))
+    }
+}
+
+/// Resolves when `wake` changes; never without one.
+async fn changed(wake: &mut Option<watch::Receiver<()>>) -> Result<(), watch::error::RecvError> {
+    match wake {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -229,6 +272,7 @@ mod tests {
         let batcher = Arc::new(Batcher::spawn_until(
             Duration::from_secs(3600),
             |n| n >= 3,
+            None,
             move |items: Vec<u32>| {
                 seen.lock().expect("lock").push(items.len());
                 let results = vec![Ok(()); items.len()];
@@ -248,6 +292,42 @@ mod tests {
         assert!(
             began.elapsed() < Duration::from_secs(3600),
             "flushed without waiting out the linger"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_goes_out_when_the_company_it_waits_for_is_no_longer_coming() {
+        let calls = Arc::new(Mutex::new(Vec::<usize>::new()));
+        let seen = calls.clone();
+        // Two entries could join; then one of them turns out not to come.
+        let expected = Arc::new(std::sync::atomic::AtomicUsize::new(2));
+        let (tx, rx) = watch::channel(());
+        let count = expected.clone();
+        let batcher = Arc::new(Batcher::spawn_until(
+            Duration::from_secs(3600),
+            move |n| n >= count.load(std::sync::atomic::Ordering::SeqCst),
+            Some(rx),
+            move |items: Vec<u32>| {
+                seen.lock().expect("lock").push(items.len());
+                let results = vec![Ok(()); items.len()];
+                async move { results }
+            },
+        ));
+        let began = tokio::time::Instant::now();
+        let b = batcher.clone();
+        let first = tokio::spawn(async move { b.submit(1).await });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            calls.lock().expect("lock").is_empty(),
+            "still waiting for the second"
+        );
+        expected.store(1, std::sync::atomic::Ordering::SeqCst);
+        tx.send_replace(());
+        first.await.expect("task").expect("entry");
+        assert_eq!(*calls.lock().expect("lock"), vec![1]);
+        assert!(
+            began.elapsed() < Duration::from_secs(3600),
+            "woken, it did not wait out the linger"
         );
     }
 }

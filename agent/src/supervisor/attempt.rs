@@ -218,6 +218,8 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             since: started,
             timeout,
             log_stream: log_stream.clone(),
+            start_queued: false,
+            outcome_queued: false,
         });
 
         // Recorded before anything else happens to the job, so a crash at any
@@ -279,7 +281,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         // lease stays until the delete or release is done).
         self.source.note_decided(&msg);
         let (place, _seat) = if pipelined {
-            self.hand_off(&msg, seat).await
+            self.hand_off(&msg, seat)
         } else {
             (slot, seat)
         };
@@ -293,9 +295,11 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
     /// place and frees the slot; returns the place and what holds it.
     /// Recorded at the new place before it is forgotten at the old one, so
     /// a crash in between leaves the entry twice (recovery takes it once),
-    /// never not at all.
-    async fn hand_off(&self, msg: &Message, seat: Slot) -> (usize, Slot) {
-        let Some(place) = self.handoffs.acquire().await else {
+    /// never not at all. With every place taken the message is finished
+    /// from its slot: waiting for a place would wait on the very batches
+    /// (deletes, events) that count this message as about to join them.
+    fn hand_off(&self, msg: &Message, seat: Slot) -> (usize, Slot) {
+        let Some(place) = self.handoffs.try_acquire() else {
             return (seat.index(), seat);
         };
         let moved = self

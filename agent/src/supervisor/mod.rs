@@ -128,7 +128,7 @@ impl SlotPool {
         Some(self.take(permit))
     }
 
-    fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+    pub(super) fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
         let permit = self.available.clone().try_acquire_owned().ok()?;
         Some(self.take(permit))
     }
@@ -237,8 +237,9 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         drain: Drain,
         board: Arc<StatusBoard>,
     ) -> Supervisor<S, E> {
-        let busy = board.clone();
-        events.count_publishers(Arc::new(move || busy.busy()));
+        if let Some(fell) = events.expect_events(board.clone()) {
+            board.on_events_fell(fell);
+        }
         let settings_slots = settings.slots;
         let ledger = Arc::new(ledger);
         source.set_journal(Arc::new(LedgerJournal(ledger.clone())));
@@ -673,7 +674,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             Some(d) => until.min(d.into()),
             None => until,
         };
-        match retry::retry("publishing an event", until, EventError::class, || {
+        let handed_off = match retry::retry("publishing an event", until, EventError::class, || {
             self.events.publish(ev)
         })
         .await
@@ -683,7 +684,8 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 tracing::error!(error = ?e, event = ev.kind.as_str(), message_id = %ev.message_id, "cannot publish job event");
                 false
             }
-        }
+        };
+        handed_off
     }
 }
 

@@ -32,6 +32,20 @@ pub struct Running {
     pub since: Instant,
     pub timeout: Duration,
     pub log_stream: String,
+    /// Its start event is queued for the events sink (or will never be).
+    pub start_queued: bool,
+    /// Its outcome event is queued: only the delete or release of its
+    /// message is left.
+    pub outcome_queued: bool,
+}
+
+impl Running {
+    fn events_to_come(&self) -> usize {
+        if self.outcome_queued {
+            return 0;
+        }
+        1 + usize::from(!self.start_queued)
+    }
 }
 
 pub struct StatusBoard {
@@ -41,6 +55,7 @@ pub struct StatusBoard {
     slots: usize,
     drain: Drain,
     running: Mutex<BTreeMap<String, Running>>,
+    fell: std::sync::OnceLock<crate::events::EventsFell>,
     counts: [AtomicU64; COUNTED.len()],
     stranded: AtomicU64,
     not_ours: AtomicU64,
@@ -90,6 +105,30 @@ pub struct RunningView {
     pub log_stream: String,
 }
 
+/// The events sink's batches wait for exactly the events the attempts on
+/// the board have not queued yet.
+impl crate::events::EventsExpected for StatusBoard {
+    fn to_come(&self) -> usize {
+        self.lock().values().map(Running::events_to_come).sum()
+    }
+
+    fn queued(&self, message_id: &str, outcome: bool) {
+        let fell = match self.lock().get_mut(message_id) {
+            Some(r) if r.events_to_come() > 0 => {
+                // After its outcome an attempt publishes no more, whether
+                // or not its start went.
+                r.start_queued = true;
+                r.outcome_queued |= outcome;
+                true
+            }
+            _ => false,
+        };
+        if fell {
+            self.events_fell();
+        }
+    }
+}
+
 impl StatusBoard {
     pub fn new(mode: &str, source: String, slots: usize, drain: Drain) -> StatusBoard {
         StatusBoard {
@@ -99,6 +138,7 @@ impl StatusBoard {
             slots,
             drain,
             running: Mutex::new(BTreeMap::new()),
+            fell: std::sync::OnceLock::new(),
             counts: Default::default(),
             stranded: AtomicU64::new(0),
             not_ours: AtomicU64::new(0),
@@ -153,12 +193,24 @@ impl StatusBoard {
     }
 
     pub fn finished(&self, message_id: &str) {
-        self.lock().remove(message_id);
+        let had_events = self
+            .lock()
+            .remove(message_id)
+            .is_some_and(|r| r.events_to_come() > 0);
+        if had_events {
+            self.events_fell();
+        }
     }
 
-    /// How many messages are being worked on right now.
-    pub fn busy(&self) -> usize {
-        self.lock().len()
+    /// Where to say that fewer events are to come (see `EventsExpected`).
+    pub fn on_events_fell(&self, signal: crate::events::EventsFell) {
+        let _ = self.fell.set(signal);
+    }
+
+    fn events_fell(&self) {
+        if let Some(s) = self.fell.get() {
+            s.send_replace(());
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Running>> {
@@ -317,6 +369,8 @@ mod tests {
             since: Instant::now(),
             timeout: Duration::from_secs(3600),
             log_stream: "job-1/m1.1".into(),
+            start_queued: false,
+            outcome_queued: false,
         });
         board.set_pid("m1", 4242);
         board.count(EventType::Succeeded);
@@ -336,6 +390,55 @@ mod tests {
         assert!(text.contains("job-1") && text.contains("4242"), "{text}");
         board.finished("m1");
         assert_eq!(board.snapshot().busy, 0);
+    }
+
+    fn running(message_id: &str) -> Running {
+        Running {
+            job_id: format!("job-{message_id}"),
+            message_id: message_id.into(),
+            attempt: 1,
+            pid: None,
+            since: Instant::now(),
+            timeout: Duration::from_secs(3600),
+            log_stream: format!("job/{message_id}.1"),
+            start_queued: false,
+            outcome_queued: false,
+        }
+    }
+
+    #[test]
+    fn the_events_to_come_are_each_attempts_start_and_outcome_until_queued() {
+        use crate::events::EventsExpected;
+        let board = StatusBoard::new("run", "q".into(), 4, Drain::new());
+        let (fell, mut seen) = tokio::sync::watch::channel(());
+        board.on_events_fell(fell);
+        board.set_running(running("a"));
+        board.set_running(running("b"));
+        board.set_running(running("c"));
+        assert_eq!(board.to_come(), 6, "a start and an outcome each");
+        seen.mark_unchanged();
+
+        board.queued("a", false);
+        assert_eq!(board.to_come(), 5);
+        assert!(seen.has_changed().expect("open"), "a waiting batch is told");
+        // Its start queued again (a retry) counts once.
+        board.queued("a", false);
+        assert_eq!(board.to_come(), 5);
+        board.queued("a", true);
+        assert_eq!(board.to_come(), 4);
+        // An attempt that never published its start (refused before the
+        // job ran) is done once its outcome is queued.
+        board.queued("b", true);
+        assert_eq!(board.to_come(), 2);
+        // Events of messages not on the board (a rejection) change nothing.
+        board.queued("elsewhere", true);
+        assert_eq!(board.to_come(), 2);
+        // Finished with its events never queued (a drain cut it short):
+        // nothing is waited for any more.
+        seen.mark_unchanged();
+        board.finished("c");
+        assert_eq!(board.to_come(), 0);
+        assert!(seen.has_changed().expect("open"));
     }
 
     #[test]

@@ -24,11 +24,14 @@ const DELETE_LINGER: Duration = Duration::from_millis(250);
 /// every message of the queue whose outcome is decided is in the batch:
 /// nothing else could join it soon, so jobs that ended together are
 /// deleted in one call at once, while jobs still running do not hold it.
+/// `leases_fell` is raised when a lease goes (released, say): the batch
+/// asks again instead of waiting for it.
 pub(super) fn delete_batcher(
     client: Client,
     url: String,
     queue: usize,
     leases: Leases,
+    leases_fell: tokio::sync::watch::Receiver<()>,
 ) -> Batcher<String> {
     let complete = move |entries: usize| {
         let held = lock(&leases)
@@ -37,36 +40,43 @@ pub(super) fn delete_batcher(
             .count();
         entries >= held
     };
-    Batcher::spawn_until(DELETE_LINGER, complete, move |receipts: Vec<String>| {
-        let client = client.clone();
-        let url = url.clone();
-        async move {
-            let entries = receipts
-                .iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    DeleteMessageBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .receipt_handle(r)
-                        .build()
-                })
-                .collect::<Result<Vec<_>, _>>();
-            let entries = match entries {
-                Ok(e) => e,
-                Err(e) => return all_failed(receipts.len(), ErrorClass::Permanent, e.to_string()),
-            };
-            let sent = client
-                .delete_message_batch()
-                .queue_url(&url)
-                .set_entries(Some(entries))
-                .send()
-                .await;
-            match sent {
-                Ok(out) => per_entry(receipts.len(), out.failed()),
-                Err(e) => all_failed(receipts.len(), retry::classify(&e), describe(&e)),
+    Batcher::spawn_until(
+        DELETE_LINGER,
+        complete,
+        Some(leases_fell),
+        move |receipts: Vec<String>| {
+            let client = client.clone();
+            let url = url.clone();
+            async move {
+                let entries = receipts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        DeleteMessageBatchRequestEntry::builder()
+                            .id(i.to_string())
+                            .receipt_handle(r)
+                            .build()
+                    })
+                    .collect::<Result<Vec<_>, _>>();
+                let entries = match entries {
+                    Ok(e) => e,
+                    Err(e) => {
+                        return all_failed(receipts.len(), ErrorClass::Permanent, e.to_string())
+                    }
+                };
+                let sent = client
+                    .delete_message_batch()
+                    .queue_url(&url)
+                    .set_entries(Some(entries))
+                    .send()
+                    .await;
+                match sent {
+                    Ok(out) => per_entry(receipts.len(), out.failed()),
+                    Err(e) => all_failed(receipts.len(), retry::classify(&e), describe(&e)),
+                }
             }
-        }
-    })
+        },
+    )
 }
 
 pub(super) fn visibility_batcher(client: Client, url: String) -> Batcher<(String, i32)> {

@@ -85,6 +85,8 @@ struct Shared {
     deletes: Vec<Batcher<String>>,
     visibility: Vec<Batcher<(String, i32)>>,
     leases: Leases,
+    /// Raised when a lease goes: batches waiting for it ask again.
+    leases_fell: tokio::sync::watch::Sender<()>,
     custody: CustodyStore,
     /// How long SQS may hide a message after its receipt (12 hours).
     max_hold: Duration,
@@ -95,6 +97,14 @@ struct Shared {
 impl Shared {
     fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
         lease::lock(&self.leases)
+    }
+
+    /// Stops leasing a message (it is finished, or not ours any more).
+    fn drop_lease(&self, message_id: &str) {
+        let gone = self.leases().remove(message_id).is_some();
+        if gone {
+            self.leases_fell.send_replace(());
+        }
     }
 
     /// Time kept back from `max_hold`: custody is taken this long before
@@ -186,11 +196,18 @@ impl SqsQueue {
             queues.push(setup::describe_queue(&client, url, dead_letter_override, &clock).await?);
         }
         let leases = Leases::default();
+        let (leases_fell, _) = tokio::sync::watch::channel(());
         let deletes = queues
             .iter()
             .enumerate()
             .map(|(index, q)| {
-                batches::delete_batcher(client.clone(), q.url.clone(), index, leases.clone())
+                batches::delete_batcher(
+                    client.clone(),
+                    q.url.clone(),
+                    index,
+                    leases.clone(),
+                    leases_fell.subscribe(),
+                )
             })
             .collect();
         let visibility = queues
@@ -204,6 +221,7 @@ impl SqsQueue {
             deletes,
             visibility,
             leases,
+            leases_fell,
             custody,
             max_hold,
             journal: OnceLock::new(),
@@ -228,6 +246,10 @@ impl SqsQueue {
 
     fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
         self.shared.leases()
+    }
+
+    fn drop_lease(&self, message_id: &str) {
+        self.shared.drop_lease(message_id);
     }
 
     fn journal(&self) -> Option<&Arc<dyn ClaimJournal>> {
@@ -259,10 +281,9 @@ impl SqsQueue {
     /// A delete or release did not take effect: the lease is renewed again
     /// until the caller retries, unless the message is not ours any more.
     fn end_finishing(&self, message_id: &str, class: ErrorClass) {
-        let mut leases = self.leases();
         if class == ErrorClass::Gone {
-            leases.remove(message_id);
-        } else if let Some(l) = leases.get_mut(message_id) {
+            self.drop_lease(message_id);
+        } else if let Some(l) = self.leases().get_mut(message_id) {
             l.finishing = false;
         }
     }
@@ -304,7 +325,7 @@ impl SqsQueue {
     }
 
     fn forget_lease(&self, message_id: &str) {
-        self.leases().remove(message_id);
+        self.drop_lease(message_id);
     }
 
     /// The queues worth asking now, in priority order: those not waiting
@@ -731,12 +752,12 @@ impl JobSource for SqsQueue {
 
     fn abandon(&self, msg: &Message) {
         // A message in custody keeps its copy: the next start sends it back.
-        let mut leases = self.leases();
-        if leases
+        let in_sqs = self
+            .leases()
             .get(&msg.id)
-            .is_some_and(|l| l.custody == Custody::No)
-        {
-            leases.remove(&msg.id);
+            .is_some_and(|l| l.custody == Custody::No);
+        if in_sqs {
+            self.drop_lease(&msg.id);
         }
     }
 
