@@ -133,8 +133,9 @@ impl Drain {
     }
 }
 
-/// A deadline no drain has: a pause of the intake has none.
-fn far_future() -> Instant {
+/// A deadline nothing reaches: a pause of the intake has none, and waits
+/// bounded by a drain alone wait for it.
+pub fn far_future() -> Instant {
     let now = Instant::now();
     now.checked_add(std::time::Duration::from_secs(100 * 365 * 24 * 3600))
         .unwrap_or(now)

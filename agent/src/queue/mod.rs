@@ -85,7 +85,8 @@ pub trait ClaimJournal: Send + Sync + 'static {
     /// A copy of the message now stands for it (a release that is not a
     /// failure): only the original's removal is left, and after a crash
     /// that removal is completed, never a release (which would run the job
-    /// twice). Returns once the note is on disk.
+    /// twice). Returns once the note is written; a note that cannot be
+    /// written cannot undo the copy, so it is reported (log and `status`).
     fn copy_sent(&self, message_id: &str, copy_id: &str);
 }
 

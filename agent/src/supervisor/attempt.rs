@@ -60,10 +60,6 @@ enum Cut {
     Drain(String),
 }
 
-/// A deadline nothing reaches: for waits bounded by the drain alone.
-fn far_future() -> tokio::time::Instant {
-    tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600)
-}
 /// How long to wait for a job's output pipes to close after its group was
 /// killed (a process that escaped the group may still hold them).
 const OUTPUT_DRAIN_WAIT: Duration = Duration::from_secs(2);
@@ -457,24 +453,21 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
     /// Until when handing an outcome off may take: `FINISH_BUDGET` from
     /// now, or the drain deadline less the time kept to exit.
     pub(super) fn finish_deadline(&self) -> tokio::time::Instant {
-        let budget = tokio::time::Instant::now() + FINISH_BUDGET;
-        match self.drain.deadline() {
-            Some(d) => budget.min(d.into()),
-            None => budget,
-        }
+        self.hand_off_deadline(Duration::ZERO)
     }
 
     /// Until when publishing an outcome may take: like `finish_deadline`,
     /// but `ACK_RESERVE` before a drain deadline, so a hung events endpoint
     /// never eats the time the release needs.
     fn publish_deadline(&self) -> tokio::time::Instant {
+        self.hand_off_deadline(ACK_RESERVE)
+    }
+
+    /// `FINISH_BUDGET` from now, or `reserve` before the drain deadline.
+    fn hand_off_deadline(&self, reserve: Duration) -> tokio::time::Instant {
         let budget = tokio::time::Instant::now() + FINISH_BUDGET;
         match self.drain.deadline() {
-            Some(d) => budget.min(
-                tokio::time::Instant::from(d)
-                    .checked_sub(ACK_RESERVE)
-                    .unwrap_or(d.into()),
-            ),
+            Some(d) => budget.min(d.checked_sub(reserve).unwrap_or(d).into()),
             None => budget,
         }
     }
@@ -491,7 +484,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         work: impl std::future::Future<Output = T>,
     ) -> Result<T, Cut> {
         let mut drain_rx = self.drain.subscribe();
-        let until = deadline.unwrap_or_else(far_future);
+        let until = deadline.unwrap_or_else(|| drain::far_future().into());
         tokio::select! {
             out = work => Ok(out),
             _ = tokio::time::sleep_until(until) => Err(Cut::Deadline),

@@ -169,13 +169,17 @@ pub struct Settings {
     pub max_requeues: u32,
 }
 
-/// The source's news about claims, written into the ledger at once.
-struct LedgerJournal(Arc<Ledger>);
+/// The source's news about claims, written into the ledger at once; what
+/// cannot be written is shown on the status board.
+struct LedgerJournal {
+    ledger: Arc<Ledger>,
+    board: Arc<StatusBoard>,
+}
 
 impl ClaimJournal for LedgerJournal {
     fn receipt_changed(&self, message_id: &str, receipt: &str) {
         if let Err(e) = self
-            .0
+            .ledger
             .update_message(message_id, |e| e.receipt = receipt.to_string())
         {
             tracing::warn!(message_id, error = %e, "cannot record a message's new receipt in the in-flight ledger");
@@ -184,10 +188,15 @@ impl ClaimJournal for LedgerJournal {
 
     fn copy_sent(&self, message_id: &str, copy_id: &str) {
         if let Err(e) = self
-            .0
+            .ledger
             .update_message(message_id, |e| e.copy_id = Some(copy_id.to_string()))
         {
-            tracing::warn!(message_id, error = %e, "cannot record a message's copy in the in-flight ledger");
+            // Nothing can take the copy back: say so where an operator
+            // looks, for as long as the agent runs.
+            tracing::error!(message_id, copy_id, error = %e, "cannot record a message's copy in the in-flight ledger: if the agent dies before the original is deleted, the next start releases it too and the job may run twice");
+            self.board.warn(format!(
+                "the in-flight ledger could not record the copy {copy_id} of message {message_id} ({e}): a crash before its original is deleted may run the job twice; check state.dir"
+            ));
         }
     }
 }
@@ -242,7 +251,10 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         }
         let settings_slots = settings.slots;
         let ledger = Arc::new(ledger);
-        source.set_journal(Arc::new(LedgerJournal(ledger.clone())));
+        source.set_journal(Arc::new(LedgerJournal {
+            ledger: ledger.clone(),
+            board: board.clone(),
+        }));
         Supervisor {
             source,
             events,
@@ -588,7 +600,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 .drain
                 .deadline()
                 .map(|d| d.checked_sub(LONG_POLL_CUTOFF).unwrap_or(d));
-            let until = cut_off.map_or_else(attempt_far_future, |c| c.into());
+            let until = cut_off.unwrap_or_else(drain::far_future).into();
             tokio::select! {
                 r = &mut receive => return Some(r),
                 _ = tokio::time::sleep_until(until) => {
@@ -687,11 +699,6 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         };
         handed_off
     }
-}
-
-/// A deadline nothing reaches.
-fn attempt_far_future() -> tokio::time::Instant {
-    tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600)
 }
 
 /// One human-readable line per event on the agent's own log (the terminal
