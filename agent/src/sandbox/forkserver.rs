@@ -18,9 +18,12 @@
 //! Protocol (fd 0 is a `SOCK_SEQPACKET` socket, one request in flight at a
 //! time): the agent sends one packet `L` carrying three descriptors, the
 //! job's plan socket, its stdout and its stderr. The server forks; the child
-//! puts them on fds 0, 1 and 2 and runs the launcher. The server answers `P`
-//! and the child's pid (4 bytes, little endian), or `E` and why it could not
-//! fork. An empty read (the agent closed its end, or died) ends the server.
+//! waits until the server has answered `P` and its pid (4 bytes, little
+//! endian), then puts the descriptors on fds 0, 1 and 2 and runs the
+//! launcher; a child whose pid never reached the agent (the server died in
+//! between) exits without running anything. `E` and a reason answer a
+//! request that could not be forked. An empty read (the agent closed its
+//! end, or died) ends the server.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -49,6 +52,7 @@ pub fn serve() -> ! {
         }
     };
     loop {
+        let mut go: Option<OwnedFd> = None;
         let fds = match receive(&sock) {
             Ok(Some(fds)) => fds,
             // The agent is gone (or closed its end on purpose): so are we.
@@ -70,18 +74,34 @@ pub fn serve() -> ! {
             );
             r
         } else {
-            match fork_beside_the_agent() {
-                Ok(0) => child(sock, fds),
-                Ok(pid) => {
-                    let mut r = vec![FORKED];
-                    r.extend_from_slice(&pid.to_le_bytes());
-                    r
-                }
+            // The child waits for a byte on `go` until the agent has its
+            // pid: a child whose pid never reached the agent (this server
+            // died in between) reads end of file and exits without running
+            // anything.
+            match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
                 Err(e) => {
                     let mut r = vec![FAILED];
-                    r.extend_from_slice(format!("fork: {}", e.desc()).as_bytes());
+                    r.extend_from_slice(format!("pipe: {}", e.desc()).as_bytes());
                     r
                 }
+                Ok((go_r, go_w)) => match fork_beside_the_agent() {
+                    Ok(0) => {
+                        drop(go_w);
+                        child(sock, go_r, fds)
+                    }
+                    Ok(pid) => {
+                        drop(go_r);
+                        go = Some(go_w);
+                        let mut r = vec![FORKED];
+                        r.extend_from_slice(&pid.to_le_bytes());
+                        r
+                    }
+                    Err(e) => {
+                        let mut r = vec![FAILED];
+                        r.extend_from_slice(format!("fork: {}", e.desc()).as_bytes());
+                        r
+                    }
+                },
             }
         };
         // The descriptors are the child's now (or nobody's): ours close.
@@ -95,6 +115,11 @@ pub fn serve() -> ! {
         ) {
             eprintln!("batchly-agent fork server: answering the agent: {e}");
             std::process::exit(1);
+        }
+        if let Some(go) = go.take() {
+            // The agent knows the pid: the child may go on. If it already
+            // died the write fails, and the agent learns that from its wait.
+            let _ = nix::unistd::write(&go, &[FORK]);
         }
     }
 }
@@ -180,10 +205,24 @@ fn fork_beside_the_agent() -> Result<i32, nix::errno::Errno> {
     Ok(r as i32)
 }
 
-/// The forked child: the job's descriptors go on 0, 1 and 2, the server's
-/// socket closes, and the launcher takes over.
-fn child(sock: OwnedFd, fds: Vec<OwnedFd>) -> ! {
+/// The forked child: once the server says the agent knows its pid, the
+/// job's descriptors go on 0, 1 and 2, the server's socket closes, and the
+/// launcher takes over.
+fn child(sock: OwnedFd, go: OwnedFd, fds: Vec<OwnedFd>) -> ! {
     drop(sock);
+    let mut byte = [0u8; 1];
+    let told = loop {
+        match nix::unistd::read(&go, &mut byte) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other,
+        }
+    };
+    if !matches!(told, Ok(1)) {
+        // The server died before the agent learnt this pid: nobody would
+        // supervise what runs here, so nothing does.
+        std::process::exit(launcher::LAUNCH_REFUSED_EXIT);
+    }
+    drop(go);
     for (target, fd) in fds.iter().enumerate() {
         if let Err(e) = dup_onto(fd.as_fd(), target as RawFd) {
             // Nobody can be told in the protocol's words: stderr may not be

@@ -203,25 +203,31 @@ impl Launcher {
     }
 
     async fn spawn_now(&self) -> Result<Spawned, LaunchError> {
-        let (ours, theirs) =
-            std::os::unix::net::UnixStream::pair().map_err(LaunchError::Protocol)?;
-        let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .map_err(|e| LaunchError::Protocol(e.into()))?;
-        let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .map_err(|e| LaunchError::Protocol(e.into()))?;
-        let theirs = OwnedFd::from(theirs);
         let mut server = self.server.lock().await;
-        // A server that died since the last job is replaced once.
+        // A server that died since the last job is replaced once. Each try
+        // has descriptors of its own: a launcher forked by a server that
+        // died before answering sees them close and exits.
         let mut tries = 0;
-        let pid = loop {
+        let (pid, ours, out_r, err_r) = loop {
             tries += 1;
+            let (ours, theirs) =
+                std::os::unix::net::UnixStream::pair().map_err(LaunchError::Protocol)?;
+            let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| LaunchError::Protocol(e.into()))?;
+            let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| LaunchError::Protocol(e.into()))?;
+            let theirs = OwnedFd::from(theirs);
             let srv = match server.as_mut() {
                 Some(srv) => srv,
                 None => server.insert(ForkServer::start(&self.program)?),
             };
             let asked = tokio::time::timeout(FORK_LIMIT, srv.fork([&theirs, &out_w, &err_w])).await;
+            // The launcher has its copies now (if it exists); with ours
+            // closed, its ends of the pipes are the only writers, so they
+            // reach end of file with it.
+            drop((theirs, out_w, err_w));
             match asked {
-                Ok(Ok(pid)) => break pid,
+                Ok(Ok(pid)) => break (pid, ours, out_r, err_r),
                 Ok(Err(e)) if tries < 2 => {
                     tracing::warn!(error = %e, "the job fork server failed; starting another");
                     *server = None;
@@ -240,9 +246,6 @@ impl Launcher {
             }
         };
         drop(server);
-        // The launcher has its copies now; with ours closed, its ends of the
-        // pipes are the only writers, so they reach end of file with it.
-        drop((theirs, out_w, err_w));
         let pid = Pid::from_raw(pid);
         let child = Child::adopt(pid).map_err(LaunchError::Protocol)?;
         // The start time of a process survives execve, so this is also the
@@ -269,7 +272,8 @@ impl Launcher {
 
 /// A child of the agent forked by the fork server, waited for through its
 /// pidfd. Dropped before it was reaped, it is killed and reaped in the
-/// background: no launcher or job outlives its handle, and no zombie stays.
+/// background, so no zombie stays (the rest of a job's process group is the
+/// supervisor's to kill, as it does when every job ends).
 #[derive(Debug)]
 struct Child {
     pid: Pid,
@@ -361,9 +365,17 @@ impl Drop for Child {
                 });
             }
             // No runtime (or the reaping task itself is being dropped, at
-            // shutdown): SIGKILL is quick, wait for it here.
+            // shutdown): SIGKILL is quick; wait for it here, but never
+            // long (a process stuck in the kernel stays a zombie).
             _ => {
-                let _ = nix::sys::wait::waitpid(pid, None);
+                for _ in 0..200 {
+                    match nix::sys::wait::waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                        Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR) => {
+                            std::thread::sleep(Duration::from_millis(5))
+                        }
+                        _ => break,
+                    }
+                }
             }
         }
     }
