@@ -28,7 +28,6 @@
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use nix::fcntl::{fcntl, FcntlArg};
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessageOwned, MsgFlags};
 
 use super::launcher;
@@ -64,26 +63,17 @@ pub fn serve() -> ! {
             }
         };
         let reply = if fds.len() != REQUEST_FDS {
-            let mut r = vec![FAILED];
-            r.extend_from_slice(
-                format!(
-                    "a request carried {} descriptors, not {REQUEST_FDS}",
-                    fds.len()
-                )
-                .as_bytes(),
-            );
-            r
+            failed(format!(
+                "a request carried {} descriptors, not {REQUEST_FDS}",
+                fds.len()
+            ))
         } else {
             // The child waits for a byte on `go` until the agent has its
             // pid: a child whose pid never reached the agent (this server
             // died in between) reads end of file and exits without running
             // anything.
             match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
-                Err(e) => {
-                    let mut r = vec![FAILED];
-                    r.extend_from_slice(format!("pipe: {}", e.desc()).as_bytes());
-                    r
-                }
+                Err(e) => failed(format!("pipe: {}", e.desc())),
                 Ok((go_r, go_w)) => match fork_beside_the_agent() {
                     Ok(0) => {
                         drop(go_w);
@@ -96,11 +86,7 @@ pub fn serve() -> ! {
                         r.extend_from_slice(&pid.to_le_bytes());
                         r
                     }
-                    Err(e) => {
-                        let mut r = vec![FAILED];
-                        r.extend_from_slice(format!("fork: {}", e.desc()).as_bytes());
-                        r
-                    }
+                    Err(e) => failed(format!("fork: {}", e.desc())),
                 },
             }
         };
@@ -136,15 +122,9 @@ fn setup() -> Result<OwnedFd, String> {
             std::io::Error::last_os_error()
         ));
     }
-    // SAFETY: fd 0 is the request socket the agent handed us; borrowed for
-    // one fcntl call.
-    let zero = unsafe { std::os::fd::BorrowedFd::borrow_raw(0) };
-    let fd: RawFd = fcntl(zero, FcntlArg::F_DUPFD_CLOEXEC(3))
-        .map_err(|e| format!("moving the request socket off fd 0: {e}"))?;
-    // SAFETY: fcntl just returned this descriptor and nothing else owns it.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let null = std::fs::File::open("/dev/null").map_err(|e| format!("opening /dev/null: {e}"))?;
-    dup_onto(null.as_fd(), 0).map_err(|e| format!("putting /dev/null on fd 0: {e}"))?;
+    let sock =
+        launcher::move_off_fd0().map_err(|e| format!("moving the request socket off fd 0: {e}"))?;
+    launcher::dev_null_on_fd0().map_err(|e| format!("putting /dev/null on fd 0: {e}"))?;
     Ok(sock)
 }
 
@@ -224,7 +204,7 @@ fn child(sock: OwnedFd, go: OwnedFd, fds: Vec<OwnedFd>) -> ! {
     }
     drop(go);
     for (target, fd) in fds.iter().enumerate() {
-        if let Err(e) = dup_onto(fd.as_fd(), target as RawFd) {
+        if let Err(e) = launcher::dup_onto(fd.as_fd(), target as RawFd) {
             // Nobody can be told in the protocol's words: stderr may not be
             // the job's yet. The agent sees the launcher die silently.
             eprintln!("batchly-agent launcher: setting up fd {target}: {e}");
@@ -235,13 +215,9 @@ fn child(sock: OwnedFd, go: OwnedFd, fds: Vec<OwnedFd>) -> ! {
     launcher::main()
 }
 
-/// `dup2(fd, target)`: the copy at `target` is not close-on-exec.
-fn dup_onto(fd: std::os::fd::BorrowedFd<'_>, target: RawFd) -> nix::Result<()> {
-    // SAFETY: dup2 atomically replaces whatever `target` was; that
-    // descriptor (0, 1 or 2) is owned by no Rust value in this process.
-    let r = unsafe { libc::dup2(fd.as_raw_fd(), target) };
-    if r < 0 {
-        return Err(nix::errno::Errno::last());
-    }
-    Ok(())
+/// The answer to a request that could not be forked.
+fn failed(why: String) -> Vec<u8> {
+    let mut r = vec![FAILED];
+    r.extend_from_slice(why.as_bytes());
+    r
 }

@@ -18,7 +18,7 @@
 
 use std::ffi::CString;
 use std::io::{Read, Write};
-use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -109,24 +109,41 @@ fn read_plan() -> Result<LaunchPlan, StepError> {
 /// Moves the plan socket off fd 0 to a close-on-exec descriptor: it stays
 /// open for error reports and closes by itself when `execve` succeeds.
 fn keep_report_fd() -> Result<std::fs::File, StepError> {
-    // SAFETY: fd 0 is open for the whole life of this process (the plan
-    // socket), so borrowing it for one fcntl call is sound.
-    let zero = unsafe { BorrowedFd::borrow_raw(0) };
-    let fd: RawFd = fcntl(zero, FcntlArg::F_DUPFD_CLOEXEC(3))
+    let fd = move_off_fd0()
         .map_err(|e| StepError::new("report-fd", format!("duplicating plan socket: {e}")))?;
-    // SAFETY: fcntl just returned this new descriptor and nothing else owns it.
-    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+    Ok(std::fs::File::from(fd))
 }
 
 fn stdin_from_dev_null() -> Result<(), StepError> {
-    let null = std::fs::File::open("/dev/null")
-        .map_err(|e| StepError::new("stdin", format!("opening /dev/null: {e}")))?;
-    // SAFETY: fd 0 is ours (the plan socket, already duplicated); dup2
-    // atomically replaces it, and `null` keeps owning its own descriptor.
-    let mut zero = unsafe { OwnedFd::from_raw_fd(0) };
-    let res = nix::unistd::dup2(&null, &mut zero);
-    let _ = std::os::fd::IntoRawFd::into_raw_fd(zero);
-    res.map_err(|e| StepError::new("stdin", format!("redirecting stdin to /dev/null: {e}")))?;
+    dev_null_on_fd0()
+        .map_err(|e| StepError::new("stdin", format!("redirecting stdin to /dev/null: {e}")))
+}
+
+/// A close-on-exec copy (at 3 or above) of what fd 0 holds.
+pub(super) fn move_off_fd0() -> nix::Result<OwnedFd> {
+    // SAFETY: fd 0 is open for the whole life of this process (it was
+    // handed to us as stdin), so borrowing it for one fcntl call is sound.
+    let zero = unsafe { BorrowedFd::borrow_raw(0) };
+    let fd: RawFd = fcntl(zero, FcntlArg::F_DUPFD_CLOEXEC(3))?;
+    // SAFETY: fcntl just returned this new descriptor and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Puts `/dev/null` on fd 0 (after `move_off_fd0` kept what was there).
+pub(super) fn dev_null_on_fd0() -> std::io::Result<()> {
+    let null = std::fs::File::open("/dev/null")?;
+    dup_onto(null.as_fd(), 0)?;
+    Ok(())
+}
+
+/// `dup2(fd, target)`: the copy at `target` is not close-on-exec.
+pub(super) fn dup_onto(fd: BorrowedFd<'_>, target: RawFd) -> nix::Result<()> {
+    // SAFETY: dup2 atomically replaces whatever `target` was; that
+    // descriptor (0, 1 or 2) is owned by no Rust value in this process.
+    let r = unsafe { libc::dup2(fd.as_raw_fd(), target) };
+    if r < 0 {
+        return Err(nix::errno::Errno::last());
+    }
     Ok(())
 }
 
