@@ -9,7 +9,7 @@
 //! A call that cannot finish in time is abandoned, never waited out.
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -265,12 +265,8 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         // Cleaned up before the outcome is published: whoever reacts to the
         // event finds the job completely gone. Off the runtime's threads: a
         // job may leave a very large tree behind.
-        let dir = work_dir.clone();
-        let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
-        if let Ok(Err(e)) = removed {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(dir = %work_dir.display(), error = %e, "cannot remove work dir");
-            }
+        if let Err(e) = remove_work_dir(&work_dir).await {
+            tracing::warn!(dir = %work_dir.display(), error = %e, "cannot remove work dir");
         }
         // The outcome is decided: a message alone hands its slot to the next
         // job now and is finished from a hand-off place in the ledger (the
@@ -748,15 +744,84 @@ fn transfer_ending(e: crate::transfer::TransferError) -> Ending {
 }
 
 /// A fresh, private (0700) work dir; leftovers of an earlier attempt of the
-/// same message are removed first.
-fn prepare_work_dir(dir: &PathBuf) -> std::io::Result<()> {
+/// same message are removed first. The common case (nothing there, the
+/// parent exists) costs one `mkdir`.
+fn prepare_work_dir(dir: &Path) -> std::io::Result<()> {
+    use std::io::ErrorKind;
     use std::os::unix::fs::DirBuilderExt;
-    match std::fs::remove_dir_all(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
+    let mkdir = || std::fs::DirBuilder::new().mode(0o700).create(dir);
+    match mkdir() {
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+            std::fs::remove_dir_all(dir)?;
+            mkdir()
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            if let Some(parent) = dir.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            mkdir()
+        }
+        other => other,
     }
-    if let Some(parent) = dir.parent() {
-        std::fs::create_dir_all(parent)?;
+}
+
+/// Removes a finished attempt's work dir. An empty one (a job that left
+/// nothing behind) goes in one `rmdir` on the spot; a tree, which may be
+/// very large, is removed off the runtime's threads. A dir already gone is
+/// not an error.
+pub(super) async fn remove_work_dir(dir: &Path) -> std::io::Result<()> {
+    use std::io::ErrorKind;
+    match std::fs::remove_dir(dir) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(_) => {}
     }
-    std::fs::DirBuilder::new().mode(0o700).create(dir)
+    let tree = dir.to_path_buf();
+    match tokio::task::spawn_blocking(move || std::fs::remove_dir_all(tree)).await {
+        Ok(Err(e)) if e.kind() != ErrorKind::NotFound => Err(e),
+        Ok(_) => Ok(()),
+        Err(e) => Err(std::io::Error::other(format!(
+            "the removal task failed: {e}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{prepare_work_dir, remove_work_dir};
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_work_dir_is_fresh_and_private_whatever_was_there() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        // Missing parents are made.
+        let dir = tmp.path().join("work/msg-1");
+        prepare_work_dir(&dir).expect("first attempt");
+        let mode = std::fs::metadata(&dir).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        // An earlier attempt's leftovers are gone.
+        std::fs::create_dir(dir.join("sub")).expect("mkdir");
+        std::fs::write(dir.join("sub/left"), b"x").expect("write");
+        prepare_work_dir(&dir).expect("second attempt");
+        assert_eq!(std::fs::read_dir(&dir).expect("list").count(), 0);
+    }
+
+    #[tokio::test]
+    async fn removing_a_work_dir_takes_an_empty_one_a_tree_or_nothing() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let empty = tmp.path().join("empty");
+        std::fs::create_dir(&empty).expect("mkdir");
+        remove_work_dir(&empty).await.expect("empty dir");
+        assert!(!empty.exists());
+
+        let tree = tmp.path().join("tree");
+        std::fs::create_dir_all(tree.join("a/b")).expect("mkdir");
+        std::fs::write(tree.join("a/b/f"), b"x").expect("write");
+        remove_work_dir(&tree).await.expect("tree");
+        assert!(!tree.exists());
+
+        remove_work_dir(&tmp.path().join("never-made"))
+            .await
+            .expect("a dir already gone is fine");
+    }
 }

@@ -339,8 +339,10 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 ),
                 _ => {}
             }
-            if let Some(dir) = e.work_dir.clone() {
-                let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+            if let Some(dir) = &e.work_dir {
+                if let Err(err) = attempt::remove_work_dir(dir).await {
+                    tracing::warn!(dir = %dir.display(), error = %err, "cannot remove a work dir left behind");
+                }
             }
             if e.copy_id.is_some() {
                 // A copy already stands for the message: finishing the

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo run -p batchly-e2e --bin bench_sqs -- [--jobs 1000] [--slots 8]
-//!     [--server fauxqs|moto] [--release-agent]
+//!     [--server fauxqs|moto] [--release-agent] [--rounds 3] [--agent-log FILE]
 //! ```
 //!
 //! The server is fauxqs (a fast in-memory SQS, installed by
@@ -24,7 +24,16 @@
 //! `job.succeeded` event has arrived and the queue is empty, timed from the
 //! first `job.started` to the last `job.succeeded` (the events' own `at`);
 //! drain it; print both rates, their ratio and the agent's calls per job by
-//! queue and action, each next to the issue's goal.
+//! queue and action, each next to the issue's goal. With `--rounds N` the
+//! two phases alternate N times and the medians are printed: a shared
+//! machine's noise moves one phase at a time.
+//!
+//! It also prints where the CPU went, per job and phase, from
+//! `/proc/PID/stat`: the consumer itself, the jobs it ran (the processes it
+//! reaped), the bench process (proxy, baseline loop, event reader) and the
+//! SQS server; and from their sum, the most jobs/s this machine's cores
+//! could run if the phase were CPU-bound. On a machine with fewer cores than
+//! slots, that ceiling, not the pipeline, is what bounds the ratio.
 //!
 //! It reports; it never fails on speed. The exit status is non-zero only
 //! when a job was lost or did not succeed (in either consumer).
@@ -77,11 +86,13 @@ struct Options {
     server: Option<ServerKind>,
     /// Keep the agent's log (at `debug`) here, to see where a run's time went.
     agent_log: Option<PathBuf>,
+    /// Baseline and agent phases alternate this many times.
+    rounds: usize,
 }
 
 const USAGE: &str = "usage: bench_sqs [--jobs N (1000)] [--slots N (8)] \
                      [--server fauxqs|moto (fauxqs if installed)] [--release-agent] \
-                     [--agent-log FILE (the agent's log at debug level)]";
+                     [--rounds N (3)] [--agent-log FILE (the agent's log at debug level)]";
 
 fn parse_args() -> Result<Options, String> {
     let mut opts = Options {
@@ -90,6 +101,7 @@ fn parse_args() -> Result<Options, String> {
         release_agent: false,
         server: None,
         agent_log: None,
+        rounds: 3,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -102,6 +114,7 @@ fn parse_args() -> Result<Options, String> {
         match arg.as_str() {
             "--jobs" => opts.jobs = number("--jobs")?,
             "--slots" => opts.slots = number("--slots")?,
+            "--rounds" => opts.rounds = number("--rounds")?,
             "--release-agent" => opts.release_agent = true,
             "--agent-log" => {
                 opts.agent_log = Some(
@@ -336,6 +349,13 @@ impl Server {
         format!("http://127.0.0.1:{}", self.port())
     }
 
+    fn pid(&self) -> u32 {
+        match self {
+            Server::Moto(moto) => moto.pid(),
+            Server::Fauxqs(fauxqs, _) => fauxqs.child.id(),
+        }
+    }
+
     fn describe(&self) -> String {
         match self {
             Server::Moto(_) => "moto".to_string(),
@@ -356,6 +376,120 @@ struct Baseline {
     stalled: bool,
     /// Its calls, as the proxy counted them.
     calls: CallCounts,
+    /// Where the CPU went while it ran.
+    cpu: PhaseCpu,
+}
+
+/// The kernel reports `/proc` times in USER_HZ ticks, 100 a second on
+/// every architecture Linux runs the agent on.
+const USER_HZ: u64 = 100;
+
+/// CPU time of one process from `/proc/PID/stat`: its own (all threads),
+/// and that of the children it has waited for. Zero once it is gone.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cpu {
+    own: Duration,
+    reaped: Duration,
+}
+
+impl Cpu {
+    fn of(pid: u32) -> Cpu {
+        Cpu::parse(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default())
+    }
+
+    /// From the text of a `/proc/PID/stat`.
+    fn parse(stat: &str) -> Cpu {
+        // Fields after the command name, which may itself hold spaces and
+        // parentheses: state is [0], utime [11], stime [12], cutime [13],
+        // cstime [14].
+        let fields: Vec<u64> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| {
+                rest.split_whitespace()
+                    .map(|f| f.parse().unwrap_or(0))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let ticks = |i: usize, j: usize| {
+            let t = fields.get(i).copied().unwrap_or(0) + fields.get(j).copied().unwrap_or(0);
+            Duration::from_millis(t * 1000 / USER_HZ)
+        };
+        Cpu {
+            own: ticks(11, 12),
+            reaped: ticks(13, 14),
+        }
+    }
+
+    fn of_self() -> Cpu {
+        Cpu::of(std::process::id())
+    }
+
+    /// Own CPU of `pid`'s live children (the agent's fork server).
+    fn of_children(pid: u32) -> Duration {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten();
+        tasks
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+            .flat_map(|list| {
+                list.split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .map(|child| Cpu::of(child).own)
+            .sum()
+    }
+
+    fn since(self, before: Cpu) -> Cpu {
+        Cpu {
+            own: self.own.saturating_sub(before.own),
+            reaped: self.reaped.saturating_sub(before.reaped),
+        }
+    }
+}
+
+/// Where one phase's CPU went.
+#[derive(Debug, Clone, Copy, Default)]
+struct PhaseCpu {
+    /// The agent and its fork server (the baseline loop runs inside the
+    /// bench process and is counted there).
+    consumer: Duration,
+    /// The jobs' processes, as reaped by the consumer.
+    jobs: Duration,
+    /// The bench process: the proxy, and the baseline loop or the event reader.
+    bench: Duration,
+    /// The SQS server.
+    server: Duration,
+}
+
+impl PhaseCpu {
+    fn all(&self) -> Duration {
+        self.consumer + self.jobs + self.bench + self.server
+    }
+
+    fn add(&mut self, other: &PhaseCpu) {
+        self.consumer += other.consumer;
+        self.jobs += other.jobs;
+        self.bench += other.bench;
+        self.server += other.server;
+    }
+}
+
+/// CPU of the bench process and the server, for a phase's start and end.
+#[derive(Clone, Copy)]
+struct CpuMark {
+    bench: Cpu,
+    server: Cpu,
+}
+
+impl CpuMark {
+    fn now(server_pid: u32) -> CpuMark {
+        CpuMark {
+            bench: Cpu::of_self(),
+            server: Cpu::of(server_pid),
+        }
+    }
 }
 
 /// The argv of a job message, read the naive way: no signature check, no
@@ -393,6 +527,7 @@ fn run_baseline(aws: &Aws, queue_url: &str, jobs: usize) -> Result<Baseline, Str
         elapsed: Duration::ZERO,
         stalled: false,
         calls: CallCounts::default(),
+        cpu: PhaseCpu::default(),
     };
     let start = Instant::now();
     let mut last_progress = start;
@@ -618,6 +753,31 @@ struct AgentRun {
     calls: CallCounts,
     exit: Option<std::process::ExitStatus>,
     log: String,
+    cpu: PhaseCpu,
+}
+
+impl AgentRun {
+    /// From the first `job.started` to the last `job.succeeded`.
+    fn elapsed(&self) -> Option<Duration> {
+        match (self.outcomes.first_start_ms, self.outcomes.last_success_ms) {
+            (Some(a), Some(b)) if b > a => Some(Duration::from_millis((b - a) as u64)),
+            _ => None,
+        }
+    }
+}
+
+/// One baseline phase and one agent phase, run back to back.
+struct Round {
+    baseline: Baseline,
+    agent: AgentRun,
+}
+
+/// Writes the verification key where an agent's config points.
+fn write_keys(key: &SigningKey, dir: &Path) -> Result<(), String> {
+    let keys_file = dir.join("keys.toml");
+    std::fs::write(&keys_file, key.verification_entry_toml())
+        .and_then(|()| std::fs::set_permissions(&keys_file, std::fs::Permissions::from_mode(0o600)))
+        .map_err(|e| format!("writing {}: {e}", keys_file.display()))
 }
 
 fn run() -> Result<bool, String> {
@@ -629,14 +789,8 @@ fn run() -> Result<bool, String> {
     let queue = aws.job_queue("bench", &QueueOptions::default());
     let events_url = aws.create_queue("bench-events", &[]);
     let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
-    let root = dir.path();
 
     let key = SigningKey::generate(Alg::Ed25519, "bench").map_err(|e| e.to_string())?;
-    let keys_file = root.join("keys.toml");
-    std::fs::write(&keys_file, key.verification_entry_toml())
-        .and_then(|()| std::fs::set_permissions(&keys_file, std::fs::Permissions::from_mode(0o600)))
-        .map_err(|e| format!("writing {}: {e}", keys_file.display()))?;
-
     let iat = unix_now();
     let bodies: Vec<String> = (0..opts.jobs)
         .map(|i| {
@@ -645,28 +799,60 @@ fn run() -> Result<bool, String> {
         })
         .collect();
 
-    // The baseline goes through the proxy too, so both consumers pay for
-    // the same hop.
-    preload(&aws, &queue.url, &bodies)?;
-    let mut baseline = {
-        let through_proxy = Aws::new(&proxy.endpoint());
-        run_baseline(&through_proxy, &queue.url, opts.jobs)?
-    };
-    baseline.calls = proxy.calls();
-    proxy.reset_calls();
+    let mut rounds = Vec::with_capacity(opts.rounds);
+    let mut all_ok = true;
+    for n in 1..=opts.rounds {
+        // The baseline goes through the proxy too, so both consumers pay
+        // for the same hop.
+        preload(&aws, &queue.url, &bodies)?;
+        proxy.reset_calls();
+        let start = CpuMark::now(server.pid());
+        let mut baseline = {
+            let through_proxy = Aws::new(&proxy.endpoint());
+            run_baseline(&through_proxy, &queue.url, opts.jobs)?
+        };
+        let end = CpuMark::now(server.pid());
+        baseline.cpu = PhaseCpu {
+            consumer: Duration::ZERO,
+            jobs: end.bench.since(start.bench).reaped,
+            bench: end.bench.since(start.bench).own,
+            server: end.server.since(start.server).own,
+        };
+        baseline.calls = proxy.calls();
 
-    let sent = preload(&aws, &queue.url, &bodies)?;
-    let agent = run_agent(&opts, &bin, &proxy, &aws, &queue.url, &events_url, root)?;
+        let sent = preload(&aws, &queue.url, &bodies)?;
+        proxy.reset_calls();
+        // Each round's agent starts with empty state, work and log dirs.
+        let root = dir.path().join(format!("round-{n}"));
+        std::fs::create_dir(&root).map_err(|e| format!("creating {}: {e}", root.display()))?;
+        write_keys(&key, &root)?;
+        let agent = run_agent(
+            &opts,
+            &bin,
+            &proxy,
+            &aws,
+            Queues {
+                jobs: &queue.url,
+                events: &events_url,
+            },
+            &root,
+            server.pid(),
+        )?;
+        all_ok &= round_ok(n, &opts, &sent, &baseline, &agent);
+        rounds.push(Round { baseline, agent });
+    }
+    report(&opts, &bin, &server, &queue.url, &events_url, &rounds);
+    Ok(all_ok)
+}
 
-    report(
-        &opts,
-        &bin,
-        &server,
-        &queue.url,
-        &events_url,
-        &baseline,
-        &agent,
-    );
+/// Whether every job of both phases of round `n` succeeded; says which did not.
+fn round_ok(
+    n: usize,
+    opts: &Options,
+    sent: &BTreeSet<String>,
+    baseline: &Baseline,
+    agent: &AgentRun,
+) -> bool {
     let lost: Vec<&String> = sent
         .iter()
         .filter(|m| {
@@ -678,7 +864,7 @@ fn run() -> Result<bool, String> {
         && agent.outcomes.succeeded.len() == opts.jobs;
     if !agent_ok {
         eprintln!(
-            "bench_sqs: FAILED: {} job(s) without a final event, {} not succeeded: {:?}\n--- agent log ---\n{}",
+            "bench_sqs: FAILED in round {n}: {} job(s) without a final event, {} not succeeded: {:?}\n--- agent log ---\n{}",
             lost.len(),
             agent.outcomes.other_finals.len(),
             agent.outcomes.other_finals.values().take(5).collect::<Vec<_>>(),
@@ -688,7 +874,7 @@ fn run() -> Result<bool, String> {
     let baseline_ok = baseline.succeeded == opts.jobs;
     if !baseline_ok {
         eprintln!(
-            "bench_sqs: FAILED: the baseline loop ran {} of {} jobs successfully ({} failed{})",
+            "bench_sqs: FAILED in round {n}: the baseline loop ran {} of {} jobs successfully ({} failed{})",
             baseline.succeeded,
             opts.jobs,
             baseline.failed,
@@ -699,7 +885,13 @@ fn run() -> Result<bool, String> {
             }
         );
     }
-    Ok(agent_ok && baseline_ok)
+    agent_ok && baseline_ok
+}
+
+/// The agent's job queue and events queue.
+struct Queues<'a> {
+    jobs: &'a str,
+    events: &'a str,
 }
 
 /// Runs the agent (through the proxy) until every job has its final event
@@ -709,10 +901,14 @@ fn run_agent(
     bin: &Path,
     proxy: &Proxy,
     aws: &Aws,
-    queue_url: &str,
-    events_url: &str,
+    queues: Queues<'_>,
     root: &Path,
+    server_pid: u32,
 ) -> Result<AgentRun, String> {
+    let Queues {
+        jobs: queue_url,
+        events: events_url,
+    } = queues;
     let p = |sub: &str| toml_str(&root.join(sub).display().to_string());
     let config = root.join("agent.toml");
     std::fs::write(
@@ -752,6 +948,7 @@ fn run_agent(
             }
         }
     }
+    let start = CpuMark::now(server_pid);
     let mut agent = cmd
         .arg("run")
         .arg("--config")
@@ -792,6 +989,14 @@ fn run_agent(
     }
     let depth = aws.depth(queue_url);
     let calls = proxy.calls();
+    let end = CpuMark::now(server_pid);
+    let agent_cpu = Cpu::of(agent.id());
+    let cpu = PhaseCpu {
+        consumer: agent_cpu.own + Cpu::of_children(agent.id()),
+        jobs: agent_cpu.reaped,
+        bench: end.bench.since(start.bench).own,
+        server: end.server.since(start.server).own,
+    };
 
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent.id() as i32),
@@ -815,7 +1020,79 @@ fn run_agent(
         calls,
         exit,
         log: agent_log(),
+        cpu,
     })
+}
+
+/// The middle value (the mean of the two middle ones for an even count).
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+    }
+}
+
+/// Milliseconds per job of `cpu`.
+fn ms_per_job(cpu: Duration, jobs: usize) -> f64 {
+    cpu.as_secs_f64() * 1000.0 / jobs.max(1) as f64
+}
+
+/// Prints where each phase's CPU went, per job, and the jobs/s this
+/// machine's cores could give a phase that was CPU-bound.
+fn report_cpu(rounds: &[Round], jobs: usize) {
+    let (mut baseline, mut agent) = (PhaseCpu::default(), PhaseCpu::default());
+    for r in rounds {
+        baseline.add(&r.baseline.cpu);
+        agent.add(&r.agent.cpu);
+    }
+    let n = jobs * rounds.len();
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    println!();
+    println!(
+        "  {:<34} {:>8} {:>8}",
+        "CPU per job, ms", "baseline", "agent"
+    );
+    let row = |what: &str, b: Option<Duration>, a: Duration, note: &str| {
+        let b = b.map_or("-".to_string(), |b| format!("{:.3}", ms_per_job(b, n)));
+        println!("  {what:<34} {b:>8} {:>8.3}  {note}", ms_per_job(a, n));
+    };
+    row(
+        "consumer",
+        None,
+        agent.consumer,
+        "(agent and fork server; the loop is in bench)",
+    );
+    row(
+        "jobs",
+        Some(baseline.jobs),
+        agent.jobs,
+        "(the processes the consumer reaped)",
+    );
+    row(
+        "bench process",
+        Some(baseline.bench),
+        agent.bench,
+        "(proxy; the loop / the event reader)",
+    );
+    row("SQS server", Some(baseline.server), agent.server, "");
+    row("all", Some(baseline.all()), agent.all(), "");
+    let ceiling = |cpu: Duration| {
+        let per_job = ms_per_job(cpu, n);
+        if per_job > 0.0 {
+            format!("{:.0}", cores as f64 * 1000.0 / per_job)
+        } else {
+            "-".to_string()
+        }
+    };
+    println!(
+        "  {:<34} {:>8} {:>8}  (jobs/s, were the phase CPU-bound)",
+        format!("ceiling on {cores} cores"),
+        ceiling(baseline.all()),
+        ceiling(agent.all())
+    );
 }
 
 /// Prints the table of both consumers' rates and the agent's calls.
@@ -825,55 +1102,62 @@ fn report(
     server: &Server,
     queue_url: &str,
     events_url: &str,
-    baseline: &Baseline,
-    agent: &AgentRun,
+    rounds: &[Round],
 ) {
     let n = opts.jobs;
-    let outcomes = &agent.outcomes;
     println!(
-        "bench_sqs: {n} jobs (/bin/true), SQS = {} on 127.0.0.1 behind a counting proxy; \
-         agent: {}, {} slots ({})",
+        "bench_sqs: {n} jobs (/bin/true) x {} round(s), SQS = {} on 127.0.0.1 behind a counting \
+         proxy; agent: {} with {} slots",
+        rounds.len(),
         server.describe(),
-        if opts.release_agent {
-            "release"
-        } else {
-            "debug"
-        },
+        bin.display(),
         opts.slots,
-        bin.display()
     );
-    println!(
-        "  agent: succeeded {} of {n}, other final outcomes {}, left in the queue {:?}",
-        outcomes.succeeded.len(),
-        outcomes.other_finals.len(),
-        agent.depth
-    );
+    let mut per_round = Vec::new();
+    for (i, r) in rounds.iter().enumerate() {
+        let outcomes = &r.agent.outcomes;
+        println!(
+            "  round {}: agent succeeded {} of {n}, other final outcomes {}, left in the queue {:?}",
+            i + 1,
+            outcomes.succeeded.len(),
+            outcomes.other_finals.len(),
+            r.agent.depth
+        );
+        let b = rate(r.baseline.succeeded + r.baseline.failed, r.baseline.elapsed);
+        let a = r
+            .agent
+            .elapsed()
+            .and_then(|e| rate(outcomes.succeeded.len(), e));
+        if let (Some(b), Some(a)) = (b, a) {
+            println!(
+                "           baseline {b:.1} jobs/s, agent {a:.1} jobs/s, ratio {:.2}x",
+                a / b
+            );
+        }
+        per_round.push((b, a));
+    }
     println!();
     println!(
-        "  {:<34} {:>7} {:>9}  goal",
-        "throughput", "jobs/s", "seconds"
+        "  {:<34} {:>7}  goal (median of {} round(s))",
+        "throughput",
+        "jobs/s",
+        rounds.len()
     );
-    let baseline_rate = rate(baseline.succeeded + baseline.failed, baseline.elapsed);
+    let baseline_rate = median(per_round.iter().filter_map(|(b, _)| *b).collect());
     match baseline_rate {
         Some(r) => println!(
-            "  {:<34} {r:>7.1} {:>9.3}  (receive 10, run each, delete batch; first receive to last delete)",
+            "  {:<34} {r:>7.1}  (receive 10, run each, delete batch; first receive to last delete)",
             "baseline loop (Rust SDK)",
-            baseline.elapsed.as_secs_f64()
         ),
         None => println!("  {:<34} {:>7}", "baseline loop (Rust SDK)", "-"),
     }
-    let agent_elapsed = match (outcomes.first_start_ms, outcomes.last_success_ms) {
-        (Some(a), Some(b)) if b > a => Some(Duration::from_millis((b - a) as u64)),
-        _ => None,
-    };
-    let agent_rate = agent_elapsed.and_then(|e| rate(outcomes.succeeded.len(), e));
-    match (agent_rate, agent_elapsed) {
-        (Some(r), Some(e)) => println!(
-            "  {:<34} {r:>7.1} {:>9.3}  (first job.started to last job.succeeded)",
+    let agent_rate = median(per_round.iter().filter_map(|(_, a)| *a).collect());
+    match agent_rate {
+        Some(r) => println!(
+            "  {:<34} {r:>7.1}  (first job.started to last job.succeeded)",
             format!("agent, {} slots", opts.slots),
-            e.as_secs_f64()
         ),
-        _ => println!(
+        None => println!(
             "  {:<34} {:>7}  (not measurable: no start or success events)",
             format!("agent, {} slots", opts.slots),
             "-"
@@ -884,20 +1168,28 @@ fn report(
     } else {
         format!(" (the goal is for {GOAL_SLOTS} slots)")
     };
-    match (agent_rate, baseline_rate) {
-        (Some(a), Some(b)) => {
-            let ratio = a / b;
-            println!(
-                "  {:<34} {:>6.2}x {:>9}  >= {RATIO_GOAL}x: {}{slots_note}",
-                "ratio agent / baseline",
-                ratio,
-                "",
-                goal(ratio >= RATIO_GOAL)
-            );
-        }
-        _ => println!("  {:<34} {:>7}", "ratio agent / baseline", "-"),
+    let ratios: Vec<f64> = per_round
+        .iter()
+        .filter_map(|(b, a)| Some(a.as_ref()? / b.as_ref()?))
+        .collect();
+    match median(ratios) {
+        Some(ratio) => println!(
+            "  {:<34} {:>6.2}x  >= {RATIO_GOAL}x: {}{slots_note}",
+            "ratio agent / baseline",
+            ratio,
+            goal(ratio >= RATIO_GOAL)
+        ),
+        None => println!("  {:<34} {:>7}", "ratio agent / baseline", "-"),
     }
+    report_cpu(rounds, n);
 
+    let mut calls = CallCounts::default();
+    let mut baseline_calls = CallCounts::default();
+    for r in rounds {
+        calls.add(&r.agent.calls);
+        baseline_calls.add(&r.baseline.calls);
+    }
+    let n = n * rounds.len();
     println!();
     println!(
         "  {:<34} {:>7} {:>9}",
@@ -906,7 +1198,7 @@ fn report(
     let job_queue = queue_name(queue_url);
     let per_job = print_calls(
         &format!("job queue {job_queue}"),
-        &agent.calls,
+        &calls,
         job_queue,
         n,
         &[
@@ -931,7 +1223,7 @@ fn report(
     let events_queue = queue_name(events_url);
     let events_per_job = print_calls(
         &format!("events queue {events_queue}"),
-        &agent.calls,
+        &calls,
         events_queue,
         n,
         &["SendMessageBatch", "SendMessage"],
@@ -945,19 +1237,18 @@ fn report(
             goal(events_per_job <= CALLS_PER_JOB_GOAL)
         ),
     );
-    for (q, by_action) in &agent.calls.by_queue {
+    for (q, by_action) in &calls.by_queue {
         if q != job_queue && q != events_queue {
             println!("  other queue {q}: {by_action:?}");
         }
     }
-    if agent.calls.unparsed > 0 {
+    if calls.unparsed > 0 {
         println!(
             "  ({} requests could not be framed and were not counted)",
-            agent.calls.unparsed
+            calls.unparsed
         );
     }
-    let baseline_by_action: Vec<String> = baseline
-        .calls
+    let baseline_by_action: Vec<String> = baseline_calls
         .on_queue(job_queue)
         .iter()
         .map(|(a, c)| format!("{a} {c}"))
@@ -966,15 +1257,38 @@ fn report(
         "  (baseline's calls on {job_queue}: {})",
         baseline_by_action.join(", ")
     );
-    match agent.exit {
-        Some(status) => println!("  agent after SIGTERM: {status}"),
-        None => println!("  agent did not exit within {AGENT_WAIT:?} of SIGTERM (killed)"),
+    for (i, r) in rounds.iter().enumerate() {
+        match r.agent.exit {
+            Some(status) => println!("  round {}: agent after SIGTERM: {status}", i + 1),
+            None => println!(
+                "  round {}: agent did not exit within {AGENT_WAIT:?} of SIGTERM (killed)",
+                i + 1
+            ),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{command_of, parse_at};
+    use super::{command_of, median, parse_at, Cpu, Duration};
+
+    #[test]
+    fn cpu_times_are_read_past_a_command_name_with_parentheses_and_spaces() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt
+        // majflt cmajflt utime stime cutime cstime ...
+        let stat = "42 (a) b (c) S 1 42 42 0 -1 4194560 10 0 0 0 150 50 7 3 20 0 1 0";
+        let cpu = Cpu::parse(stat);
+        assert_eq!(cpu.own, Duration::from_millis(2000));
+        assert_eq!(cpu.reaped, Duration::from_millis(100));
+        assert_eq!(Cpu::parse("").own, Duration::ZERO);
+    }
+
+    #[test]
+    fn the_median_is_the_middle_value_or_the_mean_of_the_middle_two() {
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+    }
 
     #[test]
     fn event_times_parse_to_unix_milliseconds() {

@@ -61,6 +61,30 @@ pub struct CallCounts {
 }
 
 impl CallCounts {
+    /// Adds `other`'s counts to these (runs measured one after another).
+    pub fn add(&mut self, other: &CallCounts) {
+        let merge = |into: &mut BTreeMap<String, BTreeMap<String, u64>>,
+                     from: &BTreeMap<String, BTreeMap<String, u64>>| {
+            for (queue, actions) in from {
+                let into = into.entry(queue.clone()).or_default();
+                for (action, n) in actions {
+                    *into.entry(action.clone()).or_default() += n;
+                }
+            }
+        };
+        merge(&mut self.by_queue, &other.by_queue);
+        merge(&mut self.carried, &other.carried);
+        for (into, from) in [
+            (&mut self.empty_receives, &other.empty_receives),
+            (&mut self.fruitful_receives, &other.fruitful_receives),
+        ] {
+            for (queue, n) in from {
+                *into.entry(queue.clone()).or_default() += n;
+            }
+        }
+        self.unparsed += other.unparsed;
+    }
+
     /// The calls on one queue, by action.
     pub fn on_queue(&self, name: &str) -> BTreeMap<String, u64> {
         self.by_queue.get(name).cloned().unwrap_or_default()
@@ -896,6 +920,34 @@ mod tests {
     use crate::eventually;
     use crate::sqs::Moto;
     use aws_sdk_sqs::error::ProvideErrorMetadata;
+
+    #[test]
+    fn call_counts_of_two_runs_add_up_by_queue_and_action() {
+        let counts = |n: u64| {
+            let mut c = CallCounts::default();
+            c.by_queue
+                .entry("q".into())
+                .or_default()
+                .insert("ReceiveMessage".into(), n);
+            c.carried
+                .entry("q".into())
+                .or_default()
+                .insert("ReceiveMessage".into(), 8 * n);
+            c.empty_receives.insert("q".into(), 1);
+            c.unparsed = n;
+            c
+        };
+        let mut sum = counts(2);
+        sum.add(&counts(3));
+        let mut other = CallCounts::default();
+        other.fruitful_receives.insert("r".into(), 4);
+        sum.add(&other);
+        assert_eq!(sum.on_queue("q").get("ReceiveMessage"), Some(&5));
+        assert_eq!(sum.carried_by("q", "ReceiveMessage"), 40);
+        assert_eq!(sum.empty_receives.get("q"), Some(&2));
+        assert_eq!(sum.fruitful_receives.get("r"), Some(&4));
+        assert_eq!(sum.unparsed, 5);
+    }
 
     fn request(target: &str, body: &str) -> String {
         format!(
