@@ -74,6 +74,10 @@ enum Command {
         /// Format of the agent's own log on stderr [default: agent.log_format]
         #[arg(long, value_enum)]
         log_format: Option<LogFormatArg>,
+        /// Accept `sandbox.mode = "none"`: jobs then run without isolation,
+        /// with the agent's privileges
+        #[arg(long)]
+        insecure_no_sandbox: bool,
     },
     /// Run the embedded default: the same agent on a local directory queue, no AWS needed
     Dev {
@@ -224,13 +228,17 @@ fn runtime() -> Result<tokio::runtime::Runtime, AppError> {
 
 fn dispatch(cli: Cli) -> Result<(), AppError> {
     match cli.command {
-        Command::Run { config, log_format } => {
+        Command::Run {
+            config,
+            log_format,
+            insecure_no_sandbox,
+        } => {
             let cfg = app::load_config(config.as_deref())?;
             app::init_logging(
                 log_format.map(Into::into).unwrap_or(cfg.agent.log_format),
                 &cfg.agent.log_level,
             )?;
-            runtime()?.block_on(app::run(config.as_deref()))
+            runtime()?.block_on(app::run(config.as_deref(), insecure_no_sandbox))
         }
         Command::Dev {
             dir,

@@ -42,6 +42,8 @@ const START_POLL: Duration = Duration::from_millis(1);
 /// quickly.
 const DEV_DEFAULTS: &[(&str, &str)] = &[
     ("BATCHLY_JOBS_MAX_CONCURRENT", "4"),
+    // Jobs run as unprivileged uids in a read-only view of the host: the
+    // mark dir is the one place they may leave traces for the test.
     ("BATCHLY_JOBS_RETRY_BACKOFF_S", "0"),
     ("BATCHLY_JOBS_KILL_GRACE_S", "1"),
 ];
@@ -210,7 +212,7 @@ pub fn read_pid_file(path: &Path) -> i32 {
             pid = std::fs::read_to_string(path)
                 .ok()
                 .filter(|t| t.ends_with('\n'))
-                .and_then(|t| t.trim().parse().ok());
+                .and_then(|t| host_pid(t.trim()));
             pid.is_some()
         },
         || {
@@ -389,13 +391,22 @@ impl DevAgent {
         let root = tempfile::tempdir().expect("tempdir for the agent");
         let dir = root.path().join("dev");
         let mark = root.path().join("mark");
-        std::fs::create_dir(&mark).expect("creating the mark dir");
+        make_mark_dir(&mark);
         let mut merged: Vec<(String, String)> = DEV_DEFAULTS
             .iter()
             .filter(|(k, _)| !env.iter().any(|(e, _)| e == k))
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         merged.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        if !merged
+            .iter()
+            .any(|(k, _)| k == "BATCHLY_SANDBOX_BIND_PATHS")
+        {
+            merged.push((
+                "BATCHLY_SANDBOX_BIND_PATHS".to_string(),
+                mark.display().to_string(),
+            ));
+        }
         let mut agent = DevAgent {
             root,
             dir,
@@ -630,6 +641,51 @@ impl DevAgent {
     }
 }
 
+/// What a job writes to tell the test its pid: `$$` (or `$!`) is a pid in
+/// the job's own pid namespace, so the namespace goes with it. Use as
+/// `echo $$ $PID_NS > file` in a job's shell.
+pub const PID_NS: &str = "$(readlink /proc/self/ns/pid)";
+
+/// A pid as the host sees it, from `PID` or `PID pid:[INODE]` (see
+/// [`PID_NS`]): the process of that namespace with that pid there. A
+/// process that is already gone reads as `i32::MAX`, a pid no process has.
+pub fn host_pid(text: &str) -> Option<i32> {
+    let mut parts = text.split_whitespace();
+    let pid: i32 = parts.next()?.parse().ok()?;
+    let Some(ns) = parts.next() else {
+        return Some(pid);
+    };
+    let ours = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    if ours.to_str() == Some(ns) {
+        return Some(pid);
+    }
+    let procs = std::fs::read_dir("/proc").ok()?;
+    for entry in procs.flatten() {
+        let Some(p) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let in_ns =
+            std::fs::read_link(entry.path().join("ns/pid")).is_ok_and(|l| l.to_str() == Some(ns));
+        if !in_ns {
+            continue;
+        }
+        let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+        let inner = status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|n| n.parse::<i32>().ok());
+        if inner == Some(pid) {
+            return Some(p);
+        }
+    }
+    Some(i32::MAX)
+}
+
 /// Kills (SIGKILL) every process whose current directory is inside `dir`:
 /// jobs and their children start in their work dir, so this finds what a
 /// killed or failed agent left running.
@@ -668,6 +724,51 @@ impl Drop for DevAgent {
         if std::thread::panicking() {
             eprintln!("{}", self.diagnostics());
         }
+    }
+}
+
+/// A dir where jobs of any uid may write, inside a tempdir they can
+/// reach: every test harness's `mark/`. Jobs of different slots run as
+/// different uids, and several append to the same files, so a default ACL
+/// makes every file created there writable by all (the umask plays no
+/// part under a default ACL).
+pub fn make_mark_dir(mark: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir(mark).expect("creating the mark dir");
+    std::fs::set_permissions(mark, std::fs::Permissions::from_mode(0o777))
+        .expect("opening the mark dir to job uids");
+    // posix_acl_xattr: version 2, then (tag, perm, id) for the owner,
+    // the owning group and others, each rwx.
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for tag in [0x01u16, 0x04, 0x20] {
+        acl.extend_from_slice(&tag.to_le_bytes());
+        acl.extend_from_slice(&7u16.to_le_bytes());
+        acl.extend_from_slice(&u32::MAX.to_le_bytes());
+    }
+    let path = std::ffi::CString::new(mark.as_os_str().as_bytes()).expect("a path without NUL");
+    // SAFETY: setxattr reads the NUL-terminated path and name and `acl`
+    // (its length passed along) for the call only.
+    let r = unsafe {
+        nix::libc::setxattr(
+            path.as_ptr(),
+            c"system.posix_acl_default".as_ptr(),
+            acl.as_ptr().cast(),
+            acl.len(),
+            0,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "setting a default ACL on {}: {}",
+        mark.display(),
+        std::io::Error::last_os_error()
+    );
+    // tempdir makes its dir 0700: job uids must be able to pass through.
+    if let Some(parent) = mark.parent() {
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711))
+            .expect("letting job uids through to the mark dir");
     }
 }
 

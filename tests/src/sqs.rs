@@ -836,7 +836,7 @@ impl SqsTest {
         let moto = Moto::start();
         let aws = Aws::new(&moto.endpoint());
         let root = tempfile::tempdir().expect("tempdir for the test");
-        std::fs::create_dir(root.path().join("mark")).expect("creating the mark dir");
+        crate::make_mark_dir(&root.path().join("mark"));
         let mut entries = String::new();
         for (kid, alg, file) in [
             (ED25519_KID, "ed25519", "signing.toml"),
@@ -1026,6 +1026,13 @@ impl SqsTest {
             (
                 "agent",
                 vec![("instance_id", toml_str(&format!("agent-{n}")))],
+            ),
+            (
+                "sandbox",
+                vec![(
+                    "bind_paths",
+                    format!("[{}]", toml_str(&self.mark().display().to_string())),
+                )],
             ),
         ] {
             for (key, value) in entries {

@@ -12,7 +12,7 @@ mod client;
 mod dev;
 mod signals;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +22,7 @@ pub use dev::{load_dev_config, write_private, DevLayout};
 use signals::StopSignals;
 
 use crate::admin;
-use crate::config::{Config, ConfigFile};
+use crate::config::{Config, ConfigFile, SandboxMode};
 use crate::drain::Drain;
 use crate::envelope::{Keyring, VerifyPolicy};
 use crate::events::{AgentEvent, EventSink, JsonlFile, SqsEvents};
@@ -30,6 +30,7 @@ use crate::queue::dir::DirQueue;
 use crate::queue::sqs::{check_queue, SqsQueue};
 use crate::queue::JobSource;
 use crate::sandbox::process::Launcher;
+use crate::sandbox::SandboxPolicy;
 use crate::state::{Ledger, StateError, StateLock};
 use crate::supervisor::status::StatusBoard;
 use crate::supervisor::verdict::Backoff;
@@ -106,6 +107,95 @@ fn settings(config: &Config) -> Settings {
         },
         instance_id: instance_id(config),
         max_requeues: config.jobs.max_requeues,
+        sandbox: None,
+    }
+}
+
+/// How jobs are isolated, decided once at start from `sandbox.mode`, who
+/// the agent runs as and the command. `run` never isolates less than the
+/// config says without being told twice (`--insecure-no-sandbox`); `dev`
+/// run by an ordinary user runs jobs unisolated so a first try works, and
+/// says so. Returns the policy and a warning for `status`, if any.
+fn sandbox_policy(
+    config: &Config,
+    mode: &str,
+    insecure_no_sandbox: bool,
+    extra_hidden: &[PathBuf],
+) -> Result<(Option<SandboxPolicy>, Option<String>), AppError> {
+    match config.sandbox.mode {
+        SandboxMode::None if mode == "run" && !insecure_no_sandbox => Err(usage(
+            "sandbox.mode = \"none\" runs jobs without any isolation, with the agent's \
+             privileges; `run` accepts that only with --insecure-no-sandbox",
+        )),
+        SandboxMode::None => Ok((
+            None,
+            Some(
+                "sandbox.mode = \"none\": jobs run WITHOUT isolation, with the agent's \
+                 privileges and the instance's credentials"
+                    .to_string(),
+            ),
+        )),
+        SandboxMode::Full if !nix::unistd::geteuid().is_root() => {
+            if mode == "dev" {
+                return Ok((
+                    None,
+                    Some(
+                        "not running as root: jobs run without the sandbox (as your user, \
+                         in your namespaces); run `dev` as root for the full sandbox"
+                            .to_string(),
+                    ),
+                ));
+            }
+            Err(usage(
+                "sandbox.mode = \"full\" needs root (the agent gives each job its own \
+                 uid and namespaces): run the agent as root, as its systemd unit does",
+            ))
+        }
+        SandboxMode::Full => {
+            let range = config.sandbox.uid_range;
+            for slot in 0..config.jobs.max_concurrent {
+                let Some(uid) = range.for_slot(slot) else {
+                    continue;
+                };
+                if let Ok(Some(user)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                {
+                    return Err(usage(format!(
+                        "sandbox.uid_range: uid {uid} (job slot {slot}) belongs to the account \
+                         {:?}; job uids must belong to no account, or a job could use its files",
+                        user.name
+                    )));
+                }
+            }
+            let mut hidden = vec![
+                config.state.dir.clone(),
+                config.signing.keys_file.clone(),
+                config.admin.socket.clone(),
+                config.jobs.log_dir.clone(),
+                config.jobs.work_dir.clone(),
+            ];
+            hidden.extend(config.source_file().map(Path::to_path_buf));
+            hidden.extend(extra_hidden.iter().cloned());
+            let hidden = hidden
+                .into_iter()
+                .filter_map(|p| std::path::absolute(p).ok())
+                .collect();
+            for dir in &config.sandbox.bind_paths {
+                if !dir.is_dir() {
+                    return Err(usage(format!(
+                        "sandbox.bind_paths: {} is not a directory on this host",
+                        dir.display()
+                    )));
+                }
+            }
+            Ok((
+                Some(SandboxPolicy {
+                    uid_range: range,
+                    hidden,
+                    writable: config.sandbox.bind_paths.clone(),
+                }),
+                None,
+            ))
+        }
     }
 }
 
@@ -142,24 +232,22 @@ pub async fn dev(
     if !quiet_banner {
         dev::print_dev_banner(&layout, &config);
     }
-    serve_with(
-        &config,
-        source,
-        events,
-        "dev",
-        Drain::new(),
-        None,
-        Startup::locked(lock),
-    )
-    .await
+    let mut startup = Startup::locked(lock);
+    startup.hidden.push(layout.root.clone());
+    serve_with(&config, source, events, "dev", Drain::new(), None, startup).await
 }
 
 /// `batchly-agent run`: the daemon on SQS.
-pub async fn run(explicit_config: Option<&Path>) -> Result<(), AppError> {
+pub async fn run(
+    explicit_config: Option<&Path>,
+    insecure_no_sandbox: bool,
+) -> Result<(), AppError> {
     let config = load_config(explicit_config)?;
     config.require_queue().map_err(usage)?;
-    // Checked before any network call: a bad keys file is exit 2 at once.
+    // Checked before any network call: a bad keys file or a sandbox the
+    // agent cannot give is exit 2 at once.
     Keyring::load(&config.signing.keys_file).map_err(usage)?;
+    sandbox_policy(&config, "run", insecure_no_sandbox, &[])?;
     let lock = lock_state_dir(&config)?;
     let sdk = aws_sdk_config().await?;
     let sqs = aws::sqs_client(&sdk);
@@ -188,6 +276,7 @@ pub async fn run(explicit_config: Option<&Path>) -> Result<(), AppError> {
         );
     }
     let mut startup = Startup::locked(lock);
+    startup.insecure_no_sandbox = insecure_no_sandbox;
     if let Some(warning) = clock_warning(source.host_clock_ahead_s(), config.signing.skew) {
         tracing::error!("{warning}");
         startup.warnings.push(warning);
@@ -285,6 +374,10 @@ fn clock_warning(host_ahead_s: Option<i64>, skew: Duration) -> Option<String> {
 pub struct Startup {
     pub lock: StateLock,
     pub warnings: Vec<String>,
+    /// `run --insecure-no-sandbox`: accept `sandbox.mode = "none"`.
+    pub insecure_no_sandbox: bool,
+    /// Paths no job may see besides the config's own (the `dev` dir).
+    pub hidden: Vec<PathBuf>,
 }
 
 impl Startup {
@@ -292,6 +385,8 @@ impl Startup {
         Startup {
             lock,
             warnings: Vec::new(),
+            insecure_no_sandbox: false,
+            hidden: Vec::new(),
         }
     }
 }
@@ -307,17 +402,30 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
     transfers: Option<Transfers>,
     startup: Startup,
 ) -> Result<(), AppError> {
+    // No core dumps of the agent and no ptrace by processes of its uid: it
+    // holds the instance's credentials and the job queue's receipts.
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!(error = %e, "cannot make the agent non-dumpable");
+    }
+    let (sandbox, sandbox_warning) =
+        sandbox_policy(config, mode, startup.insecure_no_sandbox, &startup.hidden)?;
     let Startup {
         lock: _lock,
-        warnings,
+        mut warnings,
+        ..
     } = startup;
+    if let Some(w) = sandbox_warning {
+        tracing::warn!("{w}");
+        warnings.push(w);
+    }
     // Signal handlers first: from the moment the agent can be seen (its
     // socket), a SIGTERM must mean a drain, never the default death.
     let signals = StopSignals::install()?;
     raise_open_file_limit(config.jobs.max_concurrent);
     let keys = Keyring::load(&config.signing.keys_file).map_err(usage)?;
     let ledger = Ledger::open(&config.state.dir).map_err(failed)?;
-    let settings = settings(config);
+    let mut settings = settings(config);
+    settings.sandbox = sandbox;
     let board = Arc::new(StatusBoard::new(
         mode,
         source.describe(),

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::parse::{check_log_group_name, check_metrics_namespace, check_non_empty};
-use super::{Config, LogFormat};
+use super::{Config, LogFormat, SandboxMode, UidRange};
 
 /// Every setting's environment variable is this prefix followed by `SECTION_KEY`.
 pub(super) const ENV_PREFIX: &str = "BATCHLY_";
@@ -48,6 +48,8 @@ pub(super) enum Slot {
     },
     Size(Field<u64>),
     Path(Field<PathBuf>),
+    /// Absolute paths: a TOML array, or `:`-separated in the environment.
+    Paths(Field<Vec<PathBuf>>),
     Text {
         /// Returns what was expected when the text is not acceptable.
         check: fn(&str) -> Result<(), &'static str>,
@@ -55,6 +57,8 @@ pub(super) enum Slot {
     },
     OptionalText(Field<Option<String>>),
     LogFormat(Field<LogFormat>),
+    SandboxMode(Field<SandboxMode>),
+    UidRange(Field<UidRange>),
 }
 
 pub(super) struct Field<T: 'static> {
@@ -251,6 +255,27 @@ pub(super) static KEYS: &[Key] = &[
         slot: Slot::Path(field!(state.dir)),
         default: Builtin::Value("/var/lib/batchly/state"),
         doc: "directory for state that survives a restart",
+        secret: false,
+    },
+    Key {
+        name: "sandbox.mode",
+        slot: Slot::SandboxMode(field!(sandbox.mode)),
+        default: Builtin::Value("full"),
+        doc: "\"full\" isolates every job (or refuses it); \"none\" runs jobs unisolated and needs `run --insecure-no-sandbox`",
+        secret: false,
+    },
+    Key {
+        name: "sandbox.uid_range",
+        slot: Slot::UidRange(field!(sandbox.uid_range)),
+        default: Builtin::Value("61000-61999"),
+        doc: "job uids and gids, one per slot (FIRST-LAST); none may belong to an account or be root",
+        secret: false,
+    },
+    Key {
+        name: "sandbox.bind_paths",
+        slot: Slot::Paths(field!(sandbox.bind_paths)),
+        default: Builtin::Value(""),
+        doc: "host directories every job may write, at the same path (a shared scratch disk)",
         secret: false,
     },
     Key {

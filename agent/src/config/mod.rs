@@ -50,6 +50,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub state: StateConfig,
     pub agent: AgentConfig,
+    pub sandbox: SandboxConfig,
     /// Where each value came from, one entry per [`KEYS`] entry, in the same order.
     origins: Vec<Origin>,
     file: FileState,
@@ -117,6 +118,59 @@ pub struct AgentConfig {
     pub log_format: LogFormat,
     pub log_level: String,
     pub instance_id: Option<String>,
+}
+
+/// How jobs are isolated from the host (`sandbox.*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxConfig {
+    pub mode: SandboxMode,
+    pub uid_range: UidRange,
+    /// Host directories every job may write, at the same path.
+    pub bind_paths: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SandboxMode {
+    /// Every protection the host supports; a job the sandbox cannot isolate
+    /// is refused.
+    Full,
+    /// No isolation at all (jobs run as the agent's user in its
+    /// namespaces): `run` refuses it without `--insecure-no-sandbox`.
+    None,
+}
+
+impl SandboxMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxMode::Full => "full",
+            SandboxMode::None => "none",
+        }
+    }
+}
+
+/// Job uids and gids, one per slot: slot `n` runs as `first + n`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UidRange {
+    pub first: u32,
+    pub last: u32,
+}
+
+impl UidRange {
+    pub fn count(&self) -> u64 {
+        u64::from(self.last) - u64::from(self.first) + 1
+    }
+
+    /// The uid of job slot `slot`, if the range has one.
+    pub fn for_slot(&self, slot: usize) -> Option<u32> {
+        let uid = u64::from(self.first) + slot as u64;
+        (uid <= u64::from(self.last)).then_some(uid as u32)
+    }
+}
+
+impl fmt::Display for UidRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -323,6 +377,11 @@ impl Config {
                 log_level: String::new(),
                 instance_id: None,
             },
+            sandbox: SandboxConfig {
+                mode: SandboxMode::Full,
+                uid_range: UidRange { first: 0, last: 0 },
+                bind_paths: Vec::new(),
+            },
             origins: vec![Origin::Builtin; KEYS.len()],
             file: FileState::NotUsed,
         }
@@ -490,6 +549,17 @@ impl Config {
                     "expected at most jobs.retry_backoff_max_s ({}), got {}",
                     self.jobs.retry_backoff_max.as_secs(),
                     self.jobs.retry_backoff.as_secs()
+                ),
+            ));
+        }
+        let slots = self.jobs.max_concurrent as u64;
+        if self.sandbox.mode == SandboxMode::Full && self.sandbox.uid_range.count() < slots {
+            return Err(self.invalid(
+                "sandbox.uid_range",
+                format!(
+                    "expected at least one uid per job slot (jobs.max_concurrent = {slots}), got {} ({} uids)",
+                    self.sandbox.uid_range,
+                    self.sandbox.uid_range.count()
                 ),
             ));
         }

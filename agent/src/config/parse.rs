@@ -3,11 +3,11 @@
 //! formats and CloudWatch names. A refusal says what was expected and what was given; the caller
 //! adds the key and where the value came from.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::keys::Slot;
-use super::{Config, LogFormat};
+use super::{Config, LogFormat, SandboxMode, UidRange};
 
 /// Longest duration any `*_s` key accepts, so that deadline arithmetic (`Instant + Duration`)
 /// can never overflow: one year.
@@ -98,6 +98,7 @@ impl Slot {
             }
             Slot::Size(field) => *(field.set)(config) = parse_size(input)?,
             Slot::Path(field) => *(field.set)(config) = parse_path(input)?,
+            Slot::Paths(field) => *(field.set)(config) = parse_paths(input)?,
             Slot::Text { check, field } => {
                 let text = input.string("a string")?;
                 check(text).map_err(|expected| Rejection::new(expected, format!("{text:?}")))?;
@@ -110,6 +111,8 @@ impl Slot {
                 *(field.set)(config) = Some(text.to_string());
             }
             Slot::LogFormat(field) => *(field.set)(config) = parse_log_format(input)?,
+            Slot::SandboxMode(field) => *(field.set)(config) = parse_sandbox_mode(input)?,
+            Slot::UidRange(field) => *(field.set)(config) = parse_uid_range(input)?,
         }
         Ok(())
     }
@@ -238,6 +241,42 @@ fn parse_path(input: Input<'_>) -> Result<PathBuf, Rejection> {
     Ok(path)
 }
 
+fn parse_paths(input: Input<'_>) -> Result<Vec<PathBuf>, Rejection> {
+    const EXPECTED: &str = "an array of absolute path strings";
+    let texts: Vec<String> = match input {
+        Input::Toml(toml::Value::Array(items)) => items
+            .iter()
+            .map(|item| match item {
+                toml::Value::String(path) => Ok(path.clone()),
+                other => Err(Rejection::new(
+                    EXPECTED,
+                    format!("{} in the array", describe(other)),
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        Input::Toml(other) => return Err(Rejection::new(EXPECTED, describe(other))),
+        Input::Text(text) => text
+            .split(':')
+            .filter(|p| !p.is_empty())
+            .map(str::to_string)
+            .collect(),
+    };
+    texts
+        .iter()
+        .map(|text| {
+            let path = PathBuf::from(text);
+            if path.is_absolute() && path != Path::new("/") {
+                Ok(path)
+            } else {
+                Err(Rejection::new(
+                    "absolute paths other than /",
+                    format!("{text:?}"),
+                ))
+            }
+        })
+        .collect()
+}
+
 fn parse_log_format(input: Input<'_>) -> Result<LogFormat, Rejection> {
     const EXPECTED: &str = "\"text\" or \"json\"";
     match input.string(EXPECTED)? {
@@ -245,6 +284,29 @@ fn parse_log_format(input: Input<'_>) -> Result<LogFormat, Rejection> {
         "json" => Ok(LogFormat::Json),
         other => Err(Rejection::new(EXPECTED, format!("{other:?}"))),
     }
+}
+
+fn parse_sandbox_mode(input: Input<'_>) -> Result<SandboxMode, Rejection> {
+    const EXPECTED: &str = "\"full\" or \"none\"";
+    match input.string(EXPECTED)? {
+        "full" => Ok(SandboxMode::Full),
+        "none" => Ok(SandboxMode::None),
+        other => Err(Rejection::new(EXPECTED, format!("{other:?}"))),
+    }
+}
+
+fn parse_uid_range(input: Input<'_>) -> Result<UidRange, Rejection> {
+    const EXPECTED: &str = "a uid range FIRST-LAST such as \"61000-61999\", above 0";
+    let text = input.string(EXPECTED)?;
+    let bad = || Rejection::new(EXPECTED, format!("{text:?}"));
+    let (first, last) = text.split_once('-').ok_or_else(bad)?;
+    let number = |n: &str| n.trim().parse::<u32>().map_err(|_| bad());
+    let (first, last) = (number(first)?, number(last)?);
+    // uid 0 is root; u32::MAX is the kernel's "no uid" (-1).
+    if first == 0 || last < first || last == u32::MAX {
+        return Err(bad());
+    }
+    Ok(UidRange { first, last })
 }
 
 pub(super) fn check_non_empty(text: &str) -> Result<(), &'static str> {
@@ -535,6 +597,59 @@ mod tests {
         assert_eq!(config.jobs.log_max_bytes, 4096);
         let config = load(Some("[jobs]\nlog_max_bytes = \"3KB\"\n"), &[], &[]).config();
         assert_eq!(config.jobs.log_max_bytes, 3000);
+    }
+
+    #[test]
+    fn uid_ranges_are_first_dash_last_above_root_and_cover_every_slot() {
+        let config = load(
+            Some("[sandbox]\nuid_range = \"70000-70003\"\n[jobs]\nmax_concurrent = 4\n"),
+            &[],
+            &[],
+        )
+        .config();
+        assert_eq!(config.sandbox.uid_range.first, 70000);
+        assert_eq!(config.sandbox.uid_range.for_slot(3), Some(70003));
+        assert_eq!(config.sandbox.uid_range.for_slot(4), None);
+        for junk in ["0-10", "10-5", "61000", "a-b", "1-4294967295", "-"] {
+            let loaded = load(None, &[("BATCHLY_SANDBOX_UID_RANGE", junk)], &[]);
+            assert!(
+                loaded
+                    .error()
+                    .starts_with("sandbox.uid_range: expected a uid range FIRST-LAST"),
+                "{junk}: {}",
+                loaded.error()
+            );
+        }
+        let loaded = load(
+            None,
+            &[
+                ("BATCHLY_SANDBOX_UID_RANGE", "61000-61001"),
+                ("BATCHLY_JOBS_MAX_CONCURRENT", "3"),
+            ],
+            &[],
+        );
+        assert_eq!(
+            loaded.error(),
+            "sandbox.uid_range: expected at least one uid per job slot (jobs.max_concurrent = 3), \
+             got 61000-61001 (2 uids) (from BATCHLY_SANDBOX_UID_RANGE)"
+        );
+        // Without a sandbox no uid is used, so the range does not matter.
+        let config = load(
+            None,
+            &[
+                ("BATCHLY_SANDBOX_UID_RANGE", "61000-61001"),
+                ("BATCHLY_JOBS_MAX_CONCURRENT", "3"),
+                ("BATCHLY_SANDBOX_MODE", "none"),
+            ],
+            &[],
+        )
+        .config();
+        assert_eq!(config.sandbox.mode, super::SandboxMode::None);
+        let loaded = load(None, &[("BATCHLY_SANDBOX_MODE", "off")], &[]);
+        assert_eq!(
+            loaded.error(),
+            "sandbox.mode: expected \"full\" or \"none\", got \"off\" (from BATCHLY_SANDBOX_MODE)"
+        );
     }
 
     #[test]

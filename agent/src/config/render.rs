@@ -93,8 +93,18 @@ impl Slot {
             Slot::Seconds { field, .. } => Some((field.get)(config).as_secs().to_string()),
             Slot::Size(field) => Some(render_size(*(field.get)(config))),
             Slot::Path(field) => Some(quoted(&(field.get)(config).to_string_lossy())),
+            Slot::Paths(field) => Some(format!(
+                "[{}]",
+                (field.get)(config)
+                    .iter()
+                    .map(|p| quoted(&p.to_string_lossy()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
             Slot::Text { field, .. } => Some(quoted((field.get)(config))),
             Slot::LogFormat(field) => Some(quoted((field.get)(config).as_str())),
+            Slot::SandboxMode(field) => Some(quoted((field.get)(config).as_str())),
+            Slot::UidRange(field) => Some(quoted(&(field.get)(config).to_string())),
         }
     }
 }

@@ -16,8 +16,10 @@
 //! agent simply starts another server.
 //!
 //! Protocol (fd 0 is a `SOCK_SEQPACKET` socket, one request in flight at a
-//! time): the agent sends one packet `L` carrying three descriptors, the
-//! job's plan socket, its stdout and its stderr. The server forks; the child
+//! time): the agent sends one packet `L` and the namespaces to create (the
+//! `clone` flags, 4 bytes little endian) carrying three descriptors, the
+//! job's plan socket, its stdout and its stderr. The server forks (into
+//! those namespaces: the child is then pid 1 of its own); the child
 //! waits until the server has answered `P` and its pid (4 bytes, little
 //! endian), then puts the descriptors on fds 0, 1 and 2 and runs the
 //! launcher; a child whose pid never reached the agent (the server died in
@@ -30,7 +32,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessageOwned, MsgFlags};
 
-use super::launcher;
+use super::{launcher, Namespaces};
 
 /// The one request the server understands.
 pub const FORK: u8 = b'L';
@@ -52,8 +54,8 @@ pub fn serve() -> ! {
     };
     loop {
         let mut go: Option<OwnedFd> = None;
-        let fds = match receive(&sock) {
-            Ok(Some(fds)) => fds,
+        let (namespaces, fds) = match receive(&sock) {
+            Ok(Some(request)) => request,
             // The agent is gone (or closed its end on purpose): so are we.
             Ok(None) => std::process::exit(0),
             Err(nix::errno::Errno::EINTR) => continue,
@@ -67,6 +69,11 @@ pub fn serve() -> ! {
                 "a request carried {} descriptors, not {REQUEST_FDS}",
                 fds.len()
             ))
+        } else if namespaces.0 & !Namespaces::ALLOWED != 0 {
+            failed(format!(
+                "clone flags {:#x} are not namespaces",
+                namespaces.0
+            ))
         } else {
             // The child waits for a byte on `go` until the agent has its
             // pid: a child whose pid never reached the agent (this server
@@ -74,7 +81,7 @@ pub fn serve() -> ! {
             // anything.
             match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
                 Err(e) => failed(format!("pipe: {}", e.desc())),
-                Ok((go_r, go_w)) => match fork_beside_the_agent() {
+                Ok((go_r, go_w)) => match fork_beside_the_agent(namespaces) {
                     Ok(0) => {
                         drop(go_w);
                         child(sock, go_r, fds)
@@ -86,6 +93,11 @@ pub fn serve() -> ! {
                         r.extend_from_slice(&pid.to_le_bytes());
                         r
                     }
+                    Err(e) if namespaces.0 != 0 => failed(format!(
+                        "forking into new namespaces (flags {:#x}; the sandbox needs root): {}",
+                        namespaces.0,
+                        e.desc()
+                    )),
                     Err(e) => failed(format!("fork: {}", e.desc())),
                 },
             }
@@ -128,8 +140,9 @@ fn setup() -> Result<OwnedFd, String> {
     Ok(sock)
 }
 
-/// One request's descriptors; `None` when the agent closed its end.
-fn receive(sock: &OwnedFd) -> Result<Option<Vec<OwnedFd>>, nix::errno::Errno> {
+/// One request's namespaces and descriptors; `None` when the agent closed
+/// its end.
+fn receive(sock: &OwnedFd) -> Result<Option<(Namespaces, Vec<OwnedFd>)>, nix::errno::Errno> {
     let mut byte = [0u8; 16];
     let mut iov = [IoSliceMut::new(&mut byte)];
     let mut space = nix::cmsg_space!([RawFd; REQUEST_FDS]);
@@ -153,16 +166,19 @@ fn receive(sock: &OwnedFd) -> Result<Option<Vec<OwnedFd>>, nix::errno::Errno> {
     if msg.bytes == 0 && fds.is_empty() {
         return Ok(None);
     }
-    if msg.bytes != 1 || byte[0] != FORK {
+    let bytes = msg.bytes;
+    if bytes != 5 || byte[0] != FORK {
         // Not a request we know: answered as a bad request (no descriptors
         // would make it one anyway).
-        return Ok(Some(Vec::new()));
+        return Ok(Some((Namespaces::default(), Vec::new())));
     }
-    Ok(Some(fds))
+    let flags = u32::from_le_bytes([byte[1], byte[2], byte[3], byte[4]]);
+    Ok(Some((Namespaces(flags), fds)))
 }
 
-/// Forks this process with the agent as the child's parent; 0 in the child.
-fn fork_beside_the_agent() -> Result<i32, nix::errno::Errno> {
+/// Forks this process with the agent as the child's parent, into the new
+/// `namespaces`; 0 in the child.
+fn fork_beside_the_agent(namespaces: Namespaces) -> Result<i32, nix::errno::Errno> {
     // SAFETY: this process is single-threaded (it never starts a thread or
     // a runtime), so the child is a consistent copy: no lock is held by a
     // thread that does not exist in it. With no new stack the raw syscall
@@ -172,7 +188,9 @@ fn fork_beside_the_agent() -> Result<i32, nix::errno::Errno> {
     let r = unsafe {
         libc::syscall(
             libc::SYS_clone,
-            (libc::CLONE_PARENT | libc::SIGCHLD) as libc::c_ulong,
+            (libc::CLONE_PARENT as libc::c_ulong)
+                | libc::SIGCHLD as libc::c_ulong
+                | libc::c_ulong::from(namespaces.0),
             0usize,
             0usize,
             0usize,

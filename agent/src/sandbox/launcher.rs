@@ -1,7 +1,9 @@
 //! The launcher: the child side of the launch path. It runs in a
 //! single-threaded copy of the agent binary (forked by the fork server,
 //! `forkserver.rs`), so every step may allocate, read files and report
-//! errors freely before the final `execve`.
+//! errors freely before the final `execve`. With isolation it becomes the
+//! job's init (`init.rs`), which forks the job; without, it execs the job
+//! itself.
 //!
 //! Protocol with the agent (see `process.rs`): fd 0 is a Unix socket, fds 1
 //! and 2 the job's output pipes. The
@@ -25,7 +27,8 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::{fcntl, FcntlArg};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
-use super::LaunchPlan;
+use super::steps::{Step, StepError};
+use super::{init, LaunchPlan};
 
 /// Exit status of a launcher that refused to start the job.
 pub const LAUNCH_REFUSED_EXIT: i32 = 127;
@@ -39,22 +42,6 @@ pub const READY: u8 = b'+';
 /// background commands), and a job must receive its `interrupt.signal`.
 const RESET_SIGNALS: std::ops::RangeInclusive<i32> = 1..=31;
 
-/// One failed launcher step: which step, and what went wrong.
-#[derive(Debug)]
-pub struct StepError {
-    pub step: &'static str,
-    pub message: String,
-}
-
-impl StepError {
-    fn new(step: &'static str, message: impl Into<String>) -> Self {
-        StepError {
-            step,
-            message: message.into(),
-        }
-    }
-}
-
 /// Entry point of a launcher the fork server forked. Never returns.
 pub fn main() -> ! {
     let mut report: Option<std::fs::File> = None;
@@ -62,7 +49,7 @@ pub fn main() -> ! {
         Ok(never) => match never {},
         Err(err) => err,
     };
-    let line = format!("{}\t{}", err.step, err.message.replace('\n', " "));
+    let line = err.wire();
     match report.as_mut() {
         Some(f) => {
             let _ = f.write_all(line.as_bytes());
@@ -74,7 +61,7 @@ pub fn main() -> ! {
     std::process::exit(LAUNCH_REFUSED_EXIT)
 }
 
-enum Never {}
+pub(super) enum Never {}
 
 fn run(report: &mut Option<std::fs::File>) -> Result<Never, StepError> {
     // Out of the agent's process group first, so a Ctrl-C meant for the
@@ -84,12 +71,18 @@ fn run(report: &mut Option<std::fs::File>) -> Result<Never, StepError> {
     *report = Some(keep_report_fd()?);
     stdin_from_dev_null()?;
     default_signal_state()?;
+    if let Some(iso) = &plan.isolation {
+        let report = report
+            .as_mut()
+            .expect("the report descriptor was just kept");
+        return init::run(&plan, iso, report);
+    }
     enter_work_dir(&plan.work_dir)?;
     let program = resolve_program(&plan)?;
     if let Some(report) = report.as_mut() {
         report
             .write_all(&[READY])
-            .map_err(|e| StepError::new("report", format!("telling the agent: {e}")))?;
+            .map_err(|e| StepError::new(Step::Report, format!("telling the agent: {e}")))?;
     }
     exec(&program, &plan)
 }
@@ -101,22 +94,22 @@ fn read_plan() -> Result<LaunchPlan, StepError> {
     let mut sock = unsafe { std::fs::File::from_raw_fd(0) };
     let read = sock.read_to_end(&mut buf);
     let _ = std::os::fd::IntoRawFd::into_raw_fd(sock);
-    read.map_err(|e| StepError::new("read-plan", format!("reading launch plan: {e}")))?;
+    read.map_err(|e| StepError::new(Step::ReadPlan, format!("reading launch plan: {e}")))?;
     serde_json::from_slice(&buf)
-        .map_err(|e| StepError::new("read-plan", format!("decoding launch plan: {e}")))
+        .map_err(|e| StepError::new(Step::ReadPlan, format!("decoding launch plan: {e}")))
 }
 
 /// Moves the plan socket off fd 0 to a close-on-exec descriptor: it stays
 /// open for error reports and closes by itself when `execve` succeeds.
 fn keep_report_fd() -> Result<std::fs::File, StepError> {
     let fd = move_off_fd0()
-        .map_err(|e| StepError::new("report-fd", format!("duplicating plan socket: {e}")))?;
+        .map_err(|e| StepError::new(Step::ReportFd, format!("duplicating plan socket: {e}")))?;
     Ok(std::fs::File::from(fd))
 }
 
 fn stdin_from_dev_null() -> Result<(), StepError> {
     dev_null_on_fd0()
-        .map_err(|e| StepError::new("stdin", format!("redirecting stdin to /dev/null: {e}")))
+        .map_err(|e| StepError::new(Step::Stdin, format!("redirecting stdin to /dev/null: {e}")))
 }
 
 /// A close-on-exec copy (at 3 or above) of what fd 0 holds.
@@ -152,7 +145,7 @@ pub(super) fn dup_onto(fd: BorrowedFd<'_>, target: RawFd) -> nix::Result<()> {
 fn new_session() -> Result<(), StepError> {
     nix::unistd::setsid()
         .map(|_| ())
-        .map_err(|e| StepError::new("setsid", format!("creating a new session: {e}")))
+        .map_err(|e| StepError::new(Step::Session, format!("creating a new session: {e}")))
 }
 
 /// The launcher is a Rust binary, whose runtime ignores SIGPIPE at start,
@@ -170,17 +163,17 @@ fn default_signal_state() -> Result<(), StepError> {
         // SAFETY: single-threaded process, no handler is installed:
         // restoring the default disposition cannot race with anything.
         unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) }
-            .map_err(|e| StepError::new("signals", format!("resetting {sig}: {e}")))?;
+            .map_err(|e| StepError::new(Step::Signals, format!("resetting {sig}: {e}")))?;
     }
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
-        .map_err(|e| StepError::new("signals", format!("clearing the signal mask: {e}")))?;
+        .map_err(|e| StepError::new(Step::Signals, format!("clearing the signal mask: {e}")))?;
     Ok(())
 }
 
-fn enter_work_dir(dir: &Path) -> Result<(), StepError> {
+pub(super) fn enter_work_dir(dir: &Path) -> Result<(), StepError> {
     nix::unistd::chdir(dir).map_err(|e| {
         StepError::new(
-            "work-dir",
+            Step::WorkDir,
             format!("entering work dir {}: {}", dir.display(), e.desc()),
         )
     })
@@ -188,11 +181,11 @@ fn enter_work_dir(dir: &Path) -> Result<(), StepError> {
 
 /// `command[0]` without a slash is looked up in the job's own `PATH`, the
 /// way a shell would; the agent's `PATH` plays no part.
-fn resolve_program(plan: &LaunchPlan) -> Result<PathBuf, StepError> {
+pub(super) fn resolve_program(plan: &LaunchPlan) -> Result<PathBuf, StepError> {
     let name = plan
         .argv
         .first()
-        .ok_or_else(|| StepError::new("resolve", "empty command"))?;
+        .ok_or_else(|| StepError::new(Step::Resolve, "empty command"))?;
     if name.contains('/') {
         return Ok(PathBuf::from(name));
     }
@@ -207,7 +200,7 @@ fn resolve_program(plan: &LaunchPlan) -> Result<PathBuf, StepError> {
         .filter(|d| !d.is_empty())
         .map(|d| Path::new(d).join(name))
         .find(|p| is_executable_file(p))
-        .ok_or_else(|| StepError::new("exec", format!("command not found: {name}")))
+        .ok_or_else(|| StepError::new(Step::Resolve, format!("command not found: {name}")))
 }
 
 fn is_executable_file(p: &Path) -> bool {
@@ -217,9 +210,9 @@ fn is_executable_file(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
-fn exec(program: &Path, plan: &LaunchPlan) -> Result<Never, StepError> {
+pub(super) fn exec(program: &Path, plan: &LaunchPlan) -> Result<Never, StepError> {
     let cstr = |s: &[u8]| {
-        CString::new(s).map_err(|_| StepError::new("exec", "argument contains a NUL byte"))
+        CString::new(s).map_err(|_| StepError::new(Step::Exec, "argument contains a NUL byte"))
     };
     let path = cstr(program.as_os_str().as_bytes())?;
     let argv = plan
@@ -248,5 +241,5 @@ fn exec(program: &Path, plan: &LaunchPlan) -> Result<Never, StepError> {
         nix::errno::Errno::ENOEXEC => format!("not an executable format: {shown}"),
         other => format!("executing {shown}: {}", other.desc()),
     };
-    Err(StepError::new("exec", message))
+    Err(StepError::new(Step::Exec, message))
 }

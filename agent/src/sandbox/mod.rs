@@ -1,18 +1,34 @@
 //! Everything that stands between a job and the host. It owns the launch
 //! path: the agent never forks its multi-threaded runtime to run job code;
 //! it spawns a fresh copy of its own binary once (`__launch`, the fork
-//! server), which forks a single-threaded launcher for each job that applies
-//! each isolation step in order and then `execve`s the job. Today the steps are: own session and process group, private work
-//! dir, scrubbed environment, default signal state. Namespaces, cgroups,
-//! identity, seccomp and Landlock are later steps in `launcher.rs`; if a step
-//! cannot be applied the launcher refuses the job (fail closed), it never
-//! runs the job with less protection.
+//! server), which forks a single-threaded launcher for each job.
+//!
+//! With `sandbox.mode = "full"` the launcher is forked into fresh mount,
+//! pid, ipc, uts and network namespaces and becomes the job's init (pid 1
+//! of its namespace): it builds the job's view of the file system (the host
+//! read-only, the agent's own files hidden, a private work dir, /tmp, /dev
+//! and /proc), then forks the job, which drops to its slot's uid with no
+//! capabilities and `no_new_privs`, applies Landlock and seccomp and execs.
+//! The init reaps, reports the job's exit status and exits with it, which
+//! kills whatever the job left in its namespace. The steps are in
+//! `launcher.rs` (order), `init.rs`, `mounts.rs`, `identity.rs`,
+//! `syscalls.rs` and `lsm.rs`. If a step cannot be applied the job is
+//! refused (fail closed); it never runs with less protection.
+//!
+//! With `sandbox.mode = "none"` the launcher applies only its own session,
+//! the work dir, the scrubbed environment and default signals, then execs.
 //!
 //! This is the only module allowed to contain `unsafe`.
 
 pub mod forkserver;
+mod identity;
+mod init;
 pub mod launcher;
+mod lsm;
+mod mounts;
 pub mod process;
+mod steps;
+mod syscalls;
 
 use std::path::PathBuf;
 
@@ -33,6 +49,118 @@ pub struct LaunchPlan {
     pub env: Vec<(String, String)>,
     /// The job's private work directory; it becomes the job's cwd.
     pub work_dir: PathBuf,
+    /// How the job is isolated; `None` with `sandbox.mode = "none"`.
+    pub isolation: Option<Isolation>,
+}
+
+/// The isolation inputs of one job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Isolation {
+    /// The slot's uid and gid (never 0, never the agent's).
+    pub uid: u32,
+    pub gid: u32,
+    /// The job's hostname in its own uts namespace.
+    pub hostname: String,
+    /// Host paths the job must not see (files and directories): the
+    /// agent's state, keys, config, admin socket, logs and the other jobs'
+    /// work dirs. The job's own work dir is put back into place.
+    pub hidden: Vec<PathBuf>,
+    /// Host directories the job may write, at the same path
+    /// (`sandbox.bind_paths`).
+    pub writable: Vec<PathBuf>,
+}
+
+impl Isolation {
+    /// The namespaces the fork server creates for the launcher (`clone` flags).
+    pub fn namespaces(&self) -> Namespaces {
+        Namespaces(
+            (libc::CLONE_NEWNS
+                | libc::CLONE_NEWPID
+                | libc::CLONE_NEWIPC
+                | libc::CLONE_NEWUTS
+                | libc::CLONE_NEWNET) as u32,
+        )
+    }
+}
+
+/// What the agent isolates every job with (`sandbox.mode = "full"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxPolicy {
+    pub uid_range: crate::config::UidRange,
+    /// Host paths no job may see (see [`Isolation::hidden`]).
+    pub hidden: Vec<PathBuf>,
+    /// See [`Isolation::writable`].
+    pub writable: Vec<PathBuf>,
+}
+
+impl SandboxPolicy {
+    /// The isolation of a job in job slot `slot`; `None` when the uid range
+    /// has no uid for it (never the case for a checked config).
+    pub fn isolation(&self, slot: usize, job_id: &str) -> Option<Isolation> {
+        let uid = self.uid_range.for_slot(slot)?;
+        Some(Isolation {
+            uid,
+            gid: uid,
+            hostname: hostname_for(job_id),
+            hidden: self.hidden.clone(),
+            writable: self.writable.clone(),
+        })
+    }
+}
+
+/// Gives `dir` and everything in it to `uid`/`gid`, never following a
+/// symlink (the job's own dir, after the agent put its inputs there).
+pub fn give_tree(dir: &std::path::Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() {
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if std::fs::symlink_metadata(&path)?.is_dir() {
+            give_tree(&path, uid, gid)?;
+        } else {
+            std::os::unix::fs::lchown(&path, Some(uid), Some(gid))?;
+        }
+    }
+    Ok(())
+}
+
+/// `clone` flags of the namespaces a launcher starts in; empty for none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Namespaces(pub u32);
+
+impl Namespaces {
+    /// Every flag the fork server accepts.
+    pub const ALLOWED: u32 = (libc::CLONE_NEWNS
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWNET
+        | libc::CLONE_NEWCGROUP) as u32;
+}
+
+/// A hostname made of a job id: letters, digits, `-` and `.`, at most 63
+/// bytes (one DNS label's length, well within the kernel's 64).
+pub fn hostname_for(job_id: &str) -> String {
+    let name: String = job_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    let name = name.trim_matches(|c| c == '-' || c == '.').to_string();
+    if name.is_empty() {
+        "job".to_string()
+    } else {
+        name
+    }
 }
 
 /// The base environment every job starts from; nothing of the agent's own
@@ -68,6 +196,14 @@ pub fn scrubbed_env(
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn a_hostname_is_a_clean_label_of_the_job_id() {
+        assert_eq!(hostname_for("render-42"), "render-42");
+        assert_eq!(hostname_for("a b/c_d"), "a-b-c-d");
+        assert_eq!(hostname_for("__"), "job");
+        assert_eq!(hostname_for(&"x".repeat(100)).len(), 63);
+    }
 
     #[test]
     fn scrubbed_env_carries_nothing_from_the_agent_and_lets_the_spec_override() {

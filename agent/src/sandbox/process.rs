@@ -29,8 +29,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::unix::pipe;
 
 use super::forkserver::{FAILED, FORK, FORKED};
+use super::init::{RUNNING, STATUS};
 use super::launcher::READY;
-use super::{LaunchPlan, LAUNCHER_ARG};
+use super::{LaunchPlan, Namespaces, LAUNCHER_ARG};
 
 /// Longest a launcher may take to apply its steps (a hung mount in `chdir`,
 /// say) before the attempt is given up as the agent's fault.
@@ -38,6 +39,9 @@ const PLAN_EXCHANGE_LIMIT: Duration = Duration::from_secs(60);
 /// Longest the fork server may take to answer one request; past it the
 /// server is taken for hung, killed, and another one started.
 const FORK_LIMIT: Duration = Duration::from_secs(10);
+/// Longest the job's status record may take to be read once its init has
+/// exited (it is already in the socket's buffer by then).
+const INIT_RECORD_LIMIT: Duration = Duration::from_secs(1);
 
 /// How to start launchers: through a fork server running `program` (in
 /// production the running binary itself), started on first use and again
@@ -80,12 +84,18 @@ impl LaunchError {
     }
 }
 
-/// A running job: the leader of its own session and process group.
+/// A running job: the leader of its own session and process group (with
+/// isolation, the job's init, whose group the job is in).
 #[derive(Debug)]
 pub struct JobProcess {
     pid: Pid,
     start_time: u64,
     child: Child,
+    /// With isolation: the init's report socket, which carries the job's
+    /// own wait status at its end.
+    init: Option<(tokio::net::UnixStream, Vec<u8>)>,
+    /// The job's status once known.
+    reported: Option<ExitStatus>,
     pub stdout: Option<pipe::Receiver>,
     pub stderr: Option<pipe::Receiver>,
 }
@@ -136,13 +146,15 @@ impl ForkServer {
 
     /// Asks for one launcher with these descriptors on its fds 0, 1, 2;
     /// returns its pid. Errors mean the server is unusable.
-    async fn fork(&self, fds: [&OwnedFd; 3]) -> io::Result<i32> {
+    async fn fork(&self, fds: [&OwnedFd; 3], namespaces: Namespaces) -> Result<i32, ForkError> {
         let raw = fds.map(|fd| fd.as_raw_fd());
+        let mut request = vec![FORK];
+        request.extend_from_slice(&namespaces.0.to_le_bytes());
         self.sock
             .async_io(Interest::WRITABLE, |sock| {
                 sendmsg::<()>(
                     sock.as_raw_fd(),
-                    &[io::IoSlice::new(&[FORK])],
+                    &[io::IoSlice::new(&request)],
                     &[ControlMessage::ScmRights(&raw)],
                     MsgFlags::MSG_NOSIGNAL,
                     None,
@@ -158,19 +170,37 @@ impl ForkServer {
             })
             .await?;
         match &reply[..n] {
-            [] => Err(io::Error::new(
+            [] => Err(ForkError::Broken(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the fork server has exited",
-            )),
+            ))),
             [FORKED, pid @ ..] if pid.len() == 4 => {
                 Ok(i32::from_le_bytes([pid[0], pid[1], pid[2], pid[3]]))
             }
-            [FAILED, why @ ..] => Err(io::Error::other(String::from_utf8_lossy(why).into_owned())),
-            other => Err(io::Error::other(format!(
+            [FAILED, why @ ..] => Err(ForkError::Refused(
+                String::from_utf8_lossy(why).into_owned(),
+            )),
+            other => Err(ForkError::Broken(io::Error::other(format!(
                 "the fork server answered {} unexpected bytes",
                 other.len()
-            ))),
+            )))),
         }
+    }
+}
+
+/// Why the fork server gave no pid.
+#[derive(Debug)]
+enum ForkError {
+    /// It answered that it could not fork (no privileges for namespaces, no
+    /// memory): another server would answer the same.
+    Refused(String),
+    /// It is gone or unusable: another server may do better.
+    Broken(io::Error),
+}
+
+impl From<io::Error> for ForkError {
+    fn from(e: io::Error) -> Self {
+        ForkError::Broken(e)
     }
 }
 
@@ -193,16 +223,18 @@ impl Launcher {
     /// its own code before `Spawned::start`, so the caller can first record
     /// the pid where crash recovery will find it. Dropping a `Spawned`
     /// without starting it kills the launcher.
-    pub async fn spawn(&self) -> Result<Spawned, LaunchError> {
+    /// `namespaces` are those the launcher is forked into (empty without
+    /// isolation).
+    pub async fn spawn(&self, namespaces: Namespaces) -> Result<Spawned, LaunchError> {
         // The exchange with the server runs to its end even if the caller
         // stops waiting: a reply left unread would answer the next request.
         let me = self.clone();
-        tokio::spawn(async move { me.spawn_now().await })
+        tokio::spawn(async move { me.spawn_now(namespaces).await })
             .await
             .map_err(|e| LaunchError::Protocol(io::Error::other(e)))?
     }
 
-    async fn spawn_now(&self) -> Result<Spawned, LaunchError> {
+    async fn spawn_now(&self, namespaces: Namespaces) -> Result<Spawned, LaunchError> {
         let mut server = self.server.lock().await;
         // A server that died since the last job is replaced once. Each try
         // has descriptors of its own: a launcher forked by a server that
@@ -221,18 +253,28 @@ impl Launcher {
                 Some(srv) => srv,
                 None => server.insert(ForkServer::start(&self.program)?),
             };
-            let asked = tokio::time::timeout(FORK_LIMIT, srv.fork([&theirs, &out_w, &err_w])).await;
+            let asked =
+                tokio::time::timeout(FORK_LIMIT, srv.fork([&theirs, &out_w, &err_w], namespaces))
+                    .await;
             // The launcher has its copies now (if it exists); with ours
             // closed, its ends of the pipes are the only writers, so they
             // reach end of file with it.
             drop((theirs, out_w, err_w));
             match asked {
                 Ok(Ok(pid)) => break (pid, ours, out_r, err_r),
-                Ok(Err(e)) if tries < 2 => {
+                // The server answered; it could not fork (the reason says
+                // why: no privileges for namespaces, no memory). Another
+                // server would answer the same.
+                Ok(Err(ForkError::Refused(why))) => {
+                    return Err(LaunchError::Protocol(io::Error::other(format!(
+                        "the job fork server could not fork: {why}"
+                    ))));
+                }
+                Ok(Err(ForkError::Broken(e))) if tries < 2 => {
                     tracing::warn!(error = %e, "the job fork server failed; starting another");
                     *server = None;
                 }
-                Ok(Err(e)) => {
+                Ok(Err(ForkError::Broken(e))) => {
                     *server = None;
                     return Err(LaunchError::Protocol(e));
                 }
@@ -436,8 +478,10 @@ impl Spawned {
                 return Err(LaunchError::Protocol(e));
             }
         };
-        match parse_reply(&reply) {
-            Reply::Running => {}
+        let (reply, socket) = reply;
+        let init = match parse_reply(&reply) {
+            Reply::Running => None,
+            Reply::RunningUnderInit => Some((socket, reply[1..].to_vec())),
             Reply::Died => {
                 // Killed or out of memory before every step was done: the
                 // job never ran, and that is not the job's fault.
@@ -453,11 +497,13 @@ impl Spawned {
                 let _ = child.wait().await;
                 return Err(LaunchError::Refused { step, message });
             }
-        }
+        };
         Ok(JobProcess {
             pid,
             start_time,
             child,
+            init,
+            reported: None,
             stdout: Some(stdout),
             stderr: Some(stderr),
         })
@@ -468,13 +514,19 @@ impl Spawned {
 #[derive(Debug, PartialEq, Eq)]
 enum Reply {
     Running,
+    /// The job exec'd under an init, which reports its status at the end.
+    RunningUnderInit,
     Died,
-    Refused { step: String, message: String },
+    Refused {
+        step: String,
+        message: String,
+    },
 }
 
 fn parse_reply(reply: &[u8]) -> Reply {
     let text = match reply {
         [READY] => return Reply::Running,
+        [RUNNING, ..] => return Reply::RunningUnderInit,
         [] => return Reply::Died,
         [READY, rest @ ..] => rest,
         other => other,
@@ -487,18 +539,33 @@ fn parse_reply(reply: &[u8]) -> Reply {
     }
 }
 
+/// Sends the plan and reads the launcher's answer: everything up to end
+/// of file, or the init's lone [`RUNNING`] byte (the socket then stays
+/// open until the job ends).
 async fn exchange_plan(
     ours: std::os::unix::net::UnixStream,
     plan: &LaunchPlan,
-) -> io::Result<Vec<u8>> {
+) -> io::Result<(Vec<u8>, tokio::net::UnixStream)> {
     ours.set_nonblocking(true)?;
     let mut sock = tokio::net::UnixStream::from_std(ours)?;
     let body = serde_json::to_vec(plan).map_err(io::Error::other)?;
     sock.write_all(&body).await?;
     sock.shutdown().await?;
     let mut reply = Vec::new();
-    sock.read_to_end(&mut reply).await?;
-    Ok(reply)
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = sock.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        reply.extend_from_slice(&chunk[..n]);
+        // An init's answer: the job runs; what may follow (its status, if
+        // it ended already) is read when it is waited for.
+        if reply.first() == Some(&RUNNING) {
+            break;
+        }
+    }
+    Ok((reply, sock))
 }
 
 impl JobProcess {
@@ -517,9 +584,32 @@ impl JobProcess {
         let _ = nix::sys::signal::killpg(self.pid, sig);
     }
 
-    /// Waits for the job's leader to exit (reaping it). Cancel-safe.
+    /// Waits for the job's leader to exit (reaping it). Cancel-safe. Under
+    /// an init, the job's own status is the one the init reported; an init
+    /// that died without one (killed) gives its own.
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
-        self.child.wait().await
+        if let Some(status) = self.reported {
+            return Ok(status);
+        }
+        let status = self.child.wait().await?;
+        let reported = match self.init.as_mut() {
+            None => status,
+            Some((sock, record)) => {
+                // The init wrote its record before it exited: it is in the
+                // socket's buffer (or was read with the answer), followed
+                // by end of file.
+                let _ = tokio::time::timeout(INIT_RECORD_LIMIT, sock.read_to_end(record)).await;
+                match record.as_slice() {
+                    [STATUS, raw @ ..] if raw.len() == 4 => {
+                        ExitStatus::from_raw(i32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]))
+                    }
+                    _ => status,
+                }
+            }
+        };
+        self.init = None;
+        self.reported = Some(reported);
+        Ok(reported)
     }
 }
 
@@ -597,6 +687,13 @@ mod tests {
     fn a_launcher_that_dies_silently_is_never_taken_for_a_running_job() {
         assert_eq!(parse_reply(b""), Reply::Died);
         assert_eq!(parse_reply(&[READY]), Reply::Running);
+        // An init's answer, alone or with the status of a job that ended
+        // at once read in the same chunk.
+        assert_eq!(parse_reply(&[RUNNING]), Reply::RunningUnderInit);
+        assert_eq!(
+            parse_reply(&[RUNNING, STATUS, 0, 1, 0, 0]),
+            Reply::RunningUnderInit
+        );
         assert_eq!(
             parse_reply(b"work-dir\tentering work dir /w: No such file or directory"),
             Reply::Refused {

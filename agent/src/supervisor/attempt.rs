@@ -535,6 +535,38 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 Err(cut) => return cut_ending(cut),
             }
         }
+        let isolation = match &self.settings.sandbox {
+            Some(policy) => {
+                let Some(isolation) = policy.isolation(slot, &job.id) else {
+                    return Ending::AgentFault(format!(
+                        "sandbox.uid_range has no uid for job slot {slot}"
+                    ));
+                };
+                if job.network == crate::envelope::Network::Egress {
+                    return Ending::AgentFault(
+                        "the job asks for network \"egress\", which this release cannot give \
+                         with the instance metadata blocked; it runs only with network \"none\""
+                            .into(),
+                    );
+                }
+                if let Err(e) = crate::sandbox::give_tree(work_dir, isolation.uid, isolation.gid) {
+                    return Ending::AgentFault(format!(
+                        "giving work dir {} to uid {}: {e}",
+                        work_dir.display(),
+                        isolation.uid
+                    ));
+                }
+                Some(isolation)
+            }
+            None => {
+                tracing::warn!(job_id = %job.id, "running without the sandbox: the job has the agent's privileges");
+                None
+            }
+        };
+        let namespaces = isolation
+            .as_ref()
+            .map(crate::sandbox::Isolation::namespaces)
+            .unwrap_or_default();
         let log_path = self.settings.log_root.join(log_stream);
         let log = match output::create_log(&log_path) {
             Ok(f) => f,
@@ -554,8 +586,9 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             argv: job.command.clone(),
             env: scrubbed_env(work_dir, &job.id, msg.attempt, &job.env),
             work_dir: work_dir.clone(),
+            isolation,
         };
-        let spawned = match self.launcher.spawn().await {
+        let spawned = match self.launcher.spawn(namespaces).await {
             Ok(s) => s,
             Err(e) => return Ending::AgentFault(e.to_string()),
         };
@@ -749,7 +782,12 @@ fn transfer_ending(e: crate::transfer::TransferError) -> Ending {
 fn prepare_work_dir(dir: &Path) -> std::io::Result<()> {
     use std::io::ErrorKind;
     use std::os::unix::fs::DirBuilderExt;
-    let mkdir = || std::fs::DirBuilder::new().mode(0o700).create(dir);
+    // The mode is set, not left to the umask: another thread (the admin
+    // socket's bind) may hold a stricter umask for a moment.
+    let mkdir = || {
+        std::fs::DirBuilder::new().mode(0o700).create(dir)?;
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+    };
     match mkdir() {
         Err(e) if e.kind() == ErrorKind::AlreadyExists => {
             std::fs::remove_dir_all(dir)?;

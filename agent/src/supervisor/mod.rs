@@ -167,6 +167,10 @@ pub struct Settings {
     /// Releases that are not failures a job may have before it is
     /// dead-lettered as `agent_gave_up` (`jobs.max_requeues`).
     pub max_requeues: u32,
+    /// How every job is isolated; `None` runs jobs without a sandbox
+    /// (`sandbox.mode = "none"`, or `dev` without root), with a warning
+    /// at each.
+    pub sandbox: Option<crate::sandbox::SandboxPolicy>,
 }
 
 /// The source's news about claims, written into the ledger at once; what
@@ -771,6 +775,7 @@ mod tests {
             verify: VerifyPolicy::default(),
             instance_id: "i-test".into(),
             max_requeues: 20,
+            sandbox: None,
         };
         let drain = Drain::new();
         let board = Arc::new(StatusBoard::new("test", "dir".into(), 2, drain.clone()));

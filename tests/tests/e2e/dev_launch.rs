@@ -1,5 +1,6 @@
 //! The launch path under failure: jobs are forked by one fork server per
-//! agent (`batchly-agent __launch`), yet each job is the agent's own child.
+//! agent (`batchly-agent __launch`), yet each job's init is the agent's own
+//! child.
 //! Killing the server must not cost a running job its outcome, and the next
 //! job must find a new server; no launcher or job is ever left a zombie.
 
@@ -34,10 +35,23 @@ fn children(pid: i32) -> Vec<(i32, String, Vec<String>)> {
         .collect()
 }
 
-/// Pids of the agent's live fork servers.
+/// The parent of `pid`, as the host sees it.
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Pids of the agent's live fork servers (a job's init is a fork of one,
+/// in a pid namespace of its own).
 fn fork_servers(agent: i32) -> Vec<i32> {
+    let agents_ns = std::fs::read_link(format!("/proc/{agent}/ns/pid")).ok();
     children(agent)
         .into_iter()
+        .filter(|(p, _, _)| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok() == agents_ns)
         .filter(|(_, state, argv)| state != "Z" && argv.get(1).is_some_and(|a| a == "__launch"))
         .map(|(p, _, _)| p)
         .collect()
@@ -47,15 +61,17 @@ fn fork_servers(agent: i32) -> Vec<i32> {
 fn a_job_is_the_agents_own_child_and_keeps_its_outcome_when_the_fork_server_is_killed() {
     let agent = DevAgent::start(&[]);
     let mark = agent.mark_env();
-    let waits = r#"echo $PPID > "$MARK/parent"; echo $$ > "$MARK/pid"
+    let waits = r#"echo $$ $(readlink /proc/self/ns/pid) > "$MARK/pid"
 while [ ! -e "$MARK/go" ]; do sleep 0.02; done"#;
     let first = agent.submit_one(&["--id", "waits", "--env", &mark, "--", "sh", "-c", waits]);
-    let parent = read_pid_file(&agent.mark().join("parent"));
-    read_pid_file(&agent.mark().join("pid"));
+    let job = read_pid_file(&agent.mark().join("pid"));
+    // The job runs under its init (pid 1 of its namespace), and the init is
+    // the agent's own child.
+    let init = parent_of(job).expect("the job is running");
     assert_eq!(
-        parent,
-        agent.pid(),
-        "the job's parent is the agent itself, not the fork server\n{}",
+        parent_of(init),
+        Some(agent.pid()),
+        "the job's init's parent is the agent itself, not the fork server\n{}",
         agent.diagnostics()
     );
     let servers = fork_servers(agent.pid());

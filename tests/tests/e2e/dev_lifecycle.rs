@@ -177,7 +177,7 @@ fn a_timed_out_job_has_its_whole_process_tree_killed() {
         "--",
         "sh",
         "-c",
-        r#"sleep 300 & echo $! > "$MARK/grandchild"; echo $$ > "$MARK/leader"; sleep 300"#,
+        r#"sleep 300 & echo $! $(readlink /proc/self/ns/pid) > "$MARK/grandchild"; echo $$ $(readlink /proc/self/ns/pid) > "$MARK/leader"; sleep 300"#,
     ]);
     let grandchild = read_pid_file(&agent.mark().join("grandchild"));
     let leader = read_pid_file(&agent.mark().join("leader"));
@@ -279,7 +279,7 @@ fn on_ctrl_c_a_job_ignoring_its_signal_is_killed_after_its_grace_and_released() 
         "--",
         "sh",
         "-c",
-        r#"trap '' TERM; echo $$ > "$MARK/leader"; while :; do sleep 0.05; done"#,
+        r#"trap '' TERM; echo $$ $(readlink /proc/self/ns/pid) > "$MARK/leader"; while :; do sleep 0.05; done"#,
     ]);
     let leader = read_pid_file(&agent.mark().join("leader"));
 
@@ -323,7 +323,7 @@ fn a_second_sigterm_stops_the_running_jobs_at_once_and_releases_them() {
         "--",
         "sh",
         "-c",
-        r#"trap '' TERM; echo $$ > "$MARK/leader"; while :; do sleep 0.05; done"#,
+        r#"trap '' TERM; echo $$ $(readlink /proc/self/ns/pid) > "$MARK/leader"; while :; do sleep 0.05; done"#,
     ]);
     let leader = read_pid_file(&agent.mark().join("leader"));
 
@@ -368,7 +368,7 @@ fn on_drain_the_drain_deadline_bounds_even_the_longest_grace_a_job_may_ask_for()
         "--",
         "sh",
         "-c",
-        r#"trap '' TERM; echo $$ > "$MARK/leader"; while :; do sleep 0.05; done"#,
+        r#"trap '' TERM; echo $$ $(readlink /proc/self/ns/pid) > "$MARK/leader"; while :; do sleep 0.05; done"#,
     ]);
     let leader = read_pid_file(&agent.mark().join("leader"));
 
@@ -424,7 +424,7 @@ fn a_finished_job_leaves_no_process_behind() {
         "--",
         "sh",
         "-c",
-        r#"sleep 300 & echo $! > "$MARK/straggler"; exit 0"#,
+        r#"sleep 300 & echo $! $(readlink /proc/self/ns/pid) > "$MARK/straggler"; exit 0"#,
     ]);
     let straggler = read_pid_file(&agent.mark().join("straggler"));
     let end = agent.wait_final(&job.message_id);
@@ -511,8 +511,8 @@ fn after_kill_9_of_the_agent_a_restart_kills_the_orphaned_job_and_runs_it_again(
         "-c",
         r#"if [ -e "$MARK/ran-once" ]; then exit 0; fi
 touch "$MARK/ran-once"
-sleep 300 & echo $! > "$MARK/child"
-echo $$ > "$MARK/leader"
+sleep 300 & echo $! $(readlink /proc/self/ns/pid) > "$MARK/child"
+echo $$ $(readlink /proc/self/ns/pid) > "$MARK/leader"
 wait"#,
     ]);
     agent.wait_for("the job to start", |ev| count_kind(ev, "job.started") == 1);

@@ -31,8 +31,8 @@ fn long_then_instant_job() -> String {
     marked(&format!(
         r#"if [ -e "$MARK/$BATCHLY_JOB_ID.ran" ]; then true; else
 touch "$MARK/$BATCHLY_JOB_ID.ran"
-sleep {SLEEP_S} & echo $! > "$MARK/$BATCHLY_JOB_ID.child"
-echo $$ > "$MARK/$BATCHLY_JOB_ID.leader"
+sleep {SLEEP_S} & echo $! $(readlink /proc/self/ns/pid) > "$MARK/$BATCHLY_JOB_ID.child"
+echo $$ $(readlink /proc/self/ns/pid) > "$MARK/$BATCHLY_JOB_ID.leader"
 wait
 fi"#
     ))

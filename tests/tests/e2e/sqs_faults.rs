@@ -286,7 +286,9 @@ fn a_retry_release_refused_for_an_invalid_receipt_frees_the_slot_for_the_next_jo
 /// ignoring SIGTERM if `stubborn`.
 fn sleeper(id: &str, stubborn: bool) -> String {
     let trap = if stubborn { "trap '' TERM; " } else { "" };
-    format!("{trap}echo $$ > \"$MARK/{id}.pid\"; exec sleep {SLEEP_S}")
+    format!(
+        "{trap}echo $$ $(readlink /proc/self/ns/pid) > \"$MARK/{id}.pid\"; exec sleep {SLEEP_S}"
+    )
 }
 
 #[test]

@@ -51,7 +51,8 @@ fn wait_for_file(name: &str) -> String {
 
 /// Shell line that leaves the job's shell pid (its process group leader)
 /// in `$MARK/<job id>.leader`.
-const RECORD_LEADER: &str = "echo $$ > \"$MARK/$BATCHLY_JOB_ID.leader\"";
+const RECORD_LEADER: &str =
+    "echo $$ $(readlink /proc/self/ns/pid) > \"$MARK/$BATCHLY_JOB_ID.leader\"";
 
 /// Waits until a job has left `$MARK/NAME`.
 fn wait_for_mark(t: &SqsTest, name: &str, agent: &SqsAgent) {

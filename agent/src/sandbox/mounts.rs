@@ -1,0 +1,380 @@
+//! The job's view of the file system, built by the init in the job's own
+//! mount namespace (as root, before the job drops its privileges):
+//!
+//! 1. every mount private, so nothing propagates back to the host;
+//! 2. a detached copy of the job's work dir taken (`open_tree`);
+//! 3. the whole tree read-only, nosuid and nodev at once: `mount_setattr`
+//!    with `AT_RECURSIVE` (a `remount,bind,ro` would change one mount only);
+//! 4. a fresh tmpfs on /tmp (and /var/tmp);
+//! 5. the agent's own paths hidden: an empty tmpfs over a directory,
+//!    `/dev/null` (on a nodev mount, so it cannot even be opened) over a
+//!    file; then a minimal /dev with its own /dev/shm, and /proc for the
+//!    job's pid namespace;
+//! 6. the work dir and `sandbox.bind_paths` put back at their own paths,
+//!    writable;
+//! 7. the hiding tmpfs made read-only.
+//!
+//! Needs Linux 5.12 (`mount_setattr`).
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::mount::{mount, MsFlags};
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+
+use super::steps::{Step, StepError};
+use super::Isolation;
+
+// From <linux/mount.h>; stable kernel ABI.
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+
+/// `struct mount_attr` of `mount_setattr(2)`.
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// The device nodes of the job's /dev: name, major, minor.
+const DEVICES: &[(&str, u64, u64)] = &[
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
+fn fail(message: &str, path: &Path) -> impl FnOnce(Errno) -> StepError {
+    let (message, path) = (message.to_string(), path.to_path_buf());
+    move |errno| StepError::sys(Step::Mounts, message, &path, errno)
+}
+
+fn cstring(path: &Path) -> Result<CString, StepError> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| StepError::new(Step::Mounts, format!("a NUL byte in {}", path.display())))
+}
+
+/// Builds the whole view; see the module's documentation for the order.
+pub fn build(work_dir: &Path, isolation: &Isolation) -> Result<(), StepError> {
+    let root = Path::new("/");
+    mount(
+        None::<&str>,
+        root,
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(fail("making every mount private under", root))?;
+
+    let work = open_tree(work_dir, false)?;
+    let writable = isolation
+        .writable
+        .iter()
+        .map(|dir| Ok((open_tree(dir, true)?, dir)))
+        .collect::<Result<Vec<_>, StepError>>()?;
+    set_attributes(
+        root,
+        MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        0,
+    )?;
+
+    // The fresh /tmp first: what the host keeps under /tmp is gone with it,
+    // so a hidden path there needs no tmpfs of its own (one would be
+    // buried under the new /tmp).
+    fresh_tmpfs(Path::new("/tmp"), true)?;
+    fresh_tmpfs(Path::new("/var/tmp"), false)?;
+    // Before the new /dev: files are hidden under the host's /dev/null,
+    // whose mount is nodev by now.
+    let hidden = hide(&isolation.hidden)?;
+    minimal_dev()?;
+    let proc_dir = Path::new("/proc");
+    mount(
+        Some("proc"),
+        proc_dir,
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(fail(
+        "mounting a /proc of the job's pid namespace on",
+        proc_dir,
+    ))?;
+
+    put_back(work, work_dir)?;
+    for (tree, dir) in writable {
+        put_back(tree, dir)?;
+    }
+    for dir in hidden {
+        mount(
+            None::<&str>,
+            &dir,
+            None::<&str>,
+            MsFlags::MS_REMOUNT
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV
+                | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )
+        .map_err(fail("making read-only the tmpfs that hides", &dir))?;
+    }
+    Ok(())
+}
+
+/// A detached copy of the mount at `path`, with the mounts below it if
+/// `recursive` (the work dir has none of its own).
+fn open_tree(path: &Path, recursive: bool) -> Result<OwnedFd, StepError> {
+    let c = cstring(path)?;
+    // SAFETY: open_tree reads a NUL-terminated path and returns a new
+    // descriptor or -1; nothing else is borrowed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            OPEN_TREE_CLONE
+                | libc::O_CLOEXEC as libc::c_uint
+                | if recursive { AT_RECURSIVE } else { 0 },
+        )
+    };
+    if fd < 0 {
+        return Err(StepError::sys(
+            Step::Mounts,
+            "taking a copy of the mount (Linux 5.2 or later is needed) at",
+            path,
+            Errno::last(),
+        ));
+    }
+    // SAFETY: the syscall just returned this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `mount_setattr` on every mount under `path`.
+fn set_attributes(path: &Path, set: u64, clear: u64) -> Result<(), StepError> {
+    let c = cstring(path)?;
+    let attr = MountAttr {
+        attr_set: set,
+        attr_clr: clear,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: mount_setattr reads the path and `attr` (its size passed
+    // along) for the duration of the call only.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(StepError::sys(
+            Step::Mounts,
+            "making the host read-only (Linux 5.12 or later is needed) under",
+            path,
+            Errno::last(),
+        ));
+    }
+    Ok(())
+}
+
+/// Hides each existing path, outermost first (a path inside one already
+/// hidden is gone anyway). Returns the directories now covered by a
+/// tmpfs, still writable so the work dir's mount point can be made.
+fn hide(paths: &[PathBuf]) -> Result<Vec<PathBuf>, StepError> {
+    let mut sorted: Vec<&PathBuf> = paths.iter().collect();
+    sorted.sort_by_key(|p| p.components().count());
+    let mut covered: Vec<PathBuf> = Vec::new();
+    for path in sorted {
+        if covered.iter().any(|dir| path.starts_with(dir)) {
+            continue;
+        }
+        let Ok(meta) = std::fs::symlink_metadata(path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            mount(
+                Some("batchly-hidden"),
+                path.as_path(),
+                Some("tmpfs"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some("mode=0755,size=64k"),
+            )
+            .map_err(fail("hiding the directory", path))?;
+            covered.push(path.clone());
+        } else if !meta.file_type().is_symlink() {
+            // A bind mount follows a symlink, so one is never a target: the
+            // link itself shows nothing and its target is hidden, or not,
+            // by its own entry.
+            mount(
+                Some("/dev/null"),
+                path.as_path(),
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(fail("hiding the file", path))?;
+        }
+    }
+    Ok(covered)
+}
+
+/// A private, empty tmpfs on `dir` (sticky, world-writable like /tmp).
+fn fresh_tmpfs(dir: &Path, required: bool) -> Result<(), StepError> {
+    if !required && !dir.is_dir() {
+        return Ok(());
+    }
+    mount(
+        Some("tmpfs"),
+        dir,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )
+    .map_err(fail("mounting a private tmpfs on", dir))
+}
+
+/// A /dev of only null, zero, full, random, urandom, tty, the fd links
+/// and a private /dev/shm; read-only once made.
+fn minimal_dev() -> Result<(), StepError> {
+    let dev = Path::new("/dev");
+    mount(
+        Some("tmpfs"),
+        dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0755,size=64k"),
+    )
+    .map_err(fail("mounting a minimal /dev on", dev))?;
+    for (name, major, minor) in DEVICES {
+        let node = dev.join(name);
+        mknod(
+            &node,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(*major, *minor),
+        )
+        .map_err(fail("making the device", &node))?;
+        // mknod honours the umask; the mode must be exactly 0666.
+        nix::sys::stat::fchmodat(
+            nix::fcntl::AT_FDCWD,
+            &node,
+            Mode::from_bits_truncate(0o666),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )
+        .map_err(fail("setting the mode of", &node))?;
+    }
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        let link = dev.join(name);
+        std::os::unix::fs::symlink(target, &link).map_err(|e| {
+            StepError::sys(
+                Step::Mounts,
+                "making the link",
+                &link,
+                Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+            )
+        })?;
+    }
+    let shm = dev.join("shm");
+    nix::unistd::mkdir(&shm, Mode::from_bits_truncate(0o1777)).map_err(fail("making", &shm))?;
+    mount(
+        Some("tmpfs"),
+        shm.as_path(),
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=1777"),
+    )
+    .map_err(fail("mounting a private tmpfs on", &shm))?;
+    mount(
+        None::<&str>,
+        dev,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0755,size=64k"),
+    )
+    .map_err(fail("making read-only the minimal", dev))
+}
+
+/// Attaches a copy taken by `open_tree` at its own path, writable (but
+/// still nosuid and nodev), making its mount point inside a hiding tmpfs
+/// first.
+fn put_back(work: OwnedFd, work_dir: &Path) -> Result<(), StepError> {
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        attr_clr: MOUNT_ATTR_RDONLY,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    let empty = c"";
+    // SAFETY: as in set_attributes; the path is empty and AT_EMPTY_PATH
+    // makes the call act on the descriptor itself.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            work.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_uint | AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(StepError::sys(
+            Step::Mounts,
+            "making writable the copy of",
+            work_dir,
+            Errno::last(),
+        ));
+    }
+    if !work_dir.is_dir() {
+        std::fs::create_dir_all(work_dir).map_err(|e| {
+            StepError::sys(
+                Step::Mounts,
+                "making the mount point of the work dir",
+                work_dir,
+                Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+            )
+        })?;
+    }
+    let target = cstring(work_dir)?;
+    // SAFETY: move_mount reads two NUL-terminated paths and uses the
+    // descriptor only for the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            work.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if r < 0 {
+        return Err(StepError::sys(
+            Step::Mounts,
+            "putting the work dir back at",
+            work_dir,
+            Errno::last(),
+        ));
+    }
+    Ok(())
+}
