@@ -131,6 +131,66 @@ fn run_without_a_queue_url_exits_2_naming_queue_url() {
 }
 
 #[test]
+fn run_refuses_an_unsandboxed_mode_unless_told_twice_and_a_uid_range_of_real_accounts() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let keys = keys_file(tmp.path());
+    let config = tmp.path().join("agent.toml");
+    let write = |sandbox: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[queue]\nurl = \"https://sqs.us-east-1.amazonaws.com/123456789012/jobs\"\n\n\
+                 [signing]\nkeys_file = \"{}\"\n\n[jobs]\nmax_concurrent = 2\n\n[sandbox]\n{sandbox}\n",
+                keys.display()
+            ),
+        )
+        .expect("writing config")
+    };
+    let home = tmp.path().to_string_lossy().to_string();
+    let env = [
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("HOME", home.as_str()),
+    ];
+
+    write("mode = \"none\"");
+    let run = run_cli_within(&["run", "--config", &path_str(&config)], &env, REFUSAL_WAIT);
+    assert_eq!(run.code(), 2, "{run:#?}");
+    assert!(
+        run.stderr.contains("--insecure-no-sandbox"),
+        "{}",
+        run.stderr
+    );
+    // Told twice, it gets past the sandbox check (and stops at the next
+    // one: this test gives it no AWS region).
+    let run = run_cli_within(
+        &[
+            "run",
+            "--config",
+            &path_str(&config),
+            "--insecure-no-sandbox",
+        ],
+        &env,
+        REFUSAL_WAIT,
+    );
+    assert!(
+        !run.stderr.contains("--insecure-no-sandbox"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("no AWS region"), "{}", run.stderr);
+
+    // uid 1 (daemon) is an account on every Debian system.
+    write("uid_range = \"1-100\"");
+    let run = run_cli_within(&["run", "--config", &path_str(&config)], &env, REFUSAL_WAIT);
+    assert_eq!(run.code(), 2, "{run:#?}");
+    assert!(
+        run.stderr.contains("sandbox.uid_range") && run.stderr.contains("belongs to the account"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
 fn an_unknown_subcommand_exits_2() {
     let run = run_cli(&["frobnicate"], &[]);
     assert_eq!(run.code(), 2, "{run:#?}");

@@ -7,6 +7,9 @@ mod cli;
 mod dev_bad_input;
 mod dev_launch;
 mod dev_lifecycle;
+// Its attacks call system calls by their x86_64 numbers.
+#[cfg(target_arch = "x86_64")]
+mod dev_sandbox;
 mod dev_watch;
 mod sqs_custody;
 mod sqs_drain;
