@@ -8,6 +8,10 @@
 //! ledger), `drain` (stop triggers), `admin` (status socket) and `app`
 //! (wiring) around them.
 
+// `unsafe` lives in `sandbox/` only, each block with a SAFETY comment.
+#![deny(unsafe_code)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod admin;
 pub mod app;
 pub mod aws_errors;
@@ -18,6 +22,7 @@ pub mod envelope;
 pub mod events;
 pub mod queue;
 pub mod retry;
+#[allow(unsafe_code)]
 pub mod sandbox;
 pub mod state;
 pub mod submit;

@@ -2,6 +2,8 @@
 //! Exit status: 0 success (a drained stop included), 2 bad usage or
 //! configuration, 1 any other failure.
 
+#![deny(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -246,6 +246,7 @@ mod tests {
                     }
                     // SAFETY: a plain fork whose child exits at once.
                     match unsafe { libc::fork() } {
+                        // SAFETY: the grandchild leaves at once.
                         0 => unsafe { libc::_exit(0) },
                         -1 => return 15,
                         pid => {
