@@ -75,6 +75,12 @@ pub struct JobEvent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
     pub log_stream: Option<String>,
+    /// CPU time and peak memory of the job's cgroup, in its final outcome
+    /// (with the sandbox).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_peak_bytes: Option<u64>,
     pub tags: BTreeMap<String, String>,
     /// True when this is the job's last event: the message is gone from the
     /// queue (done, failed for good, or dead-lettered). Exactly one event
@@ -100,6 +106,8 @@ impl JobEvent {
             reason: None,
             detail: None,
             log_stream: None,
+            cpu_ms: None,
+            memory_peak_bytes: None,
             tags: BTreeMap::new(),
             is_final: false,
         }

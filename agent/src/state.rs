@@ -61,6 +61,9 @@ pub struct InFlight {
     /// the original is only removed, never released: the copy runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copy_id: Option<String>,
+    /// The job's cgroup, once made: recovery kills the job by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
 }
 
 impl InFlight {
@@ -77,6 +80,7 @@ impl InFlight {
             work_dir: None,
             decided: None,
             copy_id: None,
+            cgroup: None,
         }
     }
 
@@ -335,6 +339,7 @@ mod tests {
             work_dir: None,
             decided: None,
             copy_id: None,
+            cgroup: None,
         }
     }
 

@@ -111,6 +111,31 @@ fn settings(config: &Config) -> Settings {
     }
 }
 
+/// Makes the jobs' cgroup parent ready and kills and removes the job
+/// cgroups a previous run left (a crash, a `kill -9`): nothing of an old
+/// job outlives the agent's restart. Failing that, the agent does not
+/// start: it would run jobs without their limits.
+fn prepare_cgroups(
+    cgroups: &crate::sandbox::cgroup::Hierarchy,
+    scope: &str,
+) -> Result<(), AppError> {
+    cgroups
+        .prepare(std::process::id())
+        .map_err(|e| failed(format!("preparing the cgroups of jobs ({cgroups:?}): {e}")))?;
+    for old in cgroups.leftovers(scope) {
+        match old.remove() {
+            Ok(()) => tracing::warn!(
+                cgroup = old.name(),
+                "killed and removed a job cgroup left by an earlier run"
+            ),
+            Err(e) => {
+                tracing::error!(cgroup = old.name(), error = %e, "cannot remove a job cgroup left by an earlier run")
+            }
+        }
+    }
+    Ok(())
+}
+
 /// How jobs are isolated, decided once at start from `sandbox.mode`, who
 /// the agent runs as and the command. `run` never isolates less than the
 /// config says without being told twice (`--insecure-no-sandbox`); `dev`
@@ -187,11 +212,18 @@ fn sandbox_policy(
                     )));
                 }
             }
+            let cgroups = crate::sandbox::cgroup::Hierarchy::detect()
+                .map_err(|why| usage(format!("the sandbox cannot limit jobs: {why}")))?;
+            let nonzero = |n: usize| (n > 0).then_some(n as u64);
             Ok((
                 Some(SandboxPolicy {
                     uid_range: range,
                     hidden,
                     writable: config.sandbox.bind_paths.clone(),
+                    cgroups,
+                    cgroup_scope: crate::sandbox::cgroup::scope_of(&config.state.dir),
+                    default_pids: nonzero(config.sandbox.default_pids),
+                    default_memory_mib: nonzero(config.sandbox.default_memory_mib),
                 }),
                 None,
             ))
@@ -417,6 +449,9 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
     if let Some(w) = sandbox_warning {
         tracing::warn!("{w}");
         warnings.push(w);
+    }
+    if let Some(policy) = &sandbox {
+        prepare_cgroups(&policy.cgroups, &policy.cgroup_scope)?;
     }
     // Signal handlers first: from the moment the agent can be seen (its
     // socket), a SIGTERM must mean a drain, never the default death.

@@ -272,6 +272,26 @@ pub(super) static KEYS: &[Key] = &[
         secret: false,
     },
     Key {
+        name: "sandbox.default_pids",
+        slot: Slot::Count {
+            positive: false,
+            field: field!(sandbox.default_pids),
+        },
+        default: Builtin::Value("4096"),
+        doc: "processes and threads a job may have when its spec gives no resources.pids (0: no limit)",
+        secret: false,
+    },
+    Key {
+        name: "sandbox.default_memory_mib",
+        slot: Slot::Count {
+            positive: false,
+            field: field!(sandbox.default_memory_mib),
+        },
+        default: Builtin::Value("0"),
+        doc: "memory (MiB) of a job whose spec gives no resources.memory_mib (0: no limit but the host's)",
+        secret: false,
+    },
+    Key {
         name: "sandbox.bind_paths",
         slot: Slot::Paths(field!(sandbox.bind_paths)),
         default: Builtin::Value(""),

@@ -127,6 +127,9 @@ pub struct SandboxConfig {
     pub uid_range: UidRange,
     /// Host directories every job may write, at the same path.
     pub bind_paths: Vec<PathBuf>,
+    /// Limits of a job whose spec gives none; 0 is no limit.
+    pub default_pids: usize,
+    pub default_memory_mib: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -381,6 +384,8 @@ impl Config {
                 mode: SandboxMode::Full,
                 uid_range: UidRange { first: 0, last: 0 },
                 bind_paths: Vec::new(),
+                default_pids: 0,
+                default_memory_mib: 0,
             },
             origins: vec![Origin::Builtin; KEYS.len()],
             file: FileState::NotUsed,

@@ -20,6 +20,7 @@
 //!
 //! This is the only module allowed to contain `unsafe`.
 
+pub mod cgroup;
 pub mod forkserver;
 mod identity;
 mod init;
@@ -91,6 +92,12 @@ pub struct SandboxPolicy {
     pub hidden: Vec<PathBuf>,
     /// See [`Isolation::writable`].
     pub writable: Vec<PathBuf>,
+    /// Where job cgroups are made, and this agent's part of it.
+    pub cgroups: cgroup::Hierarchy,
+    pub cgroup_scope: String,
+    /// Limits of a job whose spec gives none.
+    pub default_pids: Option<u64>,
+    pub default_memory_mib: Option<u64>,
 }
 
 impl SandboxPolicy {
@@ -105,6 +112,20 @@ impl SandboxPolicy {
             hidden: self.hidden.clone(),
             writable: self.writable.clone(),
         })
+    }
+}
+
+impl SandboxPolicy {
+    /// A job's limits: its spec's `resources`, else the defaults.
+    pub fn limits(&self, resources: &crate::envelope::Resources) -> cgroup::Limits {
+        cgroup::Limits {
+            memory_bytes: resources
+                .memory_mib
+                .or(self.default_memory_mib)
+                .map(|mib| mib << 20),
+            pids: resources.pids.or(self.default_pids),
+            vcpus: resources.vcpus,
+        }
     }
 }
 

@@ -25,6 +25,7 @@ use crate::envelope::{self, Envelope};
 use crate::events::{EventSink, EventType, JobEvent};
 use crate::queue::{JobSource, Message, QueueError};
 use crate::retry::{self, ErrorClass, GaveUp};
+use crate::sandbox::cgroup::{job_name, JobCgroup, Usage};
 use crate::sandbox::process::JobProcess;
 use crate::sandbox::{scrubbed_env, LaunchPlan};
 use crate::state::{Decided, DecidedAction, InFlight};
@@ -82,6 +83,43 @@ struct Attempt<'a> {
     /// When the attempt's time is up (its start plus the timeout).
     deadline: tokio::time::Instant,
     started_event: &'a JobEvent,
+    /// What the job's cgroup used, set when the job has ended.
+    usage: &'a std::sync::Mutex<Option<Usage>>,
+}
+
+/// A job cgroup removed (in the background, bounded) if the attempt ends
+/// before it is removed on purpose.
+struct CgroupGuard(Option<JobCgroup>);
+
+impl CgroupGuard {
+    /// Kills what is left in it and removes it, off the runtime's threads.
+    async fn remove(&mut self) {
+        let Some(cg) = self.0.take() else {
+            return;
+        };
+        let name = cg.name().to_string();
+        match tokio::task::spawn_blocking(move || cg.remove()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(cgroup = %name, error = %e, "cannot remove a job's cgroup")
+            }
+            Err(e) => {
+                tracing::warn!(cgroup = %name, error = %e, "the removal of a job's cgroup failed")
+            }
+        }
+    }
+}
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        if let (Some(cg), Ok(rt)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn_blocking(move || {
+                if let Err(e) = cg.remove() {
+                    tracing::warn!(cgroup = %cg.name(), error = %e, "cannot remove a job's cgroup");
+                }
+            });
+        }
+    }
 }
 
 /// How the watched process ended, before it is judged.
@@ -220,6 +258,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
 
         // Recorded before anything else happens to the job, so a crash at any
         // later step lets the next start give the message back at once.
+        let usage = std::sync::Mutex::new(None);
         let ending = match self.ledger.record(slot, &entry) {
             Err(e) => Ending::AgentFault(e.to_string()),
             Ok(()) => {
@@ -232,6 +271,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                     timeout,
                     deadline,
                     started_event: &template,
+                    usage: &usage,
                 };
                 self.attempt(attempt).await
             }
@@ -252,7 +292,15 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         ev.duration_ms = Some(started.elapsed().as_millis() as u64);
         ev.reason = verdict.reason.clone();
         ev.is_final = verdict.is_final;
+        if let Some(used) = usage.lock().ok().and_then(|u| *u) {
+            ev.cpu_ms = used.cpu.map(|d| d.as_millis() as u64);
+            ev.memory_peak_bytes = used.memory_peak_bytes;
+        }
         match &ending {
+            Ending::OutOfMemory { code, signal } => {
+                ev.exit_code = *code;
+                ev.signal = signal.map(verdict::signal_name);
+            }
             Ending::Exited(code) => ev.exit_code = Some(*code),
             Ending::Signaled(sig) => ev.signal = Some(verdict::signal_name(*sig)),
             Ending::TimedOut { signal, .. } => ev.signal = signal.map(verdict::signal_name),
@@ -499,6 +547,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             timeout,
             deadline,
             started_event,
+            usage,
         } = a;
         let cut_ending = |cut: Cut| match cut {
             Cut::Deadline => Ending::TimedOut {
@@ -601,6 +650,27 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         }) {
             return Ending::AgentFault(e.to_string());
         }
+        // The init waits for its plan: put in its cgroup now, everything the
+        // job forks is in it from the start.
+        let mut cgroup = CgroupGuard(None);
+        if let (Some(policy), true) = (&self.settings.sandbox, plan.isolation.is_some()) {
+            let name = job_name(&policy.cgroup_scope, slot, pid);
+            let made = policy.cgroups.create(&name, &policy.limits(&job.resources));
+            match made {
+                Ok(cg) => {
+                    let cg = cgroup.0.insert(cg);
+                    if let Err(e) = cg.add(pid) {
+                        cgroup.remove().await;
+                        return Ending::AgentFault(format!("putting the job into its cgroup: {e}"));
+                    }
+                }
+                Err(e) => return Ending::AgentFault(format!("making the job's cgroup: {e}")),
+            }
+            if let Err(e) = self.ledger.update(slot, |e| e.cgroup = Some(name.clone())) {
+                cgroup.remove().await;
+                return Ending::AgentFault(e.to_string());
+            }
+        }
         let mut proc = match spawned.start(&plan).await {
             Ok(p) => p,
             Err(e) if e.is_job_fault() => return Ending::JobFault(e.to_string()),
@@ -656,7 +726,29 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 );
             }
         }
-        let ending = self.judge(watched, timeout);
+        let mut ending = self.judge(watched, timeout);
+        if let Some(cg) = &cgroup.0 {
+            let oom_kills = cg.oom_kills();
+            if let Ok(mut u) = usage.lock() {
+                *u = Some(cg.usage());
+            }
+            cgroup.remove().await;
+            if oom_kills > 0 {
+                if let Ending::Exited(code) = ending {
+                    if code != 0 {
+                        ending = Ending::OutOfMemory {
+                            code: Some(code),
+                            signal: None,
+                        };
+                    }
+                } else if let Ending::Signaled(sig) = ending {
+                    ending = Ending::OutOfMemory {
+                        code: None,
+                        signal: Some(sig),
+                    };
+                }
+            }
+        }
         // Outputs go up only after a clean exit; a job that cannot deliver
         // them has not succeeded.
         let clean = matches!(

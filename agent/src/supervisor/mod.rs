@@ -322,6 +322,20 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         entries.dedup_by(|later, first| later.message_id == first.message_id);
         let mut undecided = Vec::new();
         for e in entries {
+            // By its cgroup first: nothing of the job escapes that (the
+            // start already swept every job cgroup; this names the entry's).
+            if let (Some(name), Some(policy)) = (&e.cgroup, &self.settings.sandbox) {
+                let cg = policy.cgroups.job(name);
+                match tokio::task::spawn_blocking(move || cg.remove()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) => {
+                        tracing::error!(cgroup = %name, error = %err, "cannot kill the cgroup of a job left by a previous run")
+                    }
+                    Err(err) => {
+                        tracing::error!(cgroup = %name, error = %err, "killing the cgroup of a job left by a previous run failed")
+                    }
+                }
+            }
             match (e.pid, e.start_time) {
                 (Some(pid), Some(start)) => {
                     let killed =

@@ -40,6 +40,12 @@ pub enum Ending {
     },
     /// Something on the agent's side went wrong (disk, launcher).
     AgentFault(String),
+    /// The kernel's OOM killer ended the job (or a process of it, and the
+    /// job then failed) at its cgroup's memory limit.
+    OutOfMemory {
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +129,10 @@ pub fn decide(ending: &Ending, attempt: u32, max_attempts: u32, retry_delay: Dur
             format!("killed by {}", signal_name(*sig)),
         ),
         Ending::JobFault(why) => failure(EventType::Failed, why.clone()),
+        Ending::OutOfMemory { .. } => failure(
+            EventType::Failed,
+            "oom: the job reached its memory limit and the kernel killed it".to_string(),
+        ),
         Ending::TimedOut { after, .. } => failure(
             EventType::TimedOut,
             format!("timed out after {}", seconds(*after)),

@@ -403,3 +403,85 @@ fn an_egress_job_is_refused_with_a_reason_rather_than_run_with_metadata_reachabl
     );
     assert!(end.is_final, "{end:?}");
 }
+
+/// Writes a job spec into the mark dir and submits it.
+fn submit_spec(agent: &DevAgent, name: &str, spec: serde_json::Value) -> batchly_e2e::Submitted {
+    let path = agent.mark().join(format!("{name}.json"));
+    std::fs::write(&path, spec.to_string()).expect("writing the spec");
+    agent.submit_one(&["--spec", &path.display().to_string()])
+}
+
+#[test]
+fn a_fork_bomb_stops_at_the_jobs_pids_limit_and_the_agent_stays_responsive() {
+    let agent = DevAgent::start(&[]);
+    let job = submit_spec(
+        &agent,
+        "forks",
+        serde_json::json!({
+            "id": "forks",
+            // The inner shell forks sleeps until a fork fails (and it gives
+            // up); the outer one reads the count with builtins only, which
+            // need no fork.
+            "command": ["sh", "-c", "sh -c 'i=0; while [ $i -lt 100 ]; do sleep 5 & i=$((i+1)); echo $i > \"$HOME/n\"; done' 2>/dev/null; read n < \"$HOME/n\"; echo procs=$n"],
+            "resources": {"pids": 16},
+        }),
+    );
+    let status = batchly_e2e::run_cli(
+        &["status", "--dir", &agent.dir().display().to_string()],
+        &[],
+    );
+    assert_eq!(
+        status.code(),
+        0,
+        "the agent answers while the job forks: {status:#?}"
+    );
+    let end = agent.wait_final(&job.message_id);
+    assert_eq!(end.kind, "job.succeeded", "{end:?}");
+    let log = read_text(
+        &agent
+            .dir()
+            .join("logs")
+            .join(end.log_stream.as_ref().expect("a log")),
+    );
+    let procs: u32 = log
+        .lines()
+        .find_map(|l| l.strip_prefix("procs="))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no process count in the log:\n{log}"));
+    assert!(
+        procs <= 16,
+        "at most the pids limit ran at once, not {procs}\n{log}"
+    );
+    assert!(pid_alive(agent.pid()), "the agent is unharmed");
+}
+
+#[test]
+fn a_memory_hog_is_killed_at_its_limit_and_fails_with_reason_oom() {
+    let agent = DevAgent::start(&[]);
+    // tail keeps a whole "line" of /dev/zero in memory: it grows until the
+    // limit stops it.
+    let job = submit_spec(
+        &agent,
+        "hog",
+        serde_json::json!({
+            "id": "hog",
+            "command": ["sh", "-c", "head -c 1G /dev/zero | tail > /dev/null"],
+            "resources": {"memory_mib": 32},
+        }),
+    );
+    let end = agent.wait_final(&job.message_id);
+    assert_eq!(end.kind, "job.failed", "{end:?}");
+    let reason = end.reason.clone().unwrap_or_default();
+    assert!(reason.starts_with("oom"), "the reason says oom: {reason}");
+    let peak = end.raw["memory_peak_bytes"]
+        .as_u64()
+        .expect("the peak memory is reported");
+    assert!(
+        peak <= 33 << 20,
+        "the job never held more than its limit: {peak}"
+    );
+    assert!(pid_alive(agent.pid()), "the agent is unharmed");
+    // The next job runs normally.
+    let next = agent.submit_one(&["--id", "after-hog", "--", "true"]);
+    assert_eq!(agent.wait_final(&next.message_id).kind, "job.succeeded");
+}
