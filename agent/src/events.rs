@@ -116,7 +116,12 @@ impl JobEvent {
 
 /// Current UTC time as RFC 3339 with millisecond precision.
 pub fn rfc3339_now() -> String {
-    let now = time::OffsetDateTime::now_utc();
+    rfc3339(std::time::SystemTime::now())
+}
+
+/// `at` as RFC 3339 UTC with millisecond precision.
+pub fn rfc3339(at: std::time::SystemTime) -> String {
+    let now = time::OffsetDateTime::from(at);
     let fmt = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
     );

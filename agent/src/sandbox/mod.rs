@@ -184,6 +184,12 @@ pub fn hostname_for(job_id: &str) -> String {
     }
 }
 
+/// Where a job finds the time it must be done by (one RFC 3339 UTC line):
+/// its timeout to begin with, earlier if a drain shortens it.
+pub fn deadline_file(work_dir: &std::path::Path) -> PathBuf {
+    work_dir.join(".batchly-deadline")
+}
+
 /// The base environment every job starts from; nothing of the agent's own
 /// environment (credentials, `AWS_*`, config overrides) is inherited.
 pub fn scrubbed_env(
@@ -205,6 +211,10 @@ pub fn scrubbed_env(
     env.insert(
         "BATCHLY_WORK_DIR".to_string(),
         work_dir.display().to_string(),
+    );
+    env.insert(
+        "BATCHLY_DEADLINE_FILE".to_string(),
+        deadline_file(work_dir).display().to_string(),
     );
     // The job's own signed `env` wins over the defaults above.
     for (k, v) in extra {

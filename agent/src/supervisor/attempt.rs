@@ -616,6 +616,17 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             .as_ref()
             .map(crate::sandbox::Isolation::namespaces)
             .unwrap_or_default();
+        // The job's deadline where it can read it; written after the work
+        // dir is the job's, so the file stays the agent's.
+        let deadline_at =
+            SystemTime::now() + deadline.saturating_duration_since(tokio::time::Instant::now());
+        let deadline_file = crate::sandbox::deadline_file(work_dir);
+        if let Err(e) = std::fs::write(
+            &deadline_file,
+            format!("{}\n", crate::events::rfc3339(deadline_at)),
+        ) {
+            return Ending::AgentFault(format!("writing {}: {e}", deadline_file.display()));
+        }
         let log_path = self.settings.log_root.join(log_stream);
         let log = match output::create_log(&log_path) {
             Ok(f) => f,

@@ -63,6 +63,7 @@ echo hostname=$(hostname)
 echo oom=$(cat /proc/self/oom_score_adj)
 echo core=$(ulimit -c)
 echo aws=$(env | grep -c '^AWS_')
+echo deadline=$(cat "$BATCHLY_DEADLINE_FILE")
 "#;
     let (end, seen, log) = run_job(&agent, "who-am-i", &[], script);
     assert_eq!(end.kind, "job.succeeded", "{end:?}\n{log}");
@@ -94,6 +95,14 @@ echo aws=$(env | grep -c '^AWS_')
     assert_eq!(field(&seen, "oom", &log), "0", "{log}");
     assert_eq!(field(&seen, "core", &log), "0", "no core dumps\n{log}");
     assert_eq!(field(&seen, "aws", &log), "0", "no AWS_ variable\n{log}");
+    // The harness's jobs.default_timeout_s is the built-in hour: the
+    // deadline is an RFC 3339 time about an hour from now, today or after.
+    let deadline = field(&seen, "deadline", &log);
+    let today = end.raw["at"].as_str().expect("an event time")[..10].to_string();
+    assert!(
+        deadline.ends_with('Z') && deadline.len() == 24 && deadline[..10] >= *today,
+        "BATCHLY_DEADLINE_FILE holds the job's deadline: {deadline:?}\n{log}"
+    );
 
     // What a program the job execs holds, less what find opens itself: the
     // directory it lists and its starting point (the work dir).
