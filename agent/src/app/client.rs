@@ -28,6 +28,16 @@ pub fn check_config(explicit: Option<&Path>, dev_dir: Option<&Path>) -> Result<S
             k.fingerprint
         ));
     }
+    out.push_str(&format!(
+        "\n# sandbox.mode = {:?} on this host:\n",
+        config.sandbox.mode.as_str()
+    ));
+    for (what, support) in crate::sandbox::host_support() {
+        match support {
+            Ok(how) => out.push_str(&format!("#   {what:<34} ok: {how}\n")),
+            Err(why) => out.push_str(&format!("#   {what:<34} NO: {why}\n")),
+        }
+    }
     Ok(out)
 }
 

@@ -184,6 +184,76 @@ pub fn hostname_for(job_id: &str) -> String {
     }
 }
 
+/// What this host offers the sandbox, one line per protection, for
+/// `check-config`: `(what, Ok(how) | Err(why not))`.
+pub fn host_support() -> Vec<(&'static str, Result<String, String>)> {
+    let kernel = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let version: Vec<u32> = kernel
+        .split(|c: char| !c.is_ascii_digit())
+        .take(2)
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let at_least = |major: u32, minor: u32| version.as_slice() >= [major, minor].as_slice();
+    let kernel_check = |major: u32, minor: u32, what: &str| {
+        if at_least(major, minor) {
+            Ok(format!("Linux {kernel}"))
+        } else {
+            Err(format!(
+                "Linux {kernel} is older than {major}.{minor}, which {what} needs"
+            ))
+        }
+    };
+    let landlock = {
+        // SAFETY: landlock_create_ruleset(NULL, 0, VERSION) only returns the
+        // kernel's ABI version (or -1); nothing is passed or created.
+        let abi = unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, 0usize, 0usize, 1u32) };
+        if abi > 0 {
+            Ok(format!("ABI {abi}"))
+        } else {
+            Err("not enabled in this kernel (the other protections still apply)".to_string())
+        }
+    };
+    let seccomp = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .filter(|s| s.contains("\nSeccomp:"))
+        .map(|_| "filters".to_string())
+        .ok_or_else(|| "this kernel has no seccomp".to_string());
+    vec![
+        (
+            "root",
+            if nix::unistd::geteuid().is_root() {
+                Ok("yes".to_string())
+            } else {
+                Err(
+                    "not root: `run` refuses sandbox.mode = \"full\", `dev` runs jobs unsandboxed"
+                        .to_string(),
+                )
+            },
+        ),
+        (
+            "namespaces and read-only mounts",
+            kernel_check(5, 12, "mount_setattr"),
+        ),
+        ("pidfd and close_range", kernel_check(5, 11, "close_range")),
+        (
+            "cgroups",
+            cgroup::Hierarchy::detect().map(|h| match h {
+                cgroup::Hierarchy::V2 { base } => format!("v2, jobs under {}", base.display()),
+                cgroup::Hierarchy::V1 { memory, .. } => {
+                    format!(
+                        "v1, jobs under {} (and the other controllers)",
+                        memory.display()
+                    )
+                }
+            }),
+        ),
+        ("seccomp", seccomp),
+        ("landlock", landlock),
+    ]
+}
+
 /// Where a job finds the time it must be done by (one RFC 3339 UTC line):
 /// its timeout to begin with, earlier if a drain shortens it.
 pub fn deadline_file(work_dir: &std::path::Path) -> PathBuf {
@@ -227,6 +297,24 @@ pub fn scrubbed_env(
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn the_host_report_names_every_protection_and_tells_root_truthfully() {
+        let report = host_support();
+        let names: Vec<&str> = report.iter().map(|(what, _)| *what).collect();
+        assert_eq!(
+            names,
+            [
+                "root",
+                "namespaces and read-only mounts",
+                "pidfd and close_range",
+                "cgroups",
+                "seccomp",
+                "landlock"
+            ]
+        );
+        assert_eq!(report[0].1.is_ok(), nix::unistd::geteuid().is_root());
+    }
 
     #[test]
     fn a_hostname_is_a_clean_label_of_the_job_id() {
