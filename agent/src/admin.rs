@@ -26,6 +26,7 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum Request {
     Status,
     Drain,
+    Cancel { job_id: String, requeue: bool },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -33,6 +34,7 @@ pub enum Request {
 pub enum Response {
     Status { status: Box<StatusSnapshot> },
     Draining { reason: String, deadline_in_s: u64 },
+    Cancelled { message_ids: Vec<String> },
     Error { error: String },
 }
 
@@ -146,6 +148,17 @@ async fn answer(
                             .as_secs()
                     })
                     .unwrap_or(0),
+            }
+        }
+        Ok(Request::Cancel { job_id, requeue }) => {
+            let message_ids = board.cancel(&job_id, requeue);
+            if message_ids.is_empty() {
+                Response::Error {
+                    error: format!("no job {job_id:?} is running on this agent"),
+                }
+            } else {
+                tracing::warn!(job_id, requeue, "job cancelled over the admin socket");
+                Response::Cancelled { message_ids }
             }
         }
         Err(e) => Response::Error {

@@ -129,6 +129,16 @@ enum Command {
         #[command(flatten)]
         target: AgentSocket,
     },
+    /// Kill one running job (its whole cgroup): final event with reason `cancelled`, message deleted
+    Cancel {
+        /// The job's id (its spec's `id`)
+        job_id: String,
+        /// Release the message to run again instead of deleting it
+        #[arg(long)]
+        requeue: bool,
+        #[command(flatten)]
+        target: AgentSocket,
+    },
     /// Measure the agent against a baseline measured in the same run
     Bench {
         #[command(subcommand)]
@@ -287,6 +297,20 @@ fn dispatch(cli: Cli) -> Result<(), AppError> {
             if json {
                 println!();
             }
+            Ok(())
+        }
+        Command::Cancel {
+            job_id,
+            requeue,
+            target,
+        } => {
+            let socket = app::admin_socket(
+                target.socket.as_deref(),
+                target.dir.as_deref(),
+                target.config.as_deref(),
+            )?;
+            let text = runtime()?.block_on(app::request_cancel(&socket, &job_id, requeue))?;
+            println!("{text}");
             Ok(())
         }
         Command::Drain { target } => {

@@ -87,6 +87,33 @@ pub async fn status(socket: &Path, json: bool) -> Result<String, AppError> {
 }
 
 /// `batchly-agent drain`.
+/// `batchly-agent cancel`: kills every running attempt of `job_id`.
+pub async fn request_cancel(
+    socket: &Path,
+    job_id: &str,
+    requeue: bool,
+) -> Result<String, AppError> {
+    let req = admin::Request::Cancel {
+        job_id: job_id.to_string(),
+        requeue,
+    };
+    match admin::request(socket, &req).await.map_err(failed)? {
+        admin::Response::Cancelled { message_ids } => Ok(format!(
+            "cancelled {job_id} (message {}): killed; its message is {}",
+            message_ids.join(", "),
+            if requeue {
+                "released to run again"
+            } else {
+                "deleted, with a final job.failed event, reason cancelled"
+            }
+        )),
+        admin::Response::Error { error } => Err(usage(error)),
+        other => Err(failed(format!(
+            "unexpected answer from the agent: {other:?}"
+        ))),
+    }
+}
+
 pub async fn request_drain(socket: &Path) -> Result<String, AppError> {
     match admin::request(socket, &admin::Request::Drain).await.map_err(failed)? {
         admin::Response::Draining { reason, deadline_in_s } => Ok(format!(

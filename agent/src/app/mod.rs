@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use aws::aws_sdk_config;
-pub use client::{admin_socket, check_config, keygen, request_drain, status};
+pub use client::{admin_socket, check_config, keygen, request_cancel, request_drain, status};
 pub use dev::{load_dev_config, write_private, DevLayout};
 use signals::StopSignals;
 

@@ -124,6 +124,8 @@ impl Drop for CgroupGuard {
 
 /// How the watched process ended, before it is judged.
 enum Watched {
+    /// Cancelled by an operator (`true`: requeue it).
+    Cancelled(bool),
     Exited(ExitStatus),
     TimedOut(ExitStatus),
     Interrupted(String, ExitStatus),
@@ -702,9 +704,10 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         // The start event goes out while the job runs, under the watch: a
         // slow or hung events endpoint never delays the timeout or a drain.
         // Whatever is still unsent when the job ends is left to the sink.
+        let cancel = self.board.cancellable(&msg.id, &job.id);
         let watched = {
             let publish_started = self.publish_by(&started, deadline);
-            let watch = self.watch(&mut proc, deadline, job.interrupt);
+            let watch = self.watch(&mut proc, deadline, job.interrupt, cancel);
             tokio::pin!(publish_started, watch);
             let mut published = false;
             loop {
@@ -788,6 +791,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 (None, Some(sig)) => Ending::Signaled(sig),
                 (None, None) => Ending::AgentFault(format!("unexpected wait status {st:?}")),
             },
+            Ok(Watched::Cancelled(requeue)) => Ending::Cancelled { requeue },
             Ok(Watched::TimedOut(st)) => Ending::TimedOut {
                 after: timeout,
                 signal: st.signal(),
@@ -807,10 +811,28 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         proc: &mut JobProcess,
         deadline: tokio::time::Instant,
         interrupt: envelope::Interrupt,
+        mut cancel: tokio::sync::watch::Receiver<Option<bool>>,
     ) -> std::io::Result<Watched> {
         let mut drain_rx = self.drain.subscribe();
+        let cancelled = async {
+            let told = cancel
+                .wait_for(Option::is_some)
+                .await
+                .map(|v| v.unwrap_or(false));
+            match told {
+                Ok(requeue) => requeue,
+                // The board went away: nobody can cancel any more.
+                Err(_) => std::future::pending().await,
+            }
+        };
         tokio::select! {
             st = proc.wait() => Ok(Watched::Exited(st?)),
+            requeue = cancelled => {
+                // An operator's cancel: the whole job, at once.
+                proc.signal_group(Signal::SIGKILL);
+                proc.wait().await?;
+                Ok(Watched::Cancelled(requeue))
+            }
             _ = tokio::time::sleep_until(deadline) => {
                 proc.signal_group(Signal::SIGTERM);
                 let st = stop_within(proc, self.settings.kill_grace, &mut drain_rx).await?;

@@ -60,7 +60,13 @@ pub struct StatusBoard {
     stranded: AtomicU64,
     not_ours: AtomicU64,
     warnings: Mutex<Vec<String>>,
+    /// Running attempts an operator may cancel: message id -> (job id,
+    /// where to say so; `Some(requeue)` once cancelled).
+    cancels: Mutex<BTreeMap<String, Cancellable>>,
 }
+
+/// A running attempt's job id, and where to tell it it was cancelled.
+type Cancellable = (String, tokio::sync::watch::Sender<Option<bool>>);
 
 /// A point-in-time copy of the board, as sent over the admin socket.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -143,7 +149,37 @@ impl StatusBoard {
             stranded: AtomicU64::new(0),
             not_ours: AtomicU64::new(0),
             warnings: Mutex::new(Vec::new()),
+            cancels: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Registers a running attempt for `cancel`; the receiver turns
+    /// `Some(requeue)` when an operator cancels it. Ends with `finished`.
+    pub fn cancellable(
+        &self,
+        message_id: &str,
+        job_id: &str,
+    ) -> tokio::sync::watch::Receiver<Option<bool>> {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        self.cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(message_id.to_string(), (job_id.to_string(), tx));
+        rx
+    }
+
+    /// Cancels every running attempt of job `job_id`; returns their
+    /// message ids (none: no such job is running).
+    pub fn cancel(&self, job_id: &str, requeue: bool) -> Vec<String> {
+        let cancels = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
+        cancels
+            .iter()
+            .filter(|(_, (job, _))| job == job_id)
+            .map(|(message_id, (_, tx))| {
+                let _ = tx.send(Some(requeue));
+                message_id.clone()
+            })
+            .collect()
     }
 
     /// A message turned out not to be ours any more when it was finished.
@@ -193,6 +229,10 @@ impl StatusBoard {
     }
 
     pub fn finished(&self, message_id: &str) {
+        self.cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(message_id);
         let had_events = self
             .lock()
             .remove(message_id)

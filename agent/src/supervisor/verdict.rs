@@ -46,6 +46,11 @@ pub enum Ending {
         code: Option<i32>,
         signal: Option<i32>,
     },
+    /// An operator cancelled it (`batchly-agent cancel`); with `requeue`
+    /// its message goes back to the queue, else it is done with.
+    Cancelled {
+        requeue: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +134,13 @@ pub fn decide(ending: &Ending, attempt: u32, max_attempts: u32, retry_delay: Dur
             format!("killed by {}", signal_name(*sig)),
         ),
         Ending::JobFault(why) => failure(EventType::Failed, why.clone()),
+        Ending::Cancelled { requeue: true } => requeue("cancelled".to_string()),
+        Ending::Cancelled { requeue: false } => Verdict {
+            kind: EventType::Failed,
+            is_final: true,
+            action: Action::Delete,
+            reason: Some("cancelled".to_string()),
+        },
         Ending::OutOfMemory { .. } => failure(
             EventType::Failed,
             "oom: the job reached its memory limit and the kernel killed it".to_string(),

@@ -494,3 +494,57 @@ fn a_memory_hog_is_killed_at_its_limit_and_fails_with_reason_oom() {
     let next = agent.submit_one(&["--id", "after-hog", "--", "true"]);
     assert_eq!(agent.wait_final(&next.message_id).kind, "job.succeeded");
 }
+
+#[test]
+fn cancel_kills_a_running_job_deleting_its_message_or_requeueing_it() {
+    let agent = DevAgent::start(&[]);
+    let dir = agent.dir().display().to_string();
+    let mark = agent.mark_env();
+    let hold = r#"echo $$ $(readlink /proc/self/ns/pid) > "$MARK/$BATCHLY_JOB_ID.$BATCHLY_ATTEMPT"; exec sleep 300"#;
+    let first = agent.submit_one(&["--id", "to-cancel", "--env", &mark, "--", "sh", "-c", hold]);
+    let pid = read_pid_file(&agent.mark().join("to-cancel.1"));
+    let run = batchly_e2e::run_cli(&["cancel", "to-cancel", "--dir", &dir], &[]);
+    assert_eq!(run.code(), 0, "{run:#?}");
+    let end = agent.wait_final(&first.message_id);
+    assert_eq!(
+        (end.kind.as_str(), end.reason.as_deref()),
+        ("job.failed", Some("cancelled")),
+        "{end:?}"
+    );
+    wait_gone(pid, "the cancelled job");
+
+    // With --requeue the message runs again (and is cancelled for good then).
+    let second = agent.submit_one(&["--id", "to-requeue", "--env", &mark, "--", "sh", "-c", hold]);
+    read_pid_file(&agent.mark().join("to-requeue.1"));
+    let run = batchly_e2e::run_cli(&["cancel", "to-requeue", "--requeue", "--dir", &dir], &[]);
+    assert_eq!(run.code(), 0, "{run:#?}");
+    let events = agent.wait_for("the requeue and a second start", |ev| {
+        batchly_e2e::of_message(ev, &second.message_id)
+            .iter()
+            .filter(|e| e.kind == "job.started")
+            .count()
+            >= 2
+    });
+    let requeued: Vec<_> = batchly_e2e::of_message(&events, &second.message_id)
+        .into_iter()
+        .filter(|e| e.kind == "job.requeued")
+        .collect();
+    assert_eq!(requeued.len(), 1, "{requeued:?}");
+    assert_eq!(requeued[0].reason.as_deref(), Some("cancelled"));
+    assert!(!requeued[0].is_final);
+    let run = batchly_e2e::run_cli(&["cancel", "to-requeue", "--dir", &dir], &[]);
+    assert_eq!(run.code(), 0, "{run:#?}");
+    assert_eq!(
+        agent.wait_final(&second.message_id).reason.as_deref(),
+        Some("cancelled")
+    );
+
+    // No such job: exit 2, saying so.
+    let run = batchly_e2e::run_cli(&["cancel", "no-such-job", "--dir", &dir], &[]);
+    assert_eq!(run.code(), 2, "{run:#?}");
+    assert!(
+        run.stderr.contains("no job \"no-such-job\" is running"),
+        "{}",
+        run.stderr
+    );
+}
