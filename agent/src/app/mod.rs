@@ -190,6 +190,15 @@ fn sandbox_policy(
                         user.name
                     )));
                 }
+                if let Ok(Some(group)) =
+                    nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(uid))
+                {
+                    return Err(usage(format!(
+                        "sandbox.uid_range: gid {uid} (job slot {slot}) is the group {:?}; \
+                         job gids (the same numbers) must belong to no group",
+                        group.name
+                    )));
+                }
             }
             let mut hidden = vec![
                 config.state.dir.clone(),
@@ -200,15 +209,33 @@ fn sandbox_policy(
             ];
             hidden.extend(config.source_file().map(Path::to_path_buf));
             hidden.extend(extra_hidden.iter().cloned());
+            // Resolved: a symlinked keys file must hide its target. What
+            // does not exist yet is hidden where it will be.
             let hidden = hidden
                 .into_iter()
-                .filter_map(|p| std::path::absolute(p).ok())
+                .filter_map(|p| {
+                    p.canonicalize()
+                        .ok()
+                        .or_else(|| std::path::absolute(p).ok())
+                })
                 .collect();
+            let hidden: Vec<PathBuf> = hidden;
             for dir in &config.sandbox.bind_paths {
                 if !dir.is_dir() {
                     return Err(usage(format!(
                         "sandbox.bind_paths: {} is not a directory on this host",
                         dir.display()
+                    )));
+                }
+                let dir = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+                if let Some(private) = hidden
+                    .iter()
+                    .find(|h| h.starts_with(&dir) || dir.starts_with(h))
+                {
+                    return Err(usage(format!(
+                        "sandbox.bind_paths: {} overlaps {}, which jobs must not see (the agent's state, keys, config, logs or work dirs)",
+                        dir.display(),
+                        private.display()
                     )));
                 }
             }

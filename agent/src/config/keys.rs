@@ -267,7 +267,7 @@ pub(super) static KEYS: &[Key] = &[
     Key {
         name: "sandbox.uid_range",
         slot: Slot::UidRange(field!(sandbox.uid_range)),
-        default: Builtin::Value("61000-61999"),
+        default: Builtin::Value("1900000000-1900000999"),
         doc: "job uids and gids, one per slot (FIRST-LAST); none may belong to an account or be root",
         secret: false,
     },

@@ -296,7 +296,7 @@ fn parse_sandbox_mode(input: Input<'_>) -> Result<SandboxMode, Rejection> {
 }
 
 fn parse_uid_range(input: Input<'_>) -> Result<UidRange, Rejection> {
-    const EXPECTED: &str = "a uid range FIRST-LAST such as \"61000-61999\", above 0";
+    const EXPECTED: &str = "a uid range FIRST-LAST such as \"1900000000-1900000999\", above 0";
     let text = input.string(EXPECTED)?;
     let bad = || Rejection::new(EXPECTED, format!("{text:?}"));
     let (first, last) = text.split_once('-').ok_or_else(bad)?;

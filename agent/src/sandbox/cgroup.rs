@@ -238,7 +238,15 @@ impl Hierarchy {
                     }
                     write(&leaf.join("cgroup.procs"), &pid.to_string())?;
                 }
-                write(&base.join("cgroup.subtree_control"), "+memory +pids +cpu")
+                // cpu only where the host has it (a job asking for vcpus
+                // there is refused: its cpu.max cannot be written).
+                let available = read(&base.join("cgroup.controllers")).unwrap_or_default();
+                let wanted: Vec<String> = ["memory", "pids", "cpu"]
+                    .iter()
+                    .filter(|c| **c != "cpu" || available.split_whitespace().any(|a| a == "cpu"))
+                    .map(|c| format!("+{c}"))
+                    .collect();
+                write(&base.join("cgroup.subtree_control"), &wanted.join(" "))
             }
             Hierarchy::V1 { .. } => {
                 for dir in self.dirs() {
@@ -456,11 +464,13 @@ impl JobCgroup {
         if self.dirs().iter().all(|d| !d.exists()) {
             return Ok(());
         }
-        if !self.members().is_empty() {
-            self.kill()?;
-        }
         let deadline = std::time::Instant::now() + REMOVE_WAIT;
         loop {
+            // Again on every turn: a process that forked while the first
+            // kill went round (a v1 freeze is not instant) goes too.
+            if !self.members().is_empty() {
+                self.kill()?;
+            }
             match self.remove_dirs() {
                 Ok(()) => return Ok(()),
                 Err(e)
@@ -626,6 +636,11 @@ mod tests {
         let base = tmp.path().join("agent.service");
         fs::create_dir_all(&base).expect("base");
         fs::write(base.join("cgroup.procs"), "").expect("procs");
+        fs::write(
+            base.join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        )
+        .expect("controllers");
         let h = Hierarchy::V2 { base: base.clone() };
         h.prepare(42).expect("prepare");
         assert_eq!(

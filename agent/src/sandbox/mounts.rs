@@ -94,6 +94,9 @@ pub fn build(work_dir: &Path, isolation: &Isolation) -> Result<(), StepError> {
     // buried under the new /tmp).
     fresh_tmpfs(Path::new("/tmp"), true)?;
     fresh_tmpfs(Path::new("/var/tmp"), false)?;
+    // The host's /run holds sockets (journald's, D-Bus's) that a read-only
+    // mount does not stop a connect() to: the job gets an empty one.
+    empty_run()?;
     // Before the new /dev: files are hidden under the host's /dev/null,
     // whose mount is nodev by now.
     let hidden = hide(&isolation.hidden)?;
@@ -231,6 +234,27 @@ fn hide(paths: &[PathBuf]) -> Result<Vec<PathBuf>, StepError> {
         }
     }
     Ok(covered)
+}
+
+/// An empty, read-only /run (and /var/run when it is a directory of its
+/// own rather than the usual link to /run).
+fn empty_run() -> Result<(), StepError> {
+    for dir in ["/run", "/var/run"] {
+        let dir = Path::new(dir);
+        let is_dir = std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir());
+        if !is_dir {
+            continue;
+        }
+        mount(
+            Some("tmpfs"),
+            dir,
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some("mode=0755,size=4k"),
+        )
+        .map_err(fail("hiding the host's sockets under", dir))?;
+    }
+    Ok(())
 }
 
 /// A private, empty tmpfs on `dir` (sticky, world-writable like /tmp).

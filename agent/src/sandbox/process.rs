@@ -603,7 +603,16 @@ impl JobProcess {
                     [STATUS, raw @ ..] if raw.len() == 4 => {
                         ExitStatus::from_raw(i32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]))
                     }
-                    _ => status,
+                    // Killed (a timeout's SIGKILL, the OOM killer): the job
+                    // died with it.
+                    _ if status.signal().is_some() => status,
+                    // An init that exited without the job's status: what
+                    // the job did is unknown, never taken for a success.
+                    _ => {
+                        return Err(io::Error::other(format!(
+                            "the job's init ended ({status}) without reporting how the job ended"
+                        )))
+                    }
                 }
             }
         };

@@ -48,6 +48,13 @@ const DENIED: &[libc::c_long] = &[
     libc::SYS_open_by_handle_at,
     libc::SYS_open_tree,
     libc::SYS_perf_event_open,
+    libc::SYS_process_madvise,
+    libc::SYS_quotactl_fd,
+    libc::SYS_fanotify_init,
+    libc::SYS_mbind,
+    libc::SYS_set_mempolicy,
+    libc::SYS_migrate_pages,
+    libc::SYS_move_pages,
     libc::SYS_pidfd_getfd,
     libc::SYS_pivot_root,
     libc::SYS_process_vm_readv,
@@ -127,6 +134,48 @@ pub fn filters() -> Result<Vec<BpfProgram>, StepError> {
         clone_rules.push(SeccompRule::new(vec![condition]).map_err(compile_err)?);
     }
     rules.insert(libc::SYS_clone, clone_rules);
+    // socket() of any family but these (vsock reaches the hypervisor
+    // whatever the network namespace; AF_ALG, AF_KEY and the rest are
+    // kernel attack surface a batch job does not need).
+    let not = |arg: u8, value: u64| {
+        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, value)
+    };
+    let families = [
+        libc::AF_UNIX,
+        libc::AF_INET,
+        libc::AF_INET6,
+        libc::AF_NETLINK,
+    ]
+    .iter()
+    .map(|f| not(0, *f as u64))
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(compile_err)?;
+    rules.insert(
+        libc::SYS_socket,
+        vec![SeccompRule::new(families).map_err(compile_err)?],
+    );
+    // personality() only to query or to the values Docker allows (Linux,
+    // 32-bit and UNAME26 emulation): no READ_IMPLIES_EXEC, no ADDR_NO_RANDOMIZE.
+    let personas = [0u64, 0x0008, 0x0002_0000, 0x0002_0008, 0xffff_ffff]
+        .iter()
+        .map(|p| not(0, *p))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(compile_err)?;
+    rules.insert(
+        libc::SYS_personality,
+        vec![SeccompRule::new(personas).map_err(compile_err)?],
+    );
+    // Terminal input injection, should a job ever hold a tty.
+    // TIOCSTI and TIOCLINUX (the same on every architecture the agent runs on).
+    let tty_rules = [0x5412u64, 0x541C]
+        .iter()
+        .map(|req| {
+            let cond = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, *req)
+                .map_err(compile_err)?;
+            SeccompRule::new(vec![cond]).map_err(compile_err)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    rules.insert(libc::SYS_ioctl, tty_rules);
     let deny = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
@@ -238,6 +287,23 @@ mod tests {
                     };
                     if r != -1 || errno() != Some(libc::EPERM) {
                         return 13;
+                    }
+                    // SAFETY: socket() returns a descriptor or -1; none is kept.
+                    let vsock = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM, 0) };
+                    if vsock != -1 || errno() != Some(libc::EPERM) {
+                        return 16;
+                    }
+                    // SAFETY: as above; closed at once.
+                    let inet = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+                    if inet < 0 {
+                        return 17;
+                    }
+                    // SAFETY: our own descriptor from the line above.
+                    unsafe { libc::close(inet) };
+                    // SAFETY: personality(ADDR_NO_RANDOMIZE) changes nothing when refused.
+                    if unsafe { libc::personality(0x0040000) } != -1 || errno() != Some(libc::EPERM)
+                    {
+                        return 18;
                     }
                     // SAFETY: clone3 with a null argument is refused by the filter first.
                     let r = unsafe { libc::syscall(libc::SYS_clone3, 0usize, 0usize) };

@@ -12,7 +12,7 @@ use batchly_e2e::{pid_alive, read_pid_file, read_text, wait_gone, DevAgent, Even
 
 /// The harness's `jobs.max_concurrent` and the default `sandbox.uid_range`.
 const SLOTS: u32 = 4;
-const FIRST_UID: u32 = 61000;
+const FIRST_UID: u32 = 1_900_000_000;
 
 /// Runs `script` (sh) as job `id` and returns its final event and what it
 /// printed, as `name=value` pairs (other lines are kept under their text).
@@ -162,6 +162,8 @@ fn a_job_cannot_read_secrets_or_write_outside_its_work_dir_and_tmp() {
     ] {
         script.push_str(&probe(name, cmd));
     }
+    // The host's /run (sockets of journald, D-Bus, ...) is not there.
+    script.push_str("echo run_entries=$(ls -A /run | wc -l)\n");
     let (end, seen, log) = run_job(&agent, "escape", &[&dev_env], &script);
     assert_eq!(end.kind, "job.succeeded", "{end:?}\n{log}");
     for name in [
@@ -188,6 +190,11 @@ fn a_job_cannot_read_secrets_or_write_outside_its_work_dir_and_tmp() {
     ] {
         assert_eq!(field(&seen, name, &log), "ok", "{name} must work\n{log}");
     }
+    assert!(
+        std::fs::read_dir("/run").is_ok_and(|mut d| d.next().is_some()),
+        "the host's /run is not empty (or this check proves nothing)"
+    );
+    assert_eq!(field(&seen, "run_entries", &log), "0", "{log}");
     assert!(!std::path::Path::new("/etc/batchly-was-here").exists());
     assert!(!agent.dir().join("x").exists());
 }
