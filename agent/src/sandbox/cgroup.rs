@@ -168,9 +168,19 @@ impl Hierarchy {
                 // In the root cgroup (no systemd unit, a container's own
                 // namespace) the agent never moves the host's processes:
                 // its jobs get a `batchly` cgroup of their own instead.
-                let base = match own("").filter(|p| !p.is_empty()) {
-                    Some(path) => root.join(path),
-                    None => root.join("batchly"),
+                // An agent already in its `agent` leaf (moved there by
+                // itself before a restart, or by another agent sharing the
+                // cgroup) has the leaf's parent as the jobs' parent.
+                let own_path = own("").unwrap_or_default();
+                let own_path = own_path
+                    .strip_suffix("/agent")
+                    .or(if own_path == "agent" { Some("") } else { None })
+                    .unwrap_or(&own_path)
+                    .to_string();
+                let base = if own_path.is_empty() {
+                    root.join("batchly")
+                } else {
+                    root.join(own_path)
                 };
                 return Ok(Hierarchy::V2 { base });
             }
@@ -539,6 +549,23 @@ mod tests {
             (p == Path::new("/sys/fs/cgroup/cgroup.controllers"))
                 .then(|| "cpuset cpu io memory pids\n".to_string())
         })
+        .expect("v2 is usable");
+        assert_eq!(
+            h,
+            Hierarchy::V2 {
+                base: "/sys/fs/cgroup/system.slice/batchly-agent.service".into()
+            }
+        );
+    }
+
+    #[test]
+    fn an_agent_already_in_its_leaf_keeps_the_leafs_parent_as_the_jobs_parent() {
+        let mountinfo = "25 21 0:22 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
+        let h = Hierarchy::from_tables(
+            mountinfo,
+            "0::/system.slice/batchly-agent.service/agent\n",
+            |_| Some("memory pids cpu".into()),
+        )
         .expect("v2 is usable");
         assert_eq!(
             h,
