@@ -182,9 +182,13 @@ fn fork_beside_the_agent(namespaces: Namespaces) -> Result<i32, nix::errno::Errn
     // SAFETY: this process is single-threaded (it never starts a thread or
     // a runtime), so the child is a consistent copy: no lock is held by a
     // thread that does not exist in it. With no new stack the raw syscall
-    // behaves like fork(2) plus CLONE_PARENT. glibc's per-thread cache of
-    // the thread id is not refreshed in the child; the child only makes
-    // direct system calls, allocates and execs, which do not use it.
+    // behaves like fork(2) plus CLONE_PARENT and the namespace flags, but
+    // without glibc's fork: its atfork handlers do not run and its cached
+    // thread id is stale in the child. The child runs the launcher (serde,
+    // std::fs, a glibc fork() of the job), none of which relies on either:
+    // Rust's locks do not record owners, and glibc's own fork() in the
+    // child refreshes its cache for the job. Code added to the launcher
+    // must not use glibc mutexes that track their owner.
     let r = unsafe {
         libc::syscall(
             libc::SYS_clone,

@@ -163,36 +163,46 @@ fn open_tree(path: &Path, recursive: bool) -> Result<OwnedFd, StepError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// `mount_setattr` on every mount under `path`.
-fn set_attributes(path: &Path, set: u64, clear: u64) -> Result<(), StepError> {
-    let c = cstring(path)?;
+/// `mount_setattr(dirfd, path, flags, {set, clear})`.
+fn mount_setattr(
+    dirfd: libc::c_int,
+    path: &std::ffi::CStr,
+    flags: libc::c_uint,
+    set: u64,
+    clear: u64,
+) -> Result<(), Errno> {
     let attr = MountAttr {
         attr_set: set,
         attr_clr: clear,
         propagation: 0,
         userns_fd: 0,
     };
-    // SAFETY: mount_setattr reads the path and `attr` (its size passed
-    // along) for the duration of the call only.
+    // SAFETY: mount_setattr reads the NUL-terminated path and `attr` (its
+    // size passed along) for the duration of the call only; `dirfd` is
+    // AT_FDCWD or a descriptor the caller holds open.
     let r = unsafe {
         libc::syscall(
             libc::SYS_mount_setattr,
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            AT_RECURSIVE,
+            dirfd,
+            path.as_ptr(),
+            flags,
             &attr as *const MountAttr,
             std::mem::size_of::<MountAttr>(),
         )
     };
     if r < 0 {
-        return Err(StepError::sys(
-            Step::Mounts,
-            "making the host read-only (Linux 5.12 or later is needed) under",
-            path,
-            Errno::last(),
-        ));
+        return Err(Errno::last());
     }
     Ok(())
+}
+
+/// `mount_setattr` on every mount under `path`.
+fn set_attributes(path: &Path, set: u64, clear: u64) -> Result<(), StepError> {
+    let c = cstring(path)?;
+    mount_setattr(libc::AT_FDCWD, &c, AT_RECURSIVE, set, clear).map_err(fail(
+        "making the host read-only (Linux 5.12 or later is needed) under",
+        path,
+    ))
 }
 
 /// Hides each existing path, outermost first (a path inside one already
@@ -342,33 +352,16 @@ fn minimal_dev() -> Result<(), StepError> {
 /// still nosuid and nodev), making its mount point inside a hiding tmpfs
 /// first.
 fn put_back(work: OwnedFd, work_dir: &Path) -> Result<(), StepError> {
-    let attr = MountAttr {
-        attr_set: MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-        attr_clr: MOUNT_ATTR_RDONLY,
-        propagation: 0,
-        userns_fd: 0,
-    };
     let empty = c"";
-    // SAFETY: as in set_attributes; the path is empty and AT_EMPTY_PATH
-    // makes the call act on the descriptor itself.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            work.as_raw_fd(),
-            empty.as_ptr(),
-            libc::AT_EMPTY_PATH as libc::c_uint | AT_RECURSIVE,
-            &attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        )
-    };
-    if r < 0 {
-        return Err(StepError::sys(
-            Step::Mounts,
-            "making writable the copy of",
-            work_dir,
-            Errno::last(),
-        ));
-    }
+    // AT_EMPTY_PATH: on the detached copy itself.
+    mount_setattr(
+        work.as_raw_fd(),
+        empty,
+        libc::AT_EMPTY_PATH as libc::c_uint | AT_RECURSIVE,
+        MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        MOUNT_ATTR_RDONLY,
+    )
+    .map_err(fail("making writable the copy of", work_dir))?;
     if !work_dir.is_dir() {
         std::fs::create_dir_all(work_dir).map_err(|e| {
             StepError::sys(
