@@ -736,7 +736,8 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 tracing::warn!(
                     job = %job.id,
                     "a process that left the job's process group still holds its output open; \
-                     stopped capturing its output (it keeps running until the sandbox's cgroups can contain it)"
+                     stopped capturing its output (with sandbox.mode = \"none\" nothing contains it: \
+                     it keeps running)"
                 );
             }
         }
