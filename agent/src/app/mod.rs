@@ -251,6 +251,7 @@ fn sandbox_policy(
                     cgroup_scope: crate::sandbox::cgroup::scope_of(&config.state.dir),
                     default_pids: nonzero(config.sandbox.default_pids),
                     default_memory_mib: nonzero(config.sandbox.default_memory_mib),
+                    metadata: None,
                 }),
                 None,
             ))
@@ -466,7 +467,7 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {
         tracing::warn!(error = %e, "cannot make the agent non-dumpable");
     }
-    let (sandbox, sandbox_warning) =
+    let (mut sandbox, sandbox_warning) =
         sandbox_policy(config, mode, startup.insecure_no_sandbox, &startup.hidden)?;
     let Startup {
         lock: _lock,
@@ -477,8 +478,14 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
         tracing::warn!("{w}");
         warnings.push(w);
     }
-    if let Some(policy) = &sandbox {
+    if let Some(policy) = &mut sandbox {
         prepare_cgroups(&policy.cgroups, &policy.cgroup_scope)?;
+        policy.metadata = Some(std::sync::Arc::new(
+            crate::sandbox::egress::MetadataBlock::attach(
+                policy.cgroups.egress_parent().as_deref(),
+                policy.uid_range,
+            ),
+        ));
     }
     // Signal handlers first: from the moment the agent can be seen (its
     // socket), a SIGTERM must mean a drain, never the default death.

@@ -2,16 +2,22 @@
 //! as a whole, whether the OOM killer struck, and what it used. Two
 //! backends behind one type:
 //!
-//! - **v2** (the unified hierarchy, production under systemd): the jobs'
-//!   parent is the agent's own cgroup (its unit's, with `Delegate=yes`).
-//!   Controllers cannot be enabled on a cgroup that still holds processes,
-//!   so the agent first moves itself into a leaf of its own (`agent`), then
-//!   enables memory, pids and cpu for its children. A job is killed with
-//!   `cgroup.kill`; `memory.events` counts OOM kills.
+//! - **v2** (the unified hierarchy, production under systemd): jobs live
+//!   in `jobs` under the agent's own cgroup (its unit's, with
+//!   `Delegate=yes`). Controllers cannot be enabled on a cgroup that still
+//!   holds processes, so the agent first moves itself into a leaf of its
+//!   own (`agent`), then enables memory, pids and cpu for `jobs` and its
+//!   children. A job is killed with `cgroup.kill`; `memory.events` counts
+//!   OOM kills.
 //! - **v1** (one hierarchy per controller): a `batchly` dir under the
 //!   agent's own cgroup in the memory, pids, cpu, cpuacct and freezer
-//!   hierarchies. A job is killed by freezing it, SIGKILL to every task,
-//!   then thawing; `memory.oom_control` counts OOM kills.
+//!   hierarchies, and in the controller-less unified hierarchy when one is
+//!   mounted. A job is killed by freezing it, SIGKILL to every task, then
+//!   thawing; `memory.oom_control` counts OOM kills.
+//!
+//! Either way every job is below one cgroup of the unified hierarchy that
+//! holds no agent process ([`Hierarchy::egress_parent`]): the programs that
+//! keep jobs from the instance metadata are attached there (`egress.rs`).
 //!
 //! Every root is a parameter, so the file-level logic of both backends is
 //! unit-tested on a temporary directory.
@@ -55,7 +61,7 @@ const REMOVE_WAIT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Hierarchy {
     V2 {
-        /// The jobs' parent (the agent's cgroup).
+        /// The agent's cgroup; jobs are in its `jobs` child.
         base: PathBuf,
     },
     V1 {
@@ -64,7 +70,14 @@ pub enum Hierarchy {
         cpu: PathBuf,
         cpuacct: PathBuf,
         freezer: PathBuf,
+        /// In the controller-less unified hierarchy, when mounted.
+        unified: Option<PathBuf>,
     },
+}
+
+/// The child of a v2 agent cgroup that holds its jobs.
+fn v2_jobs(base: &Path) -> PathBuf {
+    base.join("jobs")
 }
 
 /// A job's limits; `None` is no limit.
@@ -200,6 +213,9 @@ impl Hierarchy {
                 cpu: mount("cpu")?,
                 cpuacct: mount("cpuacct")?,
                 freezer: mount("freezer")?,
+                unified: v2
+                    .as_ref()
+                    .map(|root| root.join(own("").unwrap_or_default()).join("batchly")),
             })
         })();
         v1.map_err(|why| {
@@ -210,16 +226,31 @@ impl Hierarchy {
         })
     }
 
-    fn dirs(&self) -> Vec<&Path> {
+    /// The parents of job cgroups, one per hierarchy.
+    fn dirs(&self) -> Vec<PathBuf> {
         match self {
-            Hierarchy::V2 { base } => vec![base],
+            Hierarchy::V2 { base } => vec![v2_jobs(base)],
             Hierarchy::V1 {
                 memory,
                 pids,
                 cpu,
                 cpuacct,
                 freezer,
-            } => vec![memory, pids, cpu, cpuacct, freezer],
+                unified,
+            } => [memory, pids, cpu, cpuacct, freezer]
+                .into_iter()
+                .chain(unified)
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// The cgroup of the unified hierarchy every job is below and no agent
+    /// process is in; `None` on a v1 host without a unified hierarchy.
+    pub fn egress_parent(&self) -> Option<PathBuf> {
+        match self {
+            Hierarchy::V2 { base } => Some(v2_jobs(base)),
+            Hierarchy::V1 { unified, .. } => unified.clone(),
         }
     }
 
@@ -256,7 +287,11 @@ impl Hierarchy {
                     .filter(|c| **c != "cpu" || available.split_whitespace().any(|a| a == "cpu"))
                     .map(|c| format!("+{c}"))
                     .collect();
-                write(&base.join("cgroup.subtree_control"), &wanted.join(" "))
+                let wanted = wanted.join(" ");
+                write(&base.join("cgroup.subtree_control"), &wanted)?;
+                let jobs = v2_jobs(base);
+                fs::create_dir_all(&jobs)?;
+                write(&jobs.join("cgroup.subtree_control"), &wanted)
             }
             Hierarchy::V1 { .. } => {
                 for dir in self.dirs() {
@@ -292,7 +327,7 @@ impl Hierarchy {
         let prefix = format!("{JOB_PREFIX}{scope}-");
         let mut names: Vec<String> = Vec::new();
         for dir in self.dirs() {
-            let Ok(entries) = fs::read_dir(dir) else {
+            let Ok(entries) = fs::read_dir(&dir) else {
                 continue;
             };
             for entry in entries.flatten() {
@@ -340,7 +375,7 @@ impl JobCgroup {
             .map(|v| ((v * CPU_PERIOD_US as f64).round() as u64).max(1_000));
         match &self.hierarchy {
             Hierarchy::V2 { base } => {
-                let dir = base.join(&self.name);
+                let dir = v2_jobs(base).join(&self.name);
                 if let Some(bytes) = limits.memory_bytes {
                     write(&dir.join("memory.max"), &bytes.to_string())?;
                     // Swap would let a job past its limit, slowly.
@@ -389,7 +424,7 @@ impl JobCgroup {
     /// Pids of the processes in the job's cgroup.
     fn members(&self) -> Vec<i32> {
         let dir = match &self.hierarchy {
-            Hierarchy::V2 { base } => base.join(&self.name),
+            Hierarchy::V2 { base } => v2_jobs(base).join(&self.name),
             Hierarchy::V1 { freezer, .. } => freezer.join(&self.name),
         };
         read(&dir.join("cgroup.procs"))
@@ -404,7 +439,7 @@ impl JobCgroup {
     pub fn kill(&self) -> io::Result<()> {
         match &self.hierarchy {
             Hierarchy::V2 { base } => {
-                let dir = base.join(&self.name);
+                let dir = v2_jobs(base).join(&self.name);
                 let kill_file = dir.join("cgroup.kill");
                 if kill_file.exists() {
                     return write(&kill_file, "1");
@@ -430,7 +465,10 @@ impl JobCgroup {
     /// How many processes of the job the OOM killer ended.
     pub fn oom_kills(&self) -> u64 {
         let (file, key) = match &self.hierarchy {
-            Hierarchy::V2 { base } => (base.join(&self.name).join("memory.events"), "oom_kill"),
+            Hierarchy::V2 { base } => (
+                v2_jobs(base).join(&self.name).join("memory.events"),
+                "oom_kill",
+            ),
             Hierarchy::V1 { memory, .. } => (
                 memory.join(&self.name).join("memory.oom_control"),
                 "oom_kill",
@@ -443,7 +481,7 @@ impl JobCgroup {
     pub fn usage(&self) -> Usage {
         match &self.hierarchy {
             Hierarchy::V2 { base } => {
-                let dir = base.join(&self.name);
+                let dir = v2_jobs(base).join(&self.name);
                 Usage {
                     cpu: read(&dir.join("cpu.stat"))
                         .ok()
@@ -537,7 +575,13 @@ mod tests {
                 cpu: "/sys/fs/cgroup/cpu/batchly".into(),
                 cpuacct: "/sys/fs/cgroup/cpuacct/batchly".into(),
                 freezer: "/sys/fs/cgroup/freezer/batchly".into(),
+                unified: Some("/sys/fs/cgroup/unified/batchly".into()),
             }
+        );
+        assert_eq!(
+            h.egress_parent(),
+            Some("/sys/fs/cgroup/unified/batchly".into()),
+            "jobs are below a unified cgroup of their own"
         );
     }
 
@@ -609,6 +653,7 @@ mod tests {
             cpu: root.join("cpu/batchly"),
             cpuacct: root.join("cpuacct/batchly"),
             freezer: root.join("freezer/batchly"),
+            unified: Some(root.join("unified/batchly")),
         };
         h.prepare(1).expect("prepare");
         h
@@ -634,6 +679,10 @@ mod tests {
         assert_eq!(at("pids/batchly/job-s1-0-a/pids.max"), "64");
         assert_eq!(at("cpu/batchly/job-s1-0-a/cpu.cfs_quota_us"), "150000");
         assert_eq!(at("cpu/batchly/job-s1-0-a/cpu.cfs_period_us"), "100000");
+        assert!(
+            tmp.path().join("unified/batchly/job-s1-0-a").is_dir(),
+            "the job has a unified cgroup, below the egress programs"
+        );
         assert_eq!(
             h.leftovers("s1"),
             vec![cg.clone()],
@@ -670,10 +719,15 @@ mod tests {
         .expect("controllers");
         let h = Hierarchy::V2 { base: base.clone() };
         h.prepare(42).expect("prepare");
-        assert_eq!(
-            fs::read_to_string(base.join("cgroup.subtree_control")).expect("subtree"),
-            "+memory +pids +cpu"
-        );
+        for parent in [base.clone(), base.join("jobs")] {
+            assert_eq!(
+                fs::read_to_string(parent.join("cgroup.subtree_control")).expect("subtree"),
+                "+memory +pids +cpu",
+                "{}",
+                parent.display()
+            );
+        }
+        assert_eq!(h.egress_parent(), Some(base.join("jobs")));
         let cg = h
             .create(
                 "job-1-b",
@@ -684,7 +738,7 @@ mod tests {
                 },
             )
             .expect("create");
-        let dir = base.join("job-1-b");
+        let dir = base.join("jobs/job-1-b");
         assert_eq!(
             fs::read_to_string(dir.join("memory.max")).expect("max"),
             "1073741824"

@@ -51,7 +51,9 @@ pub fn run(
             e,
         )
     })?;
-    loopback_up()?;
+    if !iso.egress {
+        loopback_up()?;
+    }
     // The seccomp filter is compiled here, where an error can still be
     // reported plainly, and installed by the job just before execve.
     let filters = syscalls::filters()?;

@@ -21,6 +21,7 @@
 //! This is the only module allowed to contain `unsafe`.
 
 pub mod cgroup;
+pub mod egress;
 pub mod forkserver;
 mod identity;
 mod init;
@@ -69,23 +70,25 @@ pub struct Isolation {
     /// Host directories the job may write, at the same path
     /// (`sandbox.bind_paths`).
     pub writable: Vec<PathBuf>,
+    /// `network: "egress"`: the job shares the agent's network namespace
+    /// (the instance metadata blocked for it, see `egress.rs`); otherwise
+    /// it gets a fresh one with only loopback.
+    pub egress: bool,
 }
 
 impl Isolation {
     /// The namespaces the fork server creates for the launcher (`clone` flags).
     pub fn namespaces(&self) -> Namespaces {
+        let net = if self.egress { 0 } else { libc::CLONE_NEWNET };
         Namespaces(
-            (libc::CLONE_NEWNS
-                | libc::CLONE_NEWPID
-                | libc::CLONE_NEWIPC
-                | libc::CLONE_NEWUTS
-                | libc::CLONE_NEWNET) as u32,
+            (libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | net)
+                as u32,
         )
     }
 }
 
 /// What the agent isolates every job with (`sandbox.mode = "full"`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct SandboxPolicy {
     pub uid_range: crate::config::UidRange,
     /// Host paths no job may see (see [`Isolation::hidden`]).
@@ -98,12 +101,15 @@ pub struct SandboxPolicy {
     /// Limits of a job whose spec gives none.
     pub default_pids: Option<u64>,
     pub default_memory_mib: Option<u64>,
+    /// What keeps egress jobs from the instance metadata; set up once the
+    /// cgroups are ready (`None` before).
+    pub metadata: Option<std::sync::Arc<egress::MetadataBlock>>,
 }
 
 impl SandboxPolicy {
     /// The isolation of a job in job slot `slot`; `None` when the uid range
     /// has no uid for it (never the case for a checked config).
-    pub fn isolation(&self, slot: usize, job_id: &str) -> Option<Isolation> {
+    pub fn isolation(&self, slot: usize, job_id: &str, egress: bool) -> Option<Isolation> {
         let uid = self.uid_range.for_slot(slot)?;
         Some(Isolation {
             uid,
@@ -111,7 +117,16 @@ impl SandboxPolicy {
             hostname: hostname_for(job_id),
             hidden: self.hidden.clone(),
             writable: self.writable.clone(),
+            egress,
         })
+    }
+
+    /// Ready to run an egress job, or why not (see `egress.rs`).
+    pub async fn egress_ready(&self) -> Result<(), String> {
+        match &self.metadata {
+            Some(block) => block.ready().await,
+            None => Err("the instance metadata block is not set up".to_string()),
+        }
     }
 }
 
@@ -220,6 +235,7 @@ pub fn host_support() -> Vec<(&'static str, Result<String, String>)> {
         .filter(|s| s.contains("\nSeccomp:"))
         .map(|_| "filters".to_string())
         .ok_or_else(|| "this kernel has no seccomp".to_string());
+    let cgroups = cgroup::Hierarchy::detect();
     vec![
         (
             "root",
@@ -238,8 +254,12 @@ pub fn host_support() -> Vec<(&'static str, Result<String, String>)> {
         ),
         ("pidfd and close_range", kernel_check(5, 11, "close_range")),
         (
+            "instance metadata blocked for egress jobs",
+            egress::host_support(cgroups.as_ref().ok()),
+        ),
+        (
             "cgroups",
-            cgroup::Hierarchy::detect().map(|h| match h {
+            cgroups.map(|h| match h {
                 cgroup::Hierarchy::V2 { base } => format!("v2, jobs under {}", base.display()),
                 cgroup::Hierarchy::V1 { memory, .. } => {
                     format!(
@@ -308,6 +328,7 @@ mod tests {
                 "root",
                 "namespaces and read-only mounts",
                 "pidfd and close_range",
+                "instance metadata blocked for egress jobs",
                 "cgroups",
                 "seccomp",
                 "landlock"

@@ -588,17 +588,16 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         }
         let isolation = match &self.settings.sandbox {
             Some(policy) => {
-                let Some(isolation) = policy.isolation(slot, &job.id) else {
+                let egress = job.network == crate::envelope::Network::Egress;
+                let Some(isolation) = policy.isolation(slot, &job.id, egress) else {
                     return Ending::AgentFault(format!(
                         "sandbox.uid_range has no uid for job slot {slot}"
                     ));
                 };
-                if job.network == crate::envelope::Network::Egress {
-                    return Ending::AgentFault(
-                        "the job asks for network \"egress\", which this release cannot give \
-                         with the instance metadata blocked; it runs only with network \"none\""
-                            .into(),
-                    );
+                if egress {
+                    if let Err(why) = policy.egress_ready().await {
+                        return Ending::AgentFault(why);
+                    }
                 }
                 if let Err(e) = crate::sandbox::give_tree(work_dir, isolation.uid, isolation.gid) {
                     return Ending::AgentFault(format!(
