@@ -148,13 +148,18 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// Trivial jobs (/bin/true) through `dev`, against plain posix_spawn of /bin/true
+    /// Trivial jobs (/bin/true) through `dev`, against plain posix_spawn of
+    /// /bin/true and (as root) /bin/true in a fresh cgroup and namespaces
     Spawn {
         #[arg(long, default_value_t = 2000)]
         jobs: u32,
         /// Job slots [default: number of CPUs]
         #[arg(long)]
         slots: Option<usize>,
+        /// Run the jobs a second time with the agent holding this much
+        /// memory (0: no second run)
+        #[arg(long, value_name = "MIB", default_value_t = 1024)]
+        hold_mib: u64,
     },
 }
 
@@ -324,17 +329,23 @@ fn dispatch(cli: Cli) -> Result<(), AppError> {
             Ok(())
         }
         Command::Bench {
-            what: BenchCommand::Spawn { jobs, slots },
+            what:
+                BenchCommand::Spawn {
+                    jobs,
+                    slots,
+                    hold_mib,
+                },
         } => {
             app::init_logging(LogFormat::Text, "warn")?;
             let slots = slots
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            let report = runtime()?.block_on(batchly_agent::bench::spawn(jobs, slots))?;
+            let report = runtime()?.block_on(batchly_agent::bench::spawn(jobs, slots, hold_mib))?;
             print!("{}", report.render());
-            if report.succeeded != u64::from(jobs) {
+            if report.succeeded() != report.ran() {
                 return Err(AppError::Failed(format!(
-                    "only {} of {jobs} bench jobs succeeded",
-                    report.succeeded
+                    "only {} of {} bench jobs succeeded",
+                    report.succeeded(),
+                    report.ran()
                 )));
             }
             Ok(())

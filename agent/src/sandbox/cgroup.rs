@@ -413,10 +413,18 @@ impl JobCgroup {
         Ok(())
     }
 
+    /// The `cgroup.procs` file of each of the job's dirs.
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs()
+            .into_iter()
+            .map(|d| d.join("cgroup.procs"))
+            .collect()
+    }
+
     /// Moves process `pid` (the job's init, before it forks the job) in.
     pub fn add(&self, pid: i32) -> io::Result<()> {
-        for dir in self.dirs() {
-            write(&dir.join("cgroup.procs"), &pid.to_string())?;
+        for file in self.procs_files() {
+            write(&file, &pid.to_string())?;
         }
         Ok(())
     }

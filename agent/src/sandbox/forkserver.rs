@@ -52,6 +52,9 @@ pub fn serve() -> ! {
             std::process::exit(1);
         }
     };
+    // Compiled once here, inherited by every launcher; a launcher reports
+    // an error itself, as its job's refusal.
+    let _ = super::syscalls::filters();
     loop {
         let mut go: Option<OwnedFd> = None;
         let (namespaces, fds) = match receive(&sock) {

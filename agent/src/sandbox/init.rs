@@ -54,8 +54,9 @@ pub fn run(
     if !iso.egress {
         loopback_up()?;
     }
-    // The seccomp filter is compiled here, where an error can still be
-    // reported plainly, and installed by the job just before execve.
+    // The seccomp filter (compiled by the fork server already) is taken
+    // here, where an error can still be reported plainly, and installed by
+    // the job just before execve.
     let filters = syscalls::filters()?;
 
     let (exec_r, exec_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
@@ -72,7 +73,7 @@ pub fn run(
     }
     if pid == 0 {
         drop(exec_r);
-        job(plan, iso, &filters, exec_w)
+        job(plan, iso, filters, exec_w)
     }
     drop(exec_w);
     // The job's output pipes are the job's: the init keeps no copy, so they

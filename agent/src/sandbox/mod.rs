@@ -20,6 +20,7 @@
 //!
 //! This is the only module allowed to contain `unsafe`.
 
+pub mod baseline;
 pub mod cgroup;
 pub mod egress;
 pub mod forkserver;

@@ -112,8 +112,19 @@ const AUDIT_ARCH: u32 = 0xC000_003E;
 #[cfg(target_arch = "x86_64")]
 const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 
-/// The filters, in the order they are installed.
-pub fn filters() -> Result<Vec<BpfProgram>, StepError> {
+/// The filters, in the order they are installed; compiled once per
+/// process. The fork server compiles them before its first fork, so every
+/// launcher forked from it has them without compiling again.
+pub fn filters() -> Result<&'static [BpfProgram], StepError> {
+    static COMPILED: std::sync::OnceLock<Result<Vec<BpfProgram>, String>> =
+        std::sync::OnceLock::new();
+    COMPILED
+        .get_or_init(|| compile().map_err(|e| e.message))
+        .as_deref()
+        .map_err(|message| StepError::new(Step::Seccomp, message.clone()))
+}
+
+fn compile() -> Result<Vec<BpfProgram>, StepError> {
     let compile_err = |e: seccompiler::BackendError| {
         StepError::new(Step::Seccomp, format!("compiling the filter: {e}"))
     };
@@ -265,7 +276,7 @@ mod tests {
                     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
                         return 10;
                     }
-                    if install(&filters).is_err() {
+                    if install(filters).is_err() {
                         return 11;
                     }
                     let errno = || std::io::Error::last_os_error().raw_os_error();
