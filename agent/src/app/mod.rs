@@ -220,24 +220,44 @@ fn sandbox_policy(
                 })
                 .collect();
             let hidden: Vec<PathBuf> = hidden;
-            for dir in &config.sandbox.bind_paths {
-                if !dir.is_dir() {
-                    return Err(usage(format!(
-                        "sandbox.bind_paths: {} is not a directory on this host",
-                        dir.display()
-                    )));
-                }
-                let dir = dir.canonicalize().unwrap_or_else(|_| dir.clone());
-                if let Some(private) = hidden
-                    .iter()
-                    .find(|h| h.starts_with(&dir) || dir.starts_with(h))
-                {
-                    return Err(usage(format!(
-                        "sandbox.bind_paths: {} overlaps {}, which jobs must not see (the agent's state, keys, config, logs or work dirs)",
-                        dir.display(),
-                        private.display()
-                    )));
-                }
+            let shown = |key: &str, dirs: &[PathBuf]| -> Result<Vec<PathBuf>, AppError> {
+                dirs.iter()
+                    .map(|dir| {
+                        if !dir.is_dir() {
+                            return Err(usage(format!(
+                                "{key}: {} is not a directory on this host",
+                                dir.display()
+                            )));
+                        }
+                        let dir = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+                        if let Some(private) = hidden
+                            .iter()
+                            .find(|h| h.starts_with(&dir) || dir.starts_with(h))
+                        {
+                            return Err(usage(format!(
+                                "{key}: {} overlaps {}, which jobs must not see (the agent's state, keys, config, logs or work dirs)",
+                                dir.display(),
+                                private.display()
+                            )));
+                        }
+                        if dir.starts_with("/dev") || dir.starts_with("/proc") {
+                            return Err(usage(format!(
+                                "{key}: {} is under /dev or /proc, which every job gets fresh",
+                                dir.display()
+                            )));
+                        }
+                        Ok(dir)
+                    })
+                    .collect()
+            };
+            let writable = shown("sandbox.bind_paths", &config.sandbox.bind_paths)?;
+            let mut readable = shown("sandbox.readonly_paths", &config.sandbox.readonly_paths)?;
+            // systemd-resolved's stub resolver (/etc/resolv.conf links
+            // there on Amazon Linux 2023 and Ubuntu): egress jobs need it
+            // to look names up, and the rest of /run stays empty.
+            let resolver = Path::new("/run/systemd/resolve");
+            if resolver.is_dir() && !readable.iter().any(|d| resolver.starts_with(d)) {
+                readable.push(resolver.to_path_buf());
             }
             let cgroups = crate::sandbox::cgroup::Hierarchy::detect()
                 .map_err(|why| usage(format!("the sandbox cannot limit jobs: {why}")))?;
@@ -246,7 +266,8 @@ fn sandbox_policy(
                 Some(SandboxPolicy {
                     uid_range: range,
                     hidden,
-                    writable: config.sandbox.bind_paths.clone(),
+                    writable,
+                    readable,
                     cgroups,
                     cgroup_scope: crate::sandbox::cgroup::scope_of(&config.state.dir),
                     default_pids: nonzero(config.sandbox.default_pids),

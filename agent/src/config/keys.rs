@@ -299,6 +299,13 @@ pub(super) static KEYS: &[Key] = &[
         secret: false,
     },
     Key {
+        name: "sandbox.readonly_paths",
+        slot: Slot::Paths(field!(sandbox.readonly_paths)),
+        default: Builtin::Value(""),
+        doc: "host directories every job may read at the same path, even under the fresh /run, /tmp and /var/tmp (site tools)",
+        secret: false,
+    },
+    Key {
         name: "agent.log_format",
         slot: Slot::LogFormat(field!(agent.log_format)),
         default: Builtin::Value("text"),

@@ -127,6 +127,9 @@ pub struct SandboxConfig {
     pub uid_range: UidRange,
     /// Host directories every job may write, at the same path.
     pub bind_paths: Vec<PathBuf>,
+    /// Host directories every job may read, at the same path, even where
+    /// its view is otherwise fresh (/run, /tmp, /var/tmp).
+    pub readonly_paths: Vec<PathBuf>,
     /// Limits of a job whose spec gives none; 0 is no limit.
     pub default_pids: usize,
     pub default_memory_mib: usize,
@@ -384,6 +387,7 @@ impl Config {
                 mode: SandboxMode::Full,
                 uid_range: UidRange { first: 0, last: 0 },
                 bind_paths: Vec::new(),
+                readonly_paths: Vec::new(),
                 default_pids: 0,
                 default_memory_mib: 0,
             },

@@ -71,6 +71,9 @@ pub struct Isolation {
     /// Host directories the job may write, at the same path
     /// (`sandbox.bind_paths`).
     pub writable: Vec<PathBuf>,
+    /// Host directories the job may read, at the same path, where its view
+    /// is otherwise fresh (`sandbox.readonly_paths`, systemd-resolved's).
+    pub readable: Vec<PathBuf>,
     /// `network: "egress"`: the job shares the agent's network namespace
     /// (the instance metadata blocked for it, see `egress.rs`); otherwise
     /// it gets a fresh one with only loopback.
@@ -96,6 +99,8 @@ pub struct SandboxPolicy {
     pub hidden: Vec<PathBuf>,
     /// See [`Isolation::writable`].
     pub writable: Vec<PathBuf>,
+    /// See [`Isolation::readable`].
+    pub readable: Vec<PathBuf>,
     /// Where job cgroups are made, and this agent's part of it.
     pub cgroups: cgroup::Hierarchy,
     pub cgroup_scope: String,
@@ -118,6 +123,7 @@ impl SandboxPolicy {
             hostname: hostname_for(job_id),
             hidden: self.hidden.clone(),
             writable: self.writable.clone(),
+            readable: self.readable.clone(),
             egress,
         })
     }

@@ -11,8 +11,8 @@
 //!    file; then a minimal /dev with its own /dev/shm, and /proc for the
 //!    job's pid namespace;
 //! 6. the work dir and `sandbox.bind_paths` put back at their own paths,
-//!    writable;
-//! 7. the hiding tmpfs made read-only.
+//!    writable, and `sandbox.readonly_paths` read-only (taken after step 3);
+//! 7. the hiding tmpfs and the empty /run made read-only.
 //!
 //! Needs Linux 5.12 (`mount_setattr`).
 
@@ -88,6 +88,11 @@ pub fn build(work_dir: &Path, isolation: &Isolation) -> Result<(), StepError> {
         MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
         0,
     )?;
+    let readable = isolation
+        .readable
+        .iter()
+        .map(|dir| Ok((open_tree(dir, true)?, dir)))
+        .collect::<Result<Vec<_>, StepError>>()?;
 
     // The fresh /tmp first: what the host keeps under /tmp is gone with it,
     // so a hidden path there needs no tmpfs of its own (one would be
@@ -96,7 +101,7 @@ pub fn build(work_dir: &Path, isolation: &Isolation) -> Result<(), StepError> {
     fresh_tmpfs(Path::new("/var/tmp"), false)?;
     // The host's /run holds sockets (journald's, D-Bus's) that a read-only
     // mount does not stop a connect() to: the job gets an empty one.
-    empty_run()?;
+    let runs = empty_run()?;
     // Before the new /dev: files are hidden under the host's /dev/null,
     // whose mount is nodev by now.
     let hidden = hide(&isolation.hidden)?;
@@ -114,11 +119,14 @@ pub fn build(work_dir: &Path, isolation: &Isolation) -> Result<(), StepError> {
         proc_dir,
     ))?;
 
-    put_back(work, work_dir)?;
+    put_back(work, work_dir, true)?;
     for (tree, dir) in writable {
-        put_back(tree, dir)?;
+        put_back(tree, dir, true)?;
     }
-    for dir in hidden {
+    for (tree, dir) in readable {
+        put_back(tree, dir, false)?;
+    }
+    for dir in hidden.into_iter().chain(runs) {
         mount(
             None::<&str>,
             &dir,
@@ -130,7 +138,7 @@ pub fn build(work_dir: &Path, isolation: &Isolation) -> Result<(), StepError> {
                 | MsFlags::MS_NOEXEC,
             None::<&str>,
         )
-        .map_err(fail("making read-only the tmpfs that hides", &dir))?;
+        .map_err(fail("making read-only the empty tmpfs on", &dir))?;
     }
     Ok(())
 }
@@ -246,9 +254,11 @@ fn hide(paths: &[PathBuf]) -> Result<Vec<PathBuf>, StepError> {
     Ok(covered)
 }
 
-/// An empty, read-only /run (and /var/run when it is a directory of its
-/// own rather than the usual link to /run).
-fn empty_run() -> Result<(), StepError> {
+/// An empty /run (and /var/run when it is a directory of its own rather
+/// than the usual link to /run); returned to be made read-only once the
+/// read-only paths under it have their mount points.
+fn empty_run() -> Result<Vec<PathBuf>, StepError> {
+    let mut made = Vec::new();
     for dir in ["/run", "/var/run"] {
         let dir = Path::new(dir);
         let is_dir = std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir());
@@ -259,12 +269,13 @@ fn empty_run() -> Result<(), StepError> {
             Some("tmpfs"),
             dir,
             Some("tmpfs"),
-            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-            Some("mode=0755,size=4k"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some("mode=0755,size=64k"),
         )
         .map_err(fail("hiding the host's sockets under", dir))?;
+        made.push(dir.to_path_buf());
     }
-    Ok(())
+    Ok(made)
 }
 
 /// A private, empty tmpfs on `dir` (sticky, world-writable like /tmp).
@@ -348,25 +359,30 @@ fn minimal_dev() -> Result<(), StepError> {
     .map_err(fail("making read-only the minimal", dev))
 }
 
-/// Attaches a copy taken by `open_tree` at its own path, writable (but
-/// still nosuid and nodev), making its mount point inside a hiding tmpfs
-/// first.
-fn put_back(work: OwnedFd, work_dir: &Path) -> Result<(), StepError> {
+/// Attaches a copy taken by `open_tree` at its own path, writable or
+/// read-only (nosuid and nodev either way), making its mount point inside
+/// a fresh tmpfs first.
+fn put_back(work: OwnedFd, work_dir: &Path, writable: bool) -> Result<(), StepError> {
     let empty = c"";
+    let (set, clear) = if writable {
+        (MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, MOUNT_ATTR_RDONLY)
+    } else {
+        (MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0)
+    };
     // AT_EMPTY_PATH: on the detached copy itself.
     mount_setattr(
         work.as_raw_fd(),
         empty,
         libc::AT_EMPTY_PATH as libc::c_uint | AT_RECURSIVE,
-        MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-        MOUNT_ATTR_RDONLY,
+        set,
+        clear,
     )
-    .map_err(fail("making writable the copy of", work_dir))?;
+    .map_err(fail("setting the attributes of the copy of", work_dir))?;
     if !work_dir.is_dir() {
         std::fs::create_dir_all(work_dir).map_err(|e| {
             StepError::sys(
                 Step::Mounts,
-                "making the mount point of the work dir",
+                "making the mount point of",
                 work_dir,
                 Errno::from_raw(e.raw_os_error().unwrap_or(0)),
             )
@@ -388,7 +404,7 @@ fn put_back(work: OwnedFd, work_dir: &Path) -> Result<(), StepError> {
     if r < 0 {
         return Err(StepError::sys(
             Step::Mounts,
-            "putting the work dir back at",
+            "putting back the copy of",
             work_dir,
             Errno::last(),
         ));

@@ -188,6 +188,27 @@ fn run_refuses_an_unsandboxed_mode_unless_told_twice_and_a_uid_range_of_real_acc
         "{}",
         run.stderr
     );
+
+    // Paths shown to jobs: they must exist, and never expose what the
+    // sandbox hides (the keys file's dir) or what every job gets fresh.
+    for (paths, says) in [
+        (
+            format!("readonly_paths = [\"{}/missing\"]", home),
+            "is not a directory",
+        ),
+        (format!("readonly_paths = [\"{}\"]", home), "overlaps"),
+        ("bind_paths = [\"/dev/shm\"]".to_string(), "/dev or /proc"),
+    ] {
+        write(&paths);
+        let run = run_cli_within(&["run", "--config", &path_str(&config)], &env, REFUSAL_WAIT);
+        assert_eq!(run.code(), 2, "{paths}: {run:#?}");
+        let key = paths.split(' ').next().expect("key");
+        assert!(
+            run.stderr.contains(&format!("sandbox.{key}")) && run.stderr.contains(says),
+            "{paths}: {}",
+            run.stderr
+        );
+    }
 }
 
 #[test]

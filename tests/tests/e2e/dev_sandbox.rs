@@ -526,3 +526,39 @@ fn cancel_kills_a_running_job_deleting_its_message_or_requeueing_it() {
         run.stderr
     );
 }
+
+#[test]
+fn a_readonly_path_is_readable_under_the_fresh_tmp_but_never_writable() {
+    // Under /tmp on purpose: every job gets a fresh /tmp, so only the
+    // read-only path itself shows through it.
+    let site = tempfile::tempdir().expect("a site dir");
+    let tools = site.path().join("tools");
+    std::fs::create_dir(&tools).expect("tools dir");
+    std::fs::write(tools.join("tool.sh"), "echo site-tool\n").expect("tool");
+    std::fs::write(site.path().join("beside"), "not shared").expect("beside");
+    // World-writable on the host: only the mount keeps the job out.
+    std::fs::set_permissions(&tools, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+        .expect("chmod");
+    let agent = DevAgent::start(&[(
+        "BATCHLY_SANDBOX_READONLY_PATHS",
+        tools.to_str().expect("utf-8 path"),
+    )]);
+    let tools_env = format!("TOOLS={}", tools.display());
+    let beside_env = format!("BESIDE={}", site.path().join("beside").display());
+    let script = [
+        "echo tool=$(sh \"$TOOLS/tool.sh\")\n".to_string(),
+        probe("write_in", "touch \"$TOOLS/new\""),
+        probe("beside", "cat \"$BESIDE\""),
+    ]
+    .concat();
+    let (end, seen, log) = run_job(&agent, "reads-tools", &[&tools_env, &beside_env], &script);
+    assert_eq!(end.kind, "job.succeeded", "{end:?}\n{log}");
+    assert_eq!(field(&seen, "tool", &log), "site-tool", "the tool runs");
+    assert_eq!(field(&seen, "write_in", &log), "fails", "read-only");
+    assert_eq!(
+        field(&seen, "beside", &log),
+        "fails",
+        "only the listed dir shows"
+    );
+    assert!(!tools.join("new").exists(), "nothing reached the host");
+}
