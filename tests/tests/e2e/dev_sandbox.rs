@@ -391,35 +391,6 @@ exit 0"#,
     wait_gone(daemon, "the job's daemon, after the job ended");
 }
 
-#[test]
-fn an_egress_job_is_refused_with_a_reason_rather_than_run_with_metadata_reachable() {
-    let agent = DevAgent::start(&[("BATCHLY_JOBS_MAX_REQUEUES", "1")]);
-    let spec = agent.mark().join("egress.json");
-    std::fs::write(
-        &spec,
-        r#"{"id": "wants-egress", "command": ["true"], "network": "egress"}"#,
-    )
-    .expect("writing the spec");
-    let job = agent.submit_one(&["--spec", &spec.display().to_string()]);
-    let end = agent.wait_final(&job.message_id);
-    let all = agent.events();
-    let reasons: Vec<&str> = batchly_e2e::of_message(&all, &job.message_id)
-        .iter()
-        .filter_map(|e| e.reason.as_deref())
-        .collect();
-    assert!(
-        reasons.iter().any(|r| r.contains("egress")),
-        "the refusal names what is missing: {reasons:?}"
-    );
-    assert!(
-        !batchly_e2e::of_message(&all, &job.message_id)
-            .iter()
-            .any(|e| e.kind == "job.started"),
-        "it never ran"
-    );
-    assert!(end.is_final, "{end:?}");
-}
-
 /// Writes a job spec into the mark dir and submits it.
 fn submit_spec(agent: &DevAgent, name: &str, spec: serde_json::Value) -> batchly_e2e::Submitted {
     let path = agent.mark().join(format!("{name}.json"));
