@@ -11,6 +11,7 @@
 //!
 //! `sqs` drives `batchly-agent run` against a local AWS server (moto).
 
+pub mod netns;
 pub mod sqs;
 
 use std::fs::File;

@@ -5,6 +5,9 @@
 
 mod cli;
 mod dev_bad_input;
+// Its probes need root and namespaces, like dev_sandbox.
+#[cfg(target_arch = "x86_64")]
+mod dev_egress;
 mod dev_launch;
 mod dev_lifecycle;
 // Its attacks call system calls by their x86_64 numbers.

@@ -124,3 +124,46 @@ fn inputs_and_outputs_round_trip_through_s3_including_a_50_mb_file() {
     );
     t.wait_queue_empty(&q.url, &[&agent]);
 }
+
+#[test]
+fn an_output_swapped_for_a_symlink_to_etc_shadow_is_refused_and_nothing_is_uploaded() {
+    let t = SqsTest::start();
+    let q = t.job_queue("jobs");
+    t.aws.create_bucket(BUCKET);
+    // The job writes its declared output, then swaps it for a link to a
+    // file only root may read: the agent uploads as root, after the job.
+    let spec = json!({
+        "id": "swaps-output",
+        "command": ["sh", "-c",
+            "echo harmless > result.txt && rm result.txt && ln -s /etc/shadow result.txt"],
+        "outputs": [{"path": "result.txt", "url": format!("s3://{BUCKET}/results/")}],
+        "max_attempts": 1,
+    });
+    let path = t.root().join("swaps-output.json");
+    std::fs::write(&path, spec.to_string()).expect("writing the spec file");
+    let job = t
+        .submit(&q.url, &["--spec", &path.display().to_string()])
+        .remove(0);
+    let agent = t.agent(AgentSettings::new(&q.url));
+    let events = t.wait_events("the final event", &[&agent], |ev| {
+        ev.iter()
+            .any(|e| e.message_id == job.message_id && e.is_final)
+    });
+    let end = of_message(&events, &job.message_id)
+        .into_iter()
+        .find(|e| e.is_final)
+        .expect("found by the wait")
+        .clone();
+    assert_eq!(end.kind, "job.failed", "the upload is refused: {end:?}");
+    let reason = end.reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("result.txt") && reason.contains("symbolic link"),
+        "the reason names the symlink: {reason:?}"
+    );
+    assert_eq!(
+        t.aws.list_keys(BUCKET, ""),
+        Vec::<String>::new(),
+        "nothing reached the bucket"
+    );
+    t.wait_queue_empty(&q.url, &[&agent]);
+}
