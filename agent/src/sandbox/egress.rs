@@ -281,6 +281,10 @@ fn hooks() -> [(u32, &'static str, Vec<Insn>); 4] {
 fn attach_programs(cgroup: &Path) -> Result<(), String> {
     let dir =
         std::fs::File::open(cgroup).map_err(|e| format!("opening {}: {e}", cgroup.display()))?;
+    // Agents starting at once on one host (they share the parent on a v1
+    // host) must not both find nothing and both attach.
+    let _locked = lock(&dir, ATTACH_LOCK_WAIT)
+        .map_err(|e| format!("locking {} to attach: {e}", cgroup.display()))?;
     for (hook, name, program) in hooks() {
         let attached = attached_names(dir.as_raw_fd(), hook)
             .map_err(|e| format!("listing the programs on {}: {e}", cgroup.display()))?;
@@ -292,6 +296,26 @@ fn attach_programs(cgroup: &Path) -> Result<(), String> {
             .map_err(|e| format!("attaching {name} to {}: {e}", cgroup.display()))?;
     }
     Ok(())
+}
+
+/// Longest an agent waits for another to finish attaching.
+const ATTACH_LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// An exclusive `flock` on `dir`, waited for at most `wait`; released when
+/// the returned guard (the lock's own descriptor) is dropped.
+fn lock(dir: &std::fs::File, wait: Duration) -> io::Result<nix::fcntl::Flock<std::fs::File>> {
+    let deadline = std::time::Instant::now() + wait;
+    let mut file = dir.try_clone()?;
+    loop {
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => return Ok(locked),
+            Err((back, nix::errno::Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
+                file = back;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err((_, errno)) => return Err(errno.into()),
+        }
+    }
 }
 
 // `union bpf_attr` for the commands used, each padded with zeroes: the
@@ -665,6 +689,18 @@ mod tests {
         for (name, names) in attached.expect("attaching") {
             assert_eq!(names, vec![name.to_string()], "one {name}");
         }
+    }
+
+    #[test]
+    fn a_second_attacher_waits_for_the_first_and_gives_up_at_its_deadline() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = std::fs::File::open(tmp.path()).expect("open dir");
+        let held = lock(&dir, Duration::ZERO).expect("the first lock");
+        let other = std::fs::File::open(tmp.path()).expect("open dir again");
+        let err = lock(&other, Duration::from_millis(20)).expect_err("held by the first");
+        assert_eq!(err.raw_os_error(), Some(libc::EWOULDBLOCK));
+        drop(held);
+        lock(&other, Duration::ZERO).expect("free once the first is done");
     }
 
     #[test]

@@ -721,8 +721,14 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 }
             }
         };
-        // The job is over: whatever it left running in its group goes too.
-        proc.signal_group(Signal::SIGKILL);
+        // The job is over: whatever it left running goes too. Sandboxed,
+        // the init's exit killed its whole pid namespace and the cgroup's
+        // removal below kills any straggler; a group kill after the leader
+        // was reaped could hit a reused id, so it is only the unsandboxed
+        // mode's fallback.
+        if cgroup.0.is_none() {
+            proc.signal_group(Signal::SIGKILL);
+        }
         match tokio::time::timeout(OUTPUT_DRAIN_WAIT, &mut capture).await {
             Ok(Ok(got)) if got.dropped > 0 => tracing::warn!(
                 job = %job.id, dropped = got.dropped, "job output over jobs.log_max_bytes was dropped"
