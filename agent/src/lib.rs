@@ -20,6 +20,7 @@ pub mod config;
 pub mod drain;
 pub mod envelope;
 pub mod events;
+pub mod imds;
 pub mod queue;
 pub mod retry;
 #[allow(unsafe_code)]
