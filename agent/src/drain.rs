@@ -114,6 +114,22 @@ impl Drain {
         })
     }
 
+    /// `resume_intake`, only if the pause is the one asked for with
+    /// `reason` (a rebalance pause lifts itself; other pauses stay).
+    pub fn resume_intake_paused_for(&self, reason: &str) -> bool {
+        self.tx.send_if_modified(|cur| {
+            if cur
+                .as_ref()
+                .is_some_and(|r| r.mode == DrainMode::StopIntake && r.reason == reason)
+            {
+                *cur = None;
+                true
+            } else {
+                false
+            }
+        })
+    }
+
     pub fn current(&self) -> Option<DrainRequest> {
         self.tx.borrow().clone()
     }

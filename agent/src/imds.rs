@@ -230,9 +230,402 @@ impl Identity {
     }
 }
 
+// ------------------------------------------------------------- watcher --
+
+/// How often the notices are read (a spot notice gives two minutes).
+pub const POLL: Duration = Duration::from_secs(2);
+/// At most one warning per this long about a failing metadata service.
+const ERROR_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// What the watcher has seen, for `status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Seen {
+    /// The last notice that changed something, and when it was read.
+    pub last_notice: Option<String>,
+    pub last_notice_at: Option<String>,
+    /// Polls and failed reads so far; the last failure.
+    pub polls: u64,
+    pub errors: u64,
+    pub last_error: Option<String>,
+}
+
+/// Turns notices into the drain's modes: a spot interruption drains by its
+/// time less `margin`; `target-lifecycle-state` `Terminated` drains within
+/// `lifecycle_timeout`; a rebalance recommendation pauses intake and lifts
+/// the pause after `rebalance_resume` unless a drain came. A notice seen
+/// again is not a new trigger, and a failing read never starts a drain.
+#[derive(Debug)]
+pub struct Notices {
+    drain: crate::drain::Drain,
+    margin: Duration,
+    rebalance_resume: Duration,
+    lifecycle_timeout: Duration,
+    last_spot: Option<String>,
+    last_rebalance: Option<String>,
+    terminated: bool,
+    resume_at: Option<std::time::Instant>,
+    last_error_log: Option<std::time::Instant>,
+    errors_since_log: u64,
+    pub seen: Seen,
+}
+
+/// The reason of a rebalance pause (and so the only pause lifted by time).
+pub const REBALANCE_REASON: &str = "rebalance recommendation";
+
+/// One poll's three answers.
+pub struct Poll {
+    pub spot: Result<Option<String>, ImdsFailure>,
+    pub rebalance: Result<Option<String>, ImdsFailure>,
+    pub lifecycle: Result<Option<String>, ImdsFailure>,
+}
+
+impl Notices {
+    pub fn new(
+        drain: crate::drain::Drain,
+        margin: Duration,
+        rebalance_resume: Duration,
+        lifecycle_timeout: Duration,
+    ) -> Notices {
+        Notices {
+            drain,
+            margin,
+            rebalance_resume,
+            lifecycle_timeout,
+            last_spot: None,
+            last_rebalance: None,
+            terminated: false,
+            resume_at: None,
+            last_error_log: None,
+            errors_since_log: 0,
+            seen: Seen::default(),
+        }
+    }
+
+    /// Acts on one poll's answers read at `now` (`wall` on the host clock).
+    pub fn observe(&mut self, poll: Poll, now: std::time::Instant, wall: SystemTime) {
+        self.seen.polls += 1;
+        let mut failures = Vec::new();
+        match poll.spot {
+            Ok(Some(text)) if self.last_spot.as_deref() != Some(text.as_str()) => {
+                match parse_spot_action(&text) {
+                    Ok(notice) => {
+                        let at = notice.time.checked_sub(self.margin).unwrap_or(notice.time);
+                        let left = at.duration_since(wall).unwrap_or(Duration::ZERO);
+                        let why = format!(
+                            "spot interruption: {} at {}",
+                            notice.action,
+                            crate::events::rfc3339(notice.time)
+                        );
+                        tracing::warn!("{why}; draining within {}s", left.as_secs());
+                        self.drain.request(&why, now + left);
+                        self.noticed(why, wall);
+                    }
+                    Err(e) => failures.push(e),
+                }
+                self.last_spot = Some(text);
+            }
+            Ok(_) => {}
+            Err(e) => failures.push(format!("{}: {e}", SPOT_ACTION)),
+        }
+        match poll.lifecycle {
+            Ok(Some(state)) if state.trim() == "Terminated" && !self.terminated => {
+                self.terminated = true;
+                let why = "auto scaling lifecycle: Terminated".to_string();
+                tracing::warn!("{why}; draining");
+                self.drain.request(&why, now + self.lifecycle_timeout);
+                self.noticed(why, wall);
+            }
+            Ok(_) => {}
+            Err(e) => failures.push(format!("{}: {e}", LIFECYCLE_STATE)),
+        }
+        match poll.rebalance {
+            Ok(Some(text)) if self.last_rebalance.as_deref() != Some(text.as_str()) => {
+                match parse_rebalance(&text) {
+                    Ok(_) => {
+                        if self.drain.current().is_none() {
+                            tracing::warn!(
+                                "{REBALANCE_REASON}: taking no new jobs for {}s unless an interruption follows",
+                                self.rebalance_resume.as_secs()
+                            );
+                            self.drain.stop_intake(REBALANCE_REASON);
+                            self.resume_at = Some(now + self.rebalance_resume);
+                            self.noticed(format!("{REBALANCE_REASON} ({})", text.trim()), wall);
+                        }
+                    }
+                    Err(e) => failures.push(e),
+                }
+                self.last_rebalance = Some(text);
+            }
+            Ok(_) => {}
+            Err(e) => failures.push(format!("{}: {e}", REBALANCE)),
+        }
+        if self.resume_at.is_some_and(|at| now >= at) {
+            self.resume_at = None;
+            if self.drain.resume_intake_paused_for(REBALANCE_REASON) {
+                tracing::info!(
+                    "no interruption followed the rebalance recommendation: taking jobs again"
+                );
+            }
+        }
+        if !failures.is_empty() {
+            self.failed(failures, now);
+        }
+    }
+
+    fn noticed(&mut self, what: String, wall: SystemTime) {
+        self.seen.last_notice = Some(what);
+        self.seen.last_notice_at = Some(crate::events::rfc3339(wall));
+    }
+
+    fn failed(&mut self, failures: Vec<String>, now: std::time::Instant) {
+        self.seen.errors += failures.len() as u64;
+        self.errors_since_log += failures.len() as u64;
+        let text = failures.join("; ");
+        let due = self
+            .last_error_log
+            .is_none_or(|at| now.duration_since(at) >= ERROR_LOG_EVERY);
+        if due {
+            tracing::warn!(
+                failed_reads = self.errors_since_log,
+                "instance metadata: {text} (jobs go on; notices are read again every {}s)",
+                POLL.as_secs()
+            );
+            self.last_error_log = Some(now);
+            self.errors_since_log = 0;
+        }
+        self.seen.last_error = Some(text);
+    }
+}
+
+/// Reads the notices every `poll` for ever, acting on them through
+/// `notices`; `seen` is updated after every poll.
+pub async fn watch(
+    imds: std::sync::Arc<Imds>,
+    mut notices: Notices,
+    poll: Duration,
+    seen: std::sync::Arc<std::sync::Mutex<Seen>>,
+) {
+    let mut tick = tokio::time::interval(poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (spot, rebalance, lifecycle) = tokio::join!(
+            imds.get(SPOT_ACTION),
+            imds.get(REBALANCE),
+            imds.get(LIFECYCLE_STATE)
+        );
+        notices.observe(
+            Poll {
+                spot,
+                rebalance,
+                lifecycle,
+            },
+            std::time::Instant::now(),
+            SystemTime::now(),
+        );
+        *seen.lock().unwrap_or_else(|p| p.into_inner()) = notices.seen.clone();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::drain::{Drain, DrainMode};
+    use std::time::Instant;
+
+    fn notices(drain: &Drain) -> Notices {
+        Notices::new(
+            drain.clone(),
+            Duration::from_secs(15),
+            Duration::from_secs(600),
+            Duration::from_secs(90),
+        )
+    }
+
+    fn poll(spot: Option<&str>, rebalance: Option<&str>, lifecycle: Option<&str>) -> Poll {
+        Poll {
+            spot: Ok(spot.map(String::from)),
+            rebalance: Ok(rebalance.map(String::from)),
+            lifecycle: Ok(lifecycle.map(String::from)),
+        }
+    }
+
+    const T0: u64 = 1_796_205_600; // 2026-12-02T10:00:00Z
+
+    fn wall(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn a_spot_notice_drains_by_its_time_less_the_margin_once() {
+        let drain = Drain::new();
+        let mut n = notices(&drain);
+        let now = Instant::now();
+        let notice = r#"{"action": "terminate", "time": "2026-12-02T10:00:00Z"}"#;
+        n.observe(
+            poll(Some(notice), None, Some("InService")),
+            now,
+            wall(T0 - 120),
+        );
+        let req = drain.draining().expect("a drain");
+        assert_eq!(req.deadline, now + Duration::from_secs(105));
+        assert!(
+            req.reason.contains("spot interruption: terminate"),
+            "{}",
+            req.reason
+        );
+        // The same notice again, later: not a new trigger (the deadline is
+        // not recomputed from the later clock).
+        n.observe(
+            poll(Some(notice), None, None),
+            now + Duration::from_secs(2),
+            wall(T0 - 118),
+        );
+        assert_eq!(drain.deadline(), Some(now + Duration::from_secs(105)));
+    }
+
+    #[test]
+    fn a_notice_already_past_its_margin_drains_at_once() {
+        let drain = Drain::new();
+        let mut n = notices(&drain);
+        let now = Instant::now();
+        n.observe(
+            poll(
+                Some(r#"{"action": "stop", "time": "2026-12-02T10:00:00Z"}"#),
+                None,
+                None,
+            ),
+            now,
+            wall(T0 - 5),
+        );
+        assert_eq!(drain.deadline(), Some(now));
+    }
+
+    #[test]
+    fn a_rebalance_pauses_intake_and_lifts_the_pause_after_the_quiet_period() {
+        let drain = Drain::new();
+        let mut n = notices(&drain);
+        let now = Instant::now();
+        let rebalance = r#"{"noticeTime": "2026-12-02T09:58:00Z"}"#;
+        n.observe(poll(None, Some(rebalance), None), now, wall(T0));
+        assert_eq!(drain.current().map(|r| r.mode), Some(DrainMode::StopIntake));
+        n.observe(
+            poll(None, Some(rebalance), None),
+            now + Duration::from_secs(599),
+            wall(T0),
+        );
+        assert!(drain.current().is_some(), "still paused");
+        n.observe(
+            poll(None, Some(rebalance), None),
+            now + Duration::from_secs(600),
+            wall(T0),
+        );
+        assert_eq!(
+            drain.current(),
+            None,
+            "resumed, and the same recommendation does not pause again"
+        );
+        n.observe(
+            poll(None, Some(rebalance), None),
+            now + Duration::from_secs(602),
+            wall(T0),
+        );
+        assert_eq!(drain.current(), None);
+    }
+
+    #[test]
+    fn a_notice_during_the_rebalance_pause_drains_and_the_pause_never_lifts_it() {
+        let drain = Drain::new();
+        let mut n = notices(&drain);
+        let now = Instant::now();
+        let rebalance = r#"{"noticeTime": "2026-12-02T09:58:00Z"}"#;
+        n.observe(poll(None, Some(rebalance), None), now, wall(T0 - 300));
+        n.observe(
+            poll(
+                Some(r#"{"action": "terminate", "time": "2026-12-02T10:00:00Z"}"#),
+                Some(rebalance),
+                None,
+            ),
+            now + Duration::from_secs(2),
+            wall(T0 - 120),
+        );
+        assert!(drain.draining().is_some());
+        n.observe(
+            poll(None, Some(rebalance), None),
+            now + Duration::from_secs(700),
+            wall(T0),
+        );
+        assert!(drain.draining().is_some(), "a drain is never undone");
+    }
+
+    #[test]
+    fn another_pause_is_not_lifted_by_the_rebalance_timer() {
+        let drain = Drain::new();
+        drain.stop_intake("operator");
+        let mut n = notices(&drain);
+        let now = Instant::now();
+        n.observe(
+            poll(
+                None,
+                Some(r#"{"noticeTime": "2026-12-02T09:58:00Z"}"#),
+                None,
+            ),
+            now,
+            wall(T0),
+        );
+        n.observe(
+            poll(None, None, None),
+            now + Duration::from_secs(601),
+            wall(T0),
+        );
+        assert_eq!(
+            drain.current().map(|r| r.reason),
+            Some("operator".to_string())
+        );
+    }
+
+    #[test]
+    fn lifecycle_terminated_drains_within_the_drain_timeout() {
+        let drain = Drain::new();
+        let mut n = notices(&drain);
+        let now = Instant::now();
+        n.observe(poll(None, None, Some("InService")), now, wall(T0));
+        assert_eq!(drain.current(), None);
+        n.observe(poll(None, None, Some("Terminated")), now, wall(T0));
+        assert_eq!(drain.deadline(), Some(now + Duration::from_secs(90)));
+    }
+
+    #[test]
+    fn failing_reads_start_nothing_and_are_counted() {
+        let drain = Drain::new();
+        let mut n = notices(&drain);
+        let now = Instant::now();
+        for i in 0..3 {
+            n.observe(
+                Poll {
+                    spot: Err(ImdsFailure::Status(500)),
+                    rebalance: Err(ImdsFailure::Unreachable("reset".into())),
+                    lifecycle: Err(ImdsFailure::Token("timed out".into())),
+                },
+                now + Duration::from_secs(2 * i),
+                wall(T0),
+            );
+        }
+        assert_eq!(drain.current(), None);
+        assert_eq!((n.seen.polls, n.seen.errors), (3, 9));
+        assert!(n
+            .seen
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("500")));
+        // A notice after the trouble still drains.
+        n.observe(
+            poll(None, None, Some("Terminated")),
+            now + Duration::from_secs(8),
+            wall(T0),
+        );
+        assert!(drain.draining().is_some());
+    }
 
     #[test]
     fn a_spot_notice_gives_its_action_and_time() {

@@ -244,6 +244,16 @@ pub(super) static KEYS: &[Key] = &[
         secret: false,
     },
     Key {
+        name: "drain.rebalance_resume_s",
+        slot: Slot::Seconds {
+            positive: true,
+            field: field!(drain.rebalance_resume),
+        },
+        default: Builtin::Value("600"),
+        doc: "after a rebalance recommendation paused intake, resume it after this many seconds if no interruption notice followed",
+        secret: false,
+    },
+    Key {
         name: "admin.socket",
         slot: Slot::Path(field!(admin.socket)),
         default: Builtin::Value("/run/batchly/agent.sock"),

@@ -101,6 +101,9 @@ pub struct MetricsConfig {
 pub struct DrainConfig {
     pub margin: Duration,
     pub timeout: Duration,
+    /// After a rebalance recommendation paused intake, resume it after this
+    /// long if no interruption notice followed.
+    pub rebalance_resume: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -371,6 +374,7 @@ impl Config {
             drain: DrainConfig {
                 margin: Duration::ZERO,
                 timeout: Duration::ZERO,
+                rebalance_resume: Duration::ZERO,
             },
             admin: AdminConfig {
                 socket: PathBuf::new(),
@@ -715,6 +719,7 @@ mod tests {
         assert_eq!(config.metrics.namespace, "Batchly/Agent");
         assert_eq!(config.drain.margin, Duration::from_secs(15));
         assert_eq!(config.drain.timeout, Duration::from_secs(90));
+        assert_eq!(config.drain.rebalance_resume, Duration::from_secs(600));
         assert_eq!(
             config.admin.socket,
             PathBuf::from("/run/batchly/agent.sock")
