@@ -728,6 +728,9 @@ pub struct AgentSettings {
     /// More config keys (`section.key`, a TOML value), written after the
     /// harness's own and replacing any of them with the same name.
     pub extra: Vec<(String, String)>,
+    /// The instance metadata endpoint the agent reads notices from; none
+    /// (`AWS_EC2_METADATA_DISABLED=true`) unless set.
+    pub imds: Option<String>,
 }
 
 impl AgentSettings {
@@ -745,6 +748,7 @@ impl AgentSettings {
             slots: 4,
             endpoint: None,
             extra: Vec::new(),
+            imds: None,
         }
     }
 
@@ -765,6 +769,13 @@ impl AgentSettings {
 
     pub fn endpoint(mut self, url: &str) -> Self {
         self.endpoint = Some(url.to_string());
+        self
+    }
+
+    /// Reads instance metadata (spot, rebalance, lifecycle notices) from
+    /// `endpoint` (a fake IMDS's `http://127.0.0.1:PORT`).
+    pub fn imds(mut self, endpoint: &str) -> Self {
+        self.imds = Some(endpoint.to_string());
         self
     }
 
@@ -1053,7 +1064,19 @@ impl SqsTest {
 
     fn agent_env(&self, settings: &AgentSettings) -> Vec<(String, String)> {
         let endpoint = settings.endpoint.clone().unwrap_or_else(|| self.endpoint());
-        aws_env(&endpoint)
+        let mut env = aws_env(&endpoint);
+        if let Some(imds) = &settings.imds {
+            for (k, v) in env.iter_mut() {
+                if k == "AWS_EC2_METADATA_DISABLED" {
+                    *v = "false".to_string();
+                }
+            }
+            env.push((
+                "AWS_EC2_METADATA_SERVICE_ENDPOINT".to_string(),
+                imds.clone(),
+            ));
+        }
+        env
     }
 
     /// Starts `batchly-agent run` with `settings` and waits until it has

@@ -379,16 +379,55 @@ pub async fn run(
         }
     };
     let transfers = Transfers::new(aws::s3_client(&sdk));
-    serve_with(
+    let drain = Drain::new();
+    let watcher = watch_instance_metadata(&config, &drain)?;
+    let served = serve_with(
         &config,
         source,
         events,
         "run",
-        Drain::new(),
+        drain,
         Some(transfers),
         startup,
     )
-    .await
+    .await;
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
+    served
+}
+
+/// Starts reading the instance's notices (spot interruption, rebalance,
+/// Auto Scaling lifecycle) into `drain`, unless instance metadata is off
+/// (`AWS_EC2_METADATA_DISABLED=true`, the SDK's own switch: a host that is
+/// no EC2 instance).
+fn watch_instance_metadata(
+    config: &Config,
+    drain: &Drain,
+) -> Result<Option<tokio::task::JoinHandle<()>>, AppError> {
+    let disabled = std::env::var("AWS_EC2_METADATA_DISABLED")
+        .is_ok_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    if disabled {
+        tracing::info!(
+            "AWS_EC2_METADATA_DISABLED=true: no spot, rebalance or lifecycle notices are read"
+        );
+        return Ok(None);
+    }
+    let imds = crate::imds::Imds::new(std::env::var("AWS_EC2_METADATA_SERVICE_ENDPOINT").ok())
+        .map_err(usage)?;
+    let notices = crate::imds::Notices::new(
+        drain.clone(),
+        config.drain.margin,
+        config.drain.rebalance_resume,
+        config.drain.timeout,
+    );
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(crate::imds::Seen::default()));
+    Ok(Some(tokio::spawn(crate::imds::watch(
+        std::sync::Arc::new(imds),
+        notices,
+        crate::imds::POLL,
+        seen,
+    ))))
 }
 
 /// Publishes `agent.started`, which also proves the events queue takes
