@@ -195,6 +195,73 @@ fn parse_time(text: &str) -> Option<SystemTime> {
 
 // ------------------------------------------------------------ identity --
 
+/// The `instance_id` events carry: fixed (`agent.instance_id`, `dev`, a
+/// host that is no EC2 instance), or `unknown` until instance metadata
+/// has told it.
+#[derive(Debug, Clone)]
+pub struct InstanceId(std::sync::Arc<std::sync::RwLock<String>>);
+
+impl InstanceId {
+    pub fn fixed(id: impl Into<String>) -> InstanceId {
+        InstanceId(std::sync::Arc::new(std::sync::RwLock::new(id.into())))
+    }
+
+    pub fn get(&self) -> String {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set(&self, id: impl Into<String>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = id.into();
+    }
+}
+
+/// What events say of an instance whose id is not known yet.
+pub const UNKNOWN_INSTANCE: &str = "unknown";
+
+/// Reads the identity within `budget`; failing that, the id is
+/// `unknown` and is read again in the background (backing off to a
+/// minute) until known.
+pub async fn discover(imds: std::sync::Arc<Imds>, budget: Duration) -> InstanceId {
+    let id = InstanceId::fixed(UNKNOWN_INSTANCE);
+    let learn = |identity: &Identity, id: &InstanceId| -> bool {
+        match &identity.instance_id {
+            Some(known) => {
+                tracing::info!(
+                    instance_id = %known,
+                    instance_type = identity.instance_type.as_deref().unwrap_or("?"),
+                    availability_zone = identity.availability_zone.as_deref().unwrap_or("?"),
+                    life_cycle = identity.life_cycle.as_deref().unwrap_or("?"),
+                    autoscaling_group = identity.autoscaling_group.as_deref().unwrap_or("-"),
+                    "instance identity"
+                );
+                id.set(known.clone());
+                true
+            }
+            None => false,
+        }
+    };
+    match tokio::time::timeout(budget, Identity::read(&imds)).await {
+        Ok(Ok(identity)) if learn(&identity, &id) => return id,
+        Ok(Ok(_)) => tracing::warn!("instance metadata has no instance-id; events say {UNKNOWN_INSTANCE:?} until it has"),
+        Ok(Err(e)) => tracing::warn!("cannot read the instance identity yet ({e}); events say {UNKNOWN_INSTANCE:?} until it is known"),
+        Err(_) => tracing::warn!("no instance identity within {}s; events say {UNKNOWN_INSTANCE:?} until it is known", budget.as_secs()),
+    }
+    let later = id.clone();
+    tokio::spawn(async move {
+        let mut wait = Duration::from_secs(1);
+        loop {
+            tokio::time::sleep(wait).await;
+            if let Ok(identity) = Identity::read(&imds).await {
+                if learn(&identity, &later) {
+                    return;
+                }
+            }
+            wait = (wait * 2).min(Duration::from_secs(60));
+        }
+    });
+    id
+}
+
 /// Who this instance is, read once at start.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Identity {

@@ -105,7 +105,7 @@ fn settings(config: &Config) -> Settings {
             skew: config.signing.skew,
             max_ttl: config.signing.max_ttl,
         },
-        instance_id: instance_id(config),
+        instance_id: crate::imds::InstanceId::fixed(instance_id(config)),
         max_requeues: config.jobs.max_requeues,
         sandbox: None,
     }
@@ -280,8 +280,8 @@ fn sandbox_policy(
     }
 }
 
-/// `agent.instance_id`, or `host-<hostname>` until instance metadata is
-/// read (a later release discovers the EC2 instance id).
+/// `agent.instance_id`, or `host-<hostname>` where no instance metadata
+/// is read (`run` on an EC2 instance discovers its id instead).
 fn instance_id(config: &Config) -> String {
     config
         .agent
@@ -356,8 +356,18 @@ pub async fn run(
             "queue ready"
         );
     }
+    let imds = instance_metadata()?;
     let mut startup = Startup::locked(lock);
     startup.insecure_no_sandbox = insecure_no_sandbox;
+    startup.instance = match (&config.agent.instance_id, &imds) {
+        (None, Some(imds)) => Some(crate::imds::discover(imds.clone(), IDENTITY_BUDGET).await),
+        _ => None,
+    };
+    let instance = startup
+        .instance
+        .as_ref()
+        .map(crate::imds::InstanceId::get)
+        .unwrap_or_else(|| instance_id(&config));
     if let Some(warning) = clock_warning(source.host_clock_ahead_s(), config.signing.skew) {
         tracing::error!("{warning}");
         startup.warnings.push(warning);
@@ -368,7 +378,7 @@ pub async fn run(
                 .await
                 .map_err(setup_error)?;
             let sink = SqsEvents::new(sqs.clone(), url.clone());
-            announce(&sink, url, &config).await?;
+            announce(&sink, url, &config, &instance).await?;
             Some(sink)
         }
         None => {
@@ -380,7 +390,7 @@ pub async fn run(
     };
     let transfers = Transfers::new(aws::s3_client(&sdk));
     let drain = Drain::new();
-    let watcher = watch_instance_metadata(&config, &drain)?;
+    let watcher = imds.map(|imds| watch_instance_metadata(&config, &drain, imds));
     let served = serve_with(
         &config,
         source,
@@ -397,48 +407,54 @@ pub async fn run(
     served
 }
 
-/// Starts reading the instance's notices (spot interruption, rebalance,
-/// Auto Scaling lifecycle) into `drain`, unless instance metadata is off
+/// Longest the start waits for the instance's identity before going on
+/// with `unknown` (and reading it in the background).
+const IDENTITY_BUDGET: Duration = Duration::from_secs(3);
+
+/// The instance metadata client, unless instance metadata is off
 /// (`AWS_EC2_METADATA_DISABLED=true`, the SDK's own switch: a host that is
 /// no EC2 instance).
-fn watch_instance_metadata(
-    config: &Config,
-    drain: &Drain,
-) -> Result<Option<tokio::task::JoinHandle<()>>, AppError> {
+fn instance_metadata() -> Result<Option<Arc<crate::imds::Imds>>, AppError> {
     let disabled = std::env::var("AWS_EC2_METADATA_DISABLED")
         .is_ok_and(|v| v.trim().eq_ignore_ascii_case("true"));
     if disabled {
         tracing::info!(
-            "AWS_EC2_METADATA_DISABLED=true: no spot, rebalance or lifecycle notices are read"
+            "AWS_EC2_METADATA_DISABLED=true: no instance identity, spot, rebalance or lifecycle notices are read"
         );
         return Ok(None);
     }
-    let imds = crate::imds::Imds::new(std::env::var("AWS_EC2_METADATA_SERVICE_ENDPOINT").ok())
-        .map_err(usage)?;
+    crate::imds::Imds::new(std::env::var("AWS_EC2_METADATA_SERVICE_ENDPOINT").ok())
+        .map(|imds| Some(Arc::new(imds)))
+        .map_err(|e| usage(format!("AWS_EC2_METADATA_SERVICE_ENDPOINT: {e}")))
+}
+
+/// Starts reading the instance's notices (spot interruption, rebalance,
+/// Auto Scaling lifecycle) into `drain`.
+fn watch_instance_metadata(
+    config: &Config,
+    drain: &Drain,
+    imds: Arc<crate::imds::Imds>,
+) -> tokio::task::JoinHandle<()> {
     let notices = crate::imds::Notices::new(
         drain.clone(),
         config.drain.margin,
         config.drain.rebalance_resume,
         config.drain.timeout,
     );
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(crate::imds::Seen::default()));
-    Ok(Some(tokio::spawn(crate::imds::watch(
-        std::sync::Arc::new(imds),
-        notices,
-        crate::imds::POLL,
-        seen,
-    ))))
+    let seen = Arc::new(std::sync::Mutex::new(crate::imds::Seen::default()));
+    tokio::spawn(crate::imds::watch(imds, notices, crate::imds::POLL, seen))
 }
 
 /// Publishes `agent.started`, which also proves the events queue takes
 /// messages: a queue that refuses them (the role lacks sqs:SendMessage,
 /// say) would otherwise turn every finished job into a release, forever.
-async fn announce(sink: &SqsEvents, url: &str, config: &Config) -> Result<(), AppError> {
-    let ev = AgentEvent::new(
-        "agent.started",
-        &instance_id(config),
-        config.jobs.max_concurrent,
-    );
+async fn announce(
+    sink: &SqsEvents,
+    url: &str,
+    config: &Config,
+    instance: &str,
+) -> Result<(), AppError> {
+    let ev = AgentEvent::new("agent.started", instance, config.jobs.max_concurrent);
     let deadline = tokio::time::Instant::now() + crate::queue::sqs::SETUP_BUDGET;
     match crate::retry::retry(
         "publishing agent.started",
@@ -498,6 +514,8 @@ pub struct Startup {
     pub insecure_no_sandbox: bool,
     /// Paths no job may see besides the config's own (the `dev` dir).
     pub hidden: Vec<PathBuf>,
+    /// The id events carry, when discovered rather than configured.
+    pub instance: Option<crate::imds::InstanceId>,
 }
 
 impl Startup {
@@ -507,6 +525,7 @@ impl Startup {
             warnings: Vec::new(),
             insecure_no_sandbox: false,
             hidden: Vec::new(),
+            instance: None,
         }
     }
 }
@@ -532,6 +551,7 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
     let Startup {
         lock: _lock,
         mut warnings,
+        instance,
         ..
     } = startup;
     if let Some(w) = sandbox_warning {
@@ -555,6 +575,10 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
     let ledger = Ledger::open(&config.state.dir).map_err(failed)?;
     let mut settings = settings(config);
     settings.sandbox = sandbox;
+    if let Some(instance) = instance {
+        settings.instance_id = instance;
+    }
+    let instance = settings.instance_id.clone();
     let board = Arc::new(StatusBoard::new(
         mode,
         source.describe(),
@@ -600,11 +624,7 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
     let _ = std::fs::remove_file(&config.admin.socket);
     let snap = board.snapshot();
     let reason = drain.current().map(|d| d.reason).unwrap_or_default();
-    let mut stopped = AgentEvent::new(
-        "agent.stopped",
-        &instance_id(config),
-        config.jobs.max_concurrent,
-    );
+    let mut stopped = AgentEvent::new("agent.stopped", &instance.get(), config.jobs.max_concurrent);
     stopped.reason = Some(reason.clone());
     supervisor.announce_stop(&stopped).await;
     let stranded = board.stranded_count();

@@ -336,7 +336,7 @@ pub(super) static KEYS: &[Key] = &[
         name: "agent.instance_id",
         slot: Slot::OptionalText(field!(agent.instance_id)),
         default: Builtin::Unset,
-        doc: "the instance_id in events (unset: host-<hostname>; read from instance metadata in a later release)",
+        doc: "the instance_id in events (unset: read from instance metadata by `run`, host-<hostname> where that is off)",
         secret: false,
     },
 ];

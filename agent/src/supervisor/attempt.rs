@@ -212,7 +212,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
     }
 
     fn event(&self, kind: EventType, msg: &Message) -> JobEvent {
-        JobEvent::new(kind, &msg.id, msg.attempt, &self.settings.instance_id)
+        JobEvent::new(kind, &msg.id, msg.attempt, &self.settings.instance_id.get())
     }
 
     async fn run_job(

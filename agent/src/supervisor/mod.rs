@@ -163,7 +163,7 @@ pub struct Settings {
     pub log_root: PathBuf,
     pub log_max_bytes: u64,
     pub verify: VerifyPolicy,
-    pub instance_id: String,
+    pub instance_id: crate::imds::InstanceId,
     /// Releases that are not failures a job may have before it is
     /// dead-lettered as `agent_gave_up` (`jobs.max_requeues`).
     pub max_requeues: u32,
@@ -389,7 +389,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 EventType::Requeued,
                 &e.message_id,
                 e.attempt,
-                &self.settings.instance_id,
+                &self.settings.instance_id.get(),
             );
             ev.job_id = e.job_id.clone();
             ev.reason = Some(
@@ -787,7 +787,7 @@ mod tests {
             log_root: state.join("logs"),
             log_max_bytes: 1024,
             verify: VerifyPolicy::default(),
-            instance_id: "i-test".into(),
+            instance_id: crate::imds::InstanceId::fixed("i-test"),
             max_requeues: 20,
             sandbox: None,
         };
