@@ -68,14 +68,7 @@ fn cstring(path: &Path) -> Result<CString, StepError> {
 /// Builds the whole view; see the module's documentation for the order.
 pub fn build(work_dir: &Path, isolation: &Isolation) -> Result<(), StepError> {
     let root = Path::new("/");
-    mount(
-        None::<&str>,
-        root,
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(fail("making every mount private under", root))?;
+    make_private(root)?;
 
     let work = open_tree(work_dir, false)?;
     let writable = isolation
@@ -83,11 +76,7 @@ pub fn build(work_dir: &Path, isolation: &Isolation) -> Result<(), StepError> {
         .iter()
         .map(|dir| Ok((open_tree(dir, true)?, dir)))
         .collect::<Result<Vec<_>, StepError>>()?;
-    set_attributes(
-        root,
-        MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-        0,
-    )?;
+    read_only_host(root)?;
 
     // The fresh /tmp first: what the host keeps under /tmp is gone with it,
     // so a hidden path there needs no tmpfs of its own (one would be
@@ -101,18 +90,7 @@ pub fn build(work_dir: &Path, isolation: &Isolation) -> Result<(), StepError> {
     // whose mount is nodev by now.
     let hidden = hide(&isolation.hidden)?;
     minimal_dev()?;
-    let proc_dir = Path::new("/proc");
-    mount(
-        Some("proc"),
-        proc_dir,
-        Some("proc"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )
-    .map_err(fail(
-        "mounting a /proc of the job's pid namespace on",
-        proc_dir,
-    ))?;
+    own_proc()?;
 
     put_back(work, work_dir)?;
     for (tree, dir) in writable {
@@ -133,6 +111,43 @@ pub fn build(work_dir: &Path, isolation: &Isolation) -> Result<(), StepError> {
         .map_err(fail("making read-only the tmpfs that hides", &dir))?;
     }
     Ok(())
+}
+
+/// Nothing mounted under `root` from here on propagates back to the host.
+fn make_private(root: &Path) -> Result<(), StepError> {
+    mount(
+        None::<&str>,
+        root,
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(fail("making every mount private under", root))
+}
+
+/// Every mount under `root` read-only, nosuid and nodev at once.
+fn read_only_host(root: &Path) -> Result<(), StepError> {
+    set_attributes(
+        root,
+        MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        0,
+    )
+}
+
+/// A /proc of the job's own pid namespace.
+fn own_proc() -> Result<(), StepError> {
+    let proc_dir = Path::new("/proc");
+    mount(
+        Some("proc"),
+        proc_dir,
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(fail(
+        "mounting a /proc of the job's pid namespace on",
+        proc_dir,
+    ))
 }
 
 /// A detached copy of the mount at `path`, with the mounts below it if
@@ -294,24 +309,7 @@ fn minimal_dev() -> Result<(), StepError> {
         Some("mode=0755,size=64k"),
     )
     .map_err(fail("mounting a minimal /dev on", dev))?;
-    for (name, major, minor) in DEVICES {
-        let node = dev.join(name);
-        mknod(
-            &node,
-            SFlag::S_IFCHR,
-            Mode::from_bits_truncate(0o666),
-            makedev(*major, *minor),
-        )
-        .map_err(fail("making the device", &node))?;
-        // mknod honours the umask; the mode must be exactly 0666.
-        nix::sys::stat::fchmodat(
-            nix::fcntl::AT_FDCWD,
-            &node,
-            Mode::from_bits_truncate(0o666),
-            nix::sys::stat::FchmodatFlags::FollowSymlink,
-        )
-        .map_err(fail("setting the mode of", &node))?;
-    }
+    make_device_nodes(dev)?;
     for (name, target) in [
         ("fd", "/proc/self/fd"),
         ("stdin", "/proc/self/fd/0"),
@@ -348,6 +346,29 @@ fn minimal_dev() -> Result<(), StepError> {
     .map_err(fail("making read-only the minimal", dev))
 }
 
+/// The nodes of [`DEVICES`] in `dev`, mode 0666.
+fn make_device_nodes(dev: &Path) -> Result<(), StepError> {
+    for (name, major, minor) in DEVICES {
+        let node = dev.join(name);
+        mknod(
+            &node,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(*major, *minor),
+        )
+        .map_err(fail("making the device", &node))?;
+        // mknod honours the umask; the mode must be exactly 0666.
+        nix::sys::stat::fchmodat(
+            nix::fcntl::AT_FDCWD,
+            &node,
+            Mode::from_bits_truncate(0o666),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )
+        .map_err(fail("setting the mode of", &node))?;
+    }
+    Ok(())
+}
+
 /// Attaches a copy taken by `open_tree` at its own path, writable (but
 /// still nosuid and nodev), making its mount point inside a hiding tmpfs
 /// first.
@@ -372,26 +393,26 @@ fn put_back(work: OwnedFd, work_dir: &Path) -> Result<(), StepError> {
             )
         })?;
     }
-    let target = cstring(work_dir)?;
+    attach(work, work_dir).map_err(fail("putting the work dir back at", work_dir))
+}
+
+/// Attaches a detached copy taken by `open_tree` at `target`.
+fn attach(tree: OwnedFd, target: &Path) -> Result<(), Errno> {
+    let target = CString::new(target.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
     // SAFETY: move_mount reads two NUL-terminated paths and uses the
     // descriptor only for the call.
     let r = unsafe {
         libc::syscall(
             libc::SYS_move_mount,
-            work.as_raw_fd(),
-            empty.as_ptr(),
+            tree.as_raw_fd(),
+            c"".as_ptr(),
             libc::AT_FDCWD,
             target.as_ptr(),
             MOVE_MOUNT_F_EMPTY_PATH,
         )
     };
     if r < 0 {
-        return Err(StepError::sys(
-            Step::Mounts,
-            "putting the work dir back at",
-            work_dir,
-            Errno::last(),
-        ));
+        return Err(Errno::last());
     }
     Ok(())
 }
