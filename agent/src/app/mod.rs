@@ -30,7 +30,7 @@ use crate::queue::dir::DirQueue;
 use crate::queue::sqs::{check_queue, SqsQueue};
 use crate::queue::JobSource;
 use crate::sandbox::process::Launcher;
-use crate::sandbox::SandboxPolicy;
+use crate::sandbox::{Privilege, SandboxPolicy};
 use crate::state::{Ledger, StateError, StateLock};
 use crate::supervisor::status::StatusBoard;
 use crate::supervisor::verdict::Backoff;
@@ -244,10 +244,11 @@ fn sandbox_policy(
             let nonzero = |n: usize| (n > 0).then_some(n as u64);
             Ok((
                 Some(SandboxPolicy {
+                    privilege: Privilege::Root,
                     uid_range: range,
                     hidden,
                     writable: config.sandbox.bind_paths.clone(),
-                    cgroups,
+                    cgroups: Some(cgroups),
                     cgroup_scope: crate::sandbox::cgroup::scope_of(&config.state.dir),
                     default_pids: nonzero(config.sandbox.default_pids),
                     default_memory_mib: nonzero(config.sandbox.default_memory_mib),
@@ -477,8 +478,11 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
         tracing::warn!("{w}");
         warnings.push(w);
     }
-    if let Some(policy) = &sandbox {
-        prepare_cgroups(&policy.cgroups, &policy.cgroup_scope)?;
+    if let Some((cgroups, policy)) = sandbox
+        .as_ref()
+        .and_then(|policy| Some((policy.cgroups.as_ref()?, policy)))
+    {
+        prepare_cgroups(cgroups, &policy.cgroup_scope)?;
     }
     // Signal handlers first: from the moment the agent can be seen (its
     // socket), a SIGTERM must mean a drain, never the default death.

@@ -15,6 +15,13 @@
 //! `syscalls.rs` and `lsm.rs`. If a step cannot be applied the job is
 //! refused (fail closed); it never runs with less protection.
 //!
+//! `dev` run by an ordinary user builds the same sandbox inside a user
+//! namespace of the launcher's own ([`Privilege::UserNamespace`],
+//! `userns.rs`): the user's uid and gid map to themselves, the init has the
+//! namespace's capabilities to build the view, and the job drops them all.
+//! What only root can give (a uid per slot, cgroups, device nodes of its
+//! own) is off in that mode alone, and the agent says so at start.
+//!
 //! With `sandbox.mode = "none"` the launcher applies only its own session,
 //! the work dir, the scrubbed environment and default signals, then execs.
 //!
@@ -30,6 +37,7 @@ mod mounts;
 pub mod process;
 mod steps;
 mod syscalls;
+pub mod userns;
 
 use std::path::PathBuf;
 
@@ -69,31 +77,53 @@ pub struct Isolation {
     /// Host directories the job may write, at the same path
     /// (`sandbox.bind_paths`).
     pub writable: Vec<PathBuf>,
+    /// Who builds the sandbox.
+    pub privilege: Privilege,
 }
 
 impl Isolation {
     /// The namespaces the fork server creates for the launcher (`clone` flags).
     pub fn namespaces(&self) -> Namespaces {
+        let user = match self.privilege {
+            Privilege::Root => 0,
+            Privilege::UserNamespace => libc::CLONE_NEWUSER,
+        };
         Namespaces(
             (libc::CLONE_NEWNS
                 | libc::CLONE_NEWPID
                 | libc::CLONE_NEWIPC
                 | libc::CLONE_NEWUTS
-                | libc::CLONE_NEWNET) as u32,
+                | libc::CLONE_NEWNET
+                | user) as u32,
         )
     }
+}
+
+/// Who builds a job's sandbox, which decides what it can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Privilege {
+    /// The agent is root: every protection, a uid per slot, cgroups.
+    Root,
+    /// An ordinary user's `dev`: the launcher is forked into a user
+    /// namespace of its own as well, where the user's uid and gid map to
+    /// themselves; jobs run as the user, without cgroups (`userns.rs`).
+    UserNamespace,
 }
 
 /// What the agent isolates every job with (`sandbox.mode = "full"`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SandboxPolicy {
+    pub privilege: Privilege,
+    /// The slots' uids; with [`Privilege::UserNamespace`] every job is the
+    /// agent's own uid instead.
     pub uid_range: crate::config::UidRange,
     /// Host paths no job may see (see [`Isolation::hidden`]).
     pub hidden: Vec<PathBuf>,
     /// See [`Isolation::writable`].
     pub writable: Vec<PathBuf>,
-    /// Where job cgroups are made, and this agent's part of it.
-    pub cgroups: cgroup::Hierarchy,
+    /// Where job cgroups are made (`None`: jobs have no cgroups, as with
+    /// [`Privilege::UserNamespace`]), and this agent's part of it.
+    pub cgroups: Option<cgroup::Hierarchy>,
     pub cgroup_scope: String,
     /// Limits of a job whose spec gives none.
     pub default_pids: Option<u64>,
@@ -104,13 +134,23 @@ impl SandboxPolicy {
     /// The isolation of a job in job slot `slot`; `None` when the uid range
     /// has no uid for it (never the case for a checked config).
     pub fn isolation(&self, slot: usize, job_id: &str) -> Option<Isolation> {
-        let uid = self.uid_range.for_slot(slot)?;
+        let (uid, gid) = match self.privilege {
+            Privilege::Root => {
+                let uid = self.uid_range.for_slot(slot)?;
+                (uid, uid)
+            }
+            Privilege::UserNamespace => (
+                nix::unistd::geteuid().as_raw(),
+                nix::unistd::getegid().as_raw(),
+            ),
+        };
         Some(Isolation {
             uid,
-            gid: uid,
+            gid,
             hostname: hostname_for(job_id),
             hidden: self.hidden.clone(),
             writable: self.writable.clone(),
+            privilege: self.privilege,
         })
     }
 }
@@ -159,7 +199,8 @@ impl Namespaces {
         | libc::CLONE_NEWIPC
         | libc::CLONE_NEWUTS
         | libc::CLONE_NEWNET
-        | libc::CLONE_NEWCGROUP) as u32;
+        | libc::CLONE_NEWCGROUP
+        | libc::CLONE_NEWUSER) as u32;
 }
 
 /// A hostname made of a job id: letters, digits, `-` and `.`, at most 63
@@ -314,6 +355,63 @@ mod tests {
             ]
         );
         assert_eq!(report[0].1.is_ok(), nix::unistd::geteuid().is_root());
+    }
+
+    fn isolation(privilege: Privilege) -> Isolation {
+        Isolation {
+            uid: 1000,
+            gid: 1000,
+            hostname: "job".into(),
+            hidden: Vec::new(),
+            writable: Vec::new(),
+            privilege,
+        }
+    }
+
+    #[test]
+    fn only_an_ordinary_users_sandbox_asks_for_a_user_namespace() {
+        let user = libc::CLONE_NEWUSER as u32;
+        let root = isolation(Privilege::Root).namespaces().0;
+        let unprivileged = isolation(Privilege::UserNamespace).namespaces().0;
+        assert_eq!(root & user, 0);
+        assert_eq!(unprivileged, root | user);
+        assert_eq!(
+            unprivileged & !Namespaces::ALLOWED,
+            0,
+            "the fork server accepts it"
+        );
+    }
+
+    #[test]
+    fn in_a_user_namespace_every_slot_is_the_agents_own_uid() {
+        let policy = SandboxPolicy {
+            privilege: Privilege::UserNamespace,
+            uid_range: crate::config::UidRange {
+                first: 1_900_000_000,
+                last: 1_900_000_003,
+            },
+            hidden: Vec::new(),
+            writable: Vec::new(),
+            cgroups: None,
+            cgroup_scope: "test".into(),
+            default_pids: None,
+            default_memory_mib: None,
+        };
+        let own = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
+        for slot in [0, 3, 7] {
+            let iso = policy.isolation(slot, "j").expect("every slot has one");
+            assert_eq!((iso.uid, iso.gid), own);
+            assert_eq!(iso.privilege, Privilege::UserNamespace);
+        }
+        let root = SandboxPolicy {
+            privilege: Privilege::Root,
+            ..policy
+        };
+        assert_eq!(root.isolation(3, "j").map(|i| i.uid), Some(1_900_000_003));
+        assert!(root.isolation(4, "j").is_none());
     }
 
     #[test]

@@ -14,6 +14,12 @@
 //!    writable;
 //! 7. the hiding tmpfs made read-only.
 //!
+//! In an ordinary user's user namespace the same steps apply to the mounts
+//! that namespace owns (the host's own mounts stay locked, and can only be
+//! made more restrictive), with one difference: no device node can be made
+//! there, so the minimal /dev holds copies of the host's own nodes, taken
+//! (`open_tree`) before the host is made nodev.
+//!
 //! Needs Linux 5.12 (`mount_setattr`).
 
 use std::ffi::CString;
@@ -26,7 +32,7 @@ use nix::mount::{mount, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 
 use super::steps::{Step, StepError};
-use super::Isolation;
+use super::{Isolation, Privilege};
 
 // From <linux/mount.h>; stable kernel ABI.
 const OPEN_TREE_CLONE: libc::c_uint = 1;
@@ -34,6 +40,7 @@ const AT_RECURSIVE: libc::c_uint = 0x8000;
 const MOUNT_ATTR_RDONLY: u64 = 0x1;
 const MOUNT_ATTR_NOSUID: u64 = 0x2;
 const MOUNT_ATTR_NODEV: u64 = 0x4;
+const MOUNT_ATTR_NOEXEC: u64 = 0x8;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 
 /// `struct mount_attr` of `mount_setattr(2)`.
@@ -65,6 +72,14 @@ fn cstring(path: &Path) -> Result<CString, StepError> {
         .map_err(|_| StepError::new(Step::Mounts, format!("a NUL byte in {}", path.display())))
 }
 
+/// Where the nodes of the job's /dev come from.
+enum Devices {
+    /// Made with `mknod` (root).
+    Made,
+    /// Copies of the host's own nodes, by name (a user namespace).
+    HostCopies(Vec<(&'static str, OwnedFd)>),
+}
+
 /// Builds the whole view; see the module's documentation for the order.
 pub fn build(work_dir: &Path, isolation: &Isolation) -> Result<(), StepError> {
     let root = Path::new("/");
@@ -76,6 +91,10 @@ pub fn build(work_dir: &Path, isolation: &Isolation) -> Result<(), StepError> {
         .iter()
         .map(|dir| Ok((open_tree(dir, true)?, dir)))
         .collect::<Result<Vec<_>, StepError>>()?;
+    let devices = match isolation.privilege {
+        Privilege::Root => Devices::Made,
+        Privilege::UserNamespace => Devices::HostCopies(host_device_nodes()?),
+    };
     read_only_host(root)?;
 
     // The fresh /tmp first: what the host keeps under /tmp is gone with it,
@@ -89,7 +108,7 @@ pub fn build(work_dir: &Path, isolation: &Isolation) -> Result<(), StepError> {
     // Before the new /dev: files are hidden under the host's /dev/null,
     // whose mount is nodev by now.
     let hidden = hide(&isolation.hidden)?;
-    minimal_dev()?;
+    minimal_dev(devices)?;
     own_proc()?;
 
     put_back(work, work_dir)?;
@@ -114,7 +133,7 @@ pub fn build(work_dir: &Path, isolation: &Isolation) -> Result<(), StepError> {
 }
 
 /// Nothing mounted under `root` from here on propagates back to the host.
-fn make_private(root: &Path) -> Result<(), StepError> {
+pub(super) fn make_private(root: &Path) -> Result<(), StepError> {
     mount(
         None::<&str>,
         root,
@@ -126,7 +145,7 @@ fn make_private(root: &Path) -> Result<(), StepError> {
 }
 
 /// Every mount under `root` read-only, nosuid and nodev at once.
-fn read_only_host(root: &Path) -> Result<(), StepError> {
+pub(super) fn read_only_host(root: &Path) -> Result<(), StepError> {
     set_attributes(
         root,
         MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
@@ -135,7 +154,7 @@ fn read_only_host(root: &Path) -> Result<(), StepError> {
 }
 
 /// A /proc of the job's own pid namespace.
-fn own_proc() -> Result<(), StepError> {
+pub(super) fn own_proc() -> Result<(), StepError> {
     let proc_dir = Path::new("/proc");
     mount(
         Some("proc"),
@@ -283,7 +302,7 @@ fn empty_run() -> Result<(), StepError> {
 }
 
 /// A private, empty tmpfs on `dir` (sticky, world-writable like /tmp).
-fn fresh_tmpfs(dir: &Path, required: bool) -> Result<(), StepError> {
+pub(super) fn fresh_tmpfs(dir: &Path, required: bool) -> Result<(), StepError> {
     if !required && !dir.is_dir() {
         return Ok(());
     }
@@ -297,9 +316,37 @@ fn fresh_tmpfs(dir: &Path, required: bool) -> Result<(), StepError> {
     .map_err(fail("mounting a private tmpfs on", dir))
 }
 
+/// Detached copies of the host's nodes of [`DEVICES`] (those it has), still
+/// usable as devices, read-only (which does not stop writes to a device),
+/// nosuid and noexec; for a user namespace, which cannot make nodes.
+fn host_device_nodes() -> Result<Vec<(&'static str, OwnedFd)>, StepError> {
+    let mut nodes = Vec::new();
+    for (name, _, _) in DEVICES {
+        let node = Path::new("/dev").join(name);
+        let is_char_device = std::fs::metadata(&node).is_ok_and(|m| {
+            use std::os::unix::fs::FileTypeExt;
+            m.file_type().is_char_device()
+        });
+        if !is_char_device {
+            continue;
+        }
+        let copy = open_tree(&node, false)?;
+        mount_setattr(
+            copy.as_raw_fd(),
+            c"",
+            libc::AT_EMPTY_PATH as libc::c_uint,
+            MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC,
+            0,
+        )
+        .map_err(fail("restricting the copy of the host's", &node))?;
+        nodes.push((*name, copy));
+    }
+    Ok(nodes)
+}
+
 /// A /dev of only null, zero, full, random, urandom, tty, the fd links
 /// and a private /dev/shm; read-only once made.
-fn minimal_dev() -> Result<(), StepError> {
+fn minimal_dev(devices: Devices) -> Result<(), StepError> {
     let dev = Path::new("/dev");
     mount(
         Some("tmpfs"),
@@ -309,7 +356,23 @@ fn minimal_dev() -> Result<(), StepError> {
         Some("mode=0755,size=64k"),
     )
     .map_err(fail("mounting a minimal /dev on", dev))?;
-    make_device_nodes(dev)?;
+    match devices {
+        Devices::Made => make_device_nodes(dev)?,
+        Devices::HostCopies(nodes) => {
+            for (name, copy) in nodes {
+                let node = dev.join(name);
+                std::fs::File::create(&node).map_err(|e| {
+                    StepError::sys(
+                        Step::Mounts,
+                        "making the mount point of the device",
+                        &node,
+                        Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+                    )
+                })?;
+                attach(copy, &node).map_err(fail("putting the host's device node at", &node))?;
+            }
+        }
+    }
     for (name, target) in [
         ("fd", "/proc/self/fd"),
         ("stdin", "/proc/self/fd/0"),
