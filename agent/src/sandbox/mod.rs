@@ -225,9 +225,20 @@ pub fn hostname_for(job_id: &str) -> String {
     }
 }
 
-/// What this host offers the sandbox, one line per protection, for
-/// `check-config`: `(what, Ok(how) | Err(why not))`.
-pub fn host_support() -> Vec<(&'static str, Result<String, String>)> {
+/// The Landlock ABI this kernel enforces, if any.
+pub fn landlock_abi() -> Option<i64> {
+    // SAFETY: landlock_create_ruleset(NULL, 0, VERSION) only returns the
+    // kernel's ABI version (or -1); nothing is passed or created.
+    let abi = unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, 0usize, 0usize, 1u32) };
+    (abi > 0).then_some(abi)
+}
+
+/// What this host offers the sandbox of an agent run by the current user,
+/// one line per protection, for `check-config`: `(what, Ok(how) | Err(why
+/// not))`. As an ordinary user that is what `dev` can give (the user
+/// namespace probe runs `program`, the agent's binary).
+pub fn host_support(program: &std::path::Path) -> Vec<(&'static str, Result<String, String>)> {
+    let root = nix::unistd::geteuid().is_root();
     let kernel = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
@@ -246,50 +257,62 @@ pub fn host_support() -> Vec<(&'static str, Result<String, String>)> {
             ))
         }
     };
-    let landlock = {
-        // SAFETY: landlock_create_ruleset(NULL, 0, VERSION) only returns the
-        // kernel's ABI version (or -1); nothing is passed or created.
-        let abi = unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, 0usize, 0usize, 1u32) };
-        if abi > 0 {
-            Ok(format!("ABI {abi}"))
-        } else {
-            Err("not enabled in this kernel (the other protections still apply)".to_string())
-        }
-    };
+    let landlock = landlock_abi()
+        .map(|abi| format!("ABI {abi}"))
+        .ok_or_else(|| {
+            "not enabled in this kernel (the other protections still apply)".to_string()
+        });
     let seccomp = std::fs::read_to_string("/proc/self/status")
         .ok()
         .filter(|s| s.contains("\nSeccomp:"))
         .map(|_| "filters".to_string())
         .ok_or_else(|| "this kernel has no seccomp".to_string());
+    let user_namespaces = if root {
+        Ok("not needed: root gets the full sandbox".to_string())
+    } else {
+        userns::probe(program)
+            .map(|()| {
+                "`dev` gives jobs user, mount, pid, network, ipc and uts namespaces of \
+                 their own"
+                    .to_string()
+            })
+            .map_err(|why| format!("{why}: `dev` runs jobs WITHOUT the sandbox"))
+    };
+    let cgroups = cgroup::Hierarchy::detect().map(|h| match h {
+        cgroup::Hierarchy::V2 { base } => format!("v2, jobs under {}", base.display()),
+        cgroup::Hierarchy::V1 { memory, .. } => {
+            format!(
+                "v1, jobs under {} (and the other controllers)",
+                memory.display()
+            )
+        }
+    });
+    let cgroups = match cgroups {
+        Ok(how) if !root => Err(format!(
+            "not root: `dev` gives jobs no cgroup limits (this host has cgroups {how})"
+        )),
+        other => other,
+    };
     vec![
         (
             "root",
-            if nix::unistd::geteuid().is_root() {
+            if root {
                 Ok("yes".to_string())
             } else {
                 Err(
-                    "not root: `run` refuses sandbox.mode = \"full\", `dev` runs jobs unsandboxed"
+                    "not root: `run` refuses sandbox.mode = \"full\"; `dev` runs every job \
+                     as your uid, in a user namespace if this host allows it (below)"
                         .to_string(),
                 )
             },
         ),
+        ("user namespaces", user_namespaces),
         (
             "namespaces and read-only mounts",
             kernel_check(5, 12, "mount_setattr"),
         ),
         ("pidfd and close_range", kernel_check(5, 11, "close_range")),
-        (
-            "cgroups",
-            cgroup::Hierarchy::detect().map(|h| match h {
-                cgroup::Hierarchy::V2 { base } => format!("v2, jobs under {}", base.display()),
-                cgroup::Hierarchy::V1 { memory, .. } => {
-                    format!(
-                        "v1, jobs under {} (and the other controllers)",
-                        memory.display()
-                    )
-                }
-            }),
-        ),
+        ("cgroups", cgroups),
         ("seccomp", seccomp),
         ("landlock", landlock),
     ]
@@ -341,12 +364,13 @@ mod tests {
 
     #[test]
     fn the_host_report_names_every_protection_and_tells_root_truthfully() {
-        let report = host_support();
+        let report = host_support(std::path::Path::new("/proc/self/exe"));
         let names: Vec<&str> = report.iter().map(|(what, _)| *what).collect();
         assert_eq!(
             names,
             [
                 "root",
+                "user namespaces",
                 "namespaces and read-only mounts",
                 "pidfd and close_range",
                 "cgroups",
