@@ -214,11 +214,18 @@ struct SubmitArgs {
 }
 
 fn main() -> ExitCode {
-    if std::env::args_os()
-        .nth(1)
+    let hidden_command = std::env::args_os().nth(1);
+    if hidden_command
+        .as_ref()
         .is_some_and(|a| a == sandbox::LAUNCHER_ARG)
     {
         sandbox::forkserver::serve();
+    }
+    if hidden_command
+        .as_ref()
+        .is_some_and(|a| a == sandbox::userns::PROBE_ARG)
+    {
+        sandbox::userns::probe_main();
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

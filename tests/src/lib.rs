@@ -389,6 +389,23 @@ impl DevAgent {
     /// Starts the agent through a wrapper command (`nohup`, say), the way
     /// some operators do, with the harness defaults overridden by `env`.
     pub fn start_under(wrapper: &[&str], env: &[(&str, &str)]) -> DevAgent {
+        let mut agent = DevAgent::unstarted(wrapper, env);
+        agent.spawn();
+        agent
+    }
+
+    /// Starts the agent as the ordinary user `uid` (gid the same) on a
+    /// temporary root that user owns, through `wrapper`, which must switch
+    /// to that user (`setpriv --reuid=UID --regid=UID --clear-groups`).
+    pub fn start_owned_by(uid: u32, wrapper: &[&str], env: &[(&str, &str)]) -> DevAgent {
+        let mut agent = DevAgent::unstarted(wrapper, env);
+        std::os::unix::fs::chown(agent.root.path(), Some(uid), Some(uid))
+            .expect("giving the agent's temporary root to its user");
+        agent.spawn();
+        agent
+    }
+
+    fn unstarted(wrapper: &[&str], env: &[(&str, &str)]) -> DevAgent {
         let root = tempfile::tempdir().expect("tempdir for the agent");
         let dir = root.path().join("dev");
         let mark = root.path().join("mark");
@@ -408,7 +425,7 @@ impl DevAgent {
                 mark.display().to_string(),
             ));
         }
-        let mut agent = DevAgent {
+        DevAgent {
             root,
             dir,
             mark,
@@ -416,9 +433,7 @@ impl DevAgent {
             wrapper: wrapper.iter().map(|w| w.to_string()).collect(),
             child: None,
             runs: 0,
-        };
-        agent.spawn();
-        agent
+        }
     }
 
     fn out_path(&self, run: u32, stream: &str) -> PathBuf {

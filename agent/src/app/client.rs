@@ -32,7 +32,7 @@ pub fn check_config(explicit: Option<&Path>, dev_dir: Option<&Path>) -> Result<S
         "\n# sandbox.mode = {:?} on this host:\n",
         config.sandbox.mode.as_str()
     ));
-    for (what, support) in crate::sandbox::host_support() {
+    for (what, support) in crate::sandbox::host_support(Path::new("/proc/self/exe")) {
         match support {
             Ok(how) => out.push_str(&format!("#   {what:<34} ok: {how}\n")),
             Err(why) => out.push_str(&format!("#   {what:<34} NO: {why}\n")),

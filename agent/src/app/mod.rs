@@ -30,7 +30,7 @@ use crate::queue::dir::DirQueue;
 use crate::queue::sqs::{check_queue, SqsQueue};
 use crate::queue::JobSource;
 use crate::sandbox::process::Launcher;
-use crate::sandbox::SandboxPolicy;
+use crate::sandbox::{Privilege, SandboxPolicy};
 use crate::state::{Ledger, StateError, StateLock};
 use crate::supervisor::status::StatusBoard;
 use crate::supervisor::verdict::Backoff;
@@ -139,14 +139,16 @@ fn prepare_cgroups(
 /// How jobs are isolated, decided once at start from `sandbox.mode`, who
 /// the agent runs as and the command. `run` never isolates less than the
 /// config says without being told twice (`--insecure-no-sandbox`); `dev`
-/// run by an ordinary user runs jobs unisolated so a first try works, and
-/// says so. Returns the policy and a warning for `status`, if any.
+/// run by an ordinary user isolates jobs as far as a user namespace allows
+/// and says what is off, or, where this host has no user namespaces for
+/// it, runs jobs unisolated so a first try works, and says why. Returns
+/// the policy and the warnings to log and show in `status`.
 fn sandbox_policy(
     config: &Config,
     mode: &str,
     insecure_no_sandbox: bool,
     extra_hidden: &[PathBuf],
-) -> Result<(Option<SandboxPolicy>, Option<String>), AppError> {
+) -> Result<(Option<SandboxPolicy>, Vec<String>), AppError> {
     match config.sandbox.mode {
         SandboxMode::None if mode == "run" && !insecure_no_sandbox => Err(usage(
             "sandbox.mode = \"none\" runs jobs without any isolation, with the agent's \
@@ -154,26 +156,58 @@ fn sandbox_policy(
         )),
         SandboxMode::None => Ok((
             None,
-            Some(
+            vec![
                 "sandbox.mode = \"none\": jobs run WITHOUT isolation, with the agent's \
                  privileges and the instance's credentials"
                     .to_string(),
-            ),
+            ],
         )),
         SandboxMode::Full if !nix::unistd::geteuid().is_root() => {
-            if mode == "dev" {
-                return Ok((
-                    None,
-                    Some(
-                        "not running as root: jobs run without the sandbox (as your user, \
-                         in your namespaces); run `dev` as root for the full sandbox"
-                            .to_string(),
-                    ),
+            if mode != "dev" {
+                return Err(usage(
+                    "sandbox.mode = \"full\" needs root (the agent gives each job its own \
+                     uid and namespaces): run the agent as root, as its systemd unit does",
                 ));
             }
-            Err(usage(
-                "sandbox.mode = \"full\" needs root (the agent gives each job its own \
-                 uid and namespaces): run the agent as root, as its systemd unit does",
+            let JobPaths {
+                hidden,
+                writable,
+                readable,
+            } = private_and_shared_paths(config, extra_hidden)?;
+            if let Err(why) = crate::sandbox::userns::probe(Path::new("/proc/self/exe")) {
+                return Ok((
+                    None,
+                    vec![format!(
+                        "not running as root, and this host gives an ordinary user no user \
+                         namespaces ({why}): jobs run WITHOUT the sandbox (as your user, in \
+                         your namespaces); run `dev` as root for the full sandbox"
+                    )],
+                ));
+            }
+            let protections = crate::sandbox::userns::Protections::of_this_mode(
+                crate::sandbox::landlock_abi().is_some(),
+            );
+            let mut warnings = vec![format!("sandbox: {}", protections.summary())];
+            warnings.extend(
+                protections
+                    .off
+                    .iter()
+                    .map(|(what, why)| format!("sandbox: off: {what}: {why}")),
+            );
+            Ok((
+                Some(SandboxPolicy {
+                    privilege: Privilege::UserNamespace,
+                    uid_range: config.sandbox.uid_range,
+                    hidden,
+                    writable,
+                    readable,
+                    cgroups: None,
+                    cgroup_scope: crate::sandbox::cgroup::scope_of(&config.state.dir),
+                    default_pids: None,
+                    default_memory_mib: None,
+                    metadata: None,
+                }),
+                warnings,
             ))
         }
         SandboxMode::Full => {
@@ -200,84 +234,113 @@ fn sandbox_policy(
                     )));
                 }
             }
-            let mut hidden = vec![
-                config.state.dir.clone(),
-                config.signing.keys_file.clone(),
-                config.admin.socket.clone(),
-                config.jobs.log_dir.clone(),
-                config.jobs.work_dir.clone(),
-            ];
-            hidden.extend(config.source_file().map(Path::to_path_buf));
-            hidden.extend(extra_hidden.iter().cloned());
-            // Resolved: a symlinked keys file must hide its target. What
-            // does not exist yet is hidden where it will be.
-            let hidden = hidden
-                .into_iter()
-                .filter_map(|p| {
-                    p.canonicalize()
-                        .ok()
-                        .or_else(|| std::path::absolute(p).ok())
-                })
-                .collect();
-            let hidden: Vec<PathBuf> = hidden;
-            let shown = |key: &str, dirs: &[PathBuf]| -> Result<Vec<PathBuf>, AppError> {
-                dirs.iter()
-                    .map(|dir| {
-                        if !dir.is_dir() {
-                            return Err(usage(format!(
-                                "{key}: {} is not a directory on this host",
-                                dir.display()
-                            )));
-                        }
-                        let dir = dir.canonicalize().unwrap_or_else(|_| dir.clone());
-                        if let Some(private) = hidden
-                            .iter()
-                            .find(|h| h.starts_with(&dir) || dir.starts_with(h))
-                        {
-                            return Err(usage(format!(
-                                "{key}: {} overlaps {}, which jobs must not see (the agent's state, keys, config, logs or work dirs)",
-                                dir.display(),
-                                private.display()
-                            )));
-                        }
-                        if dir.starts_with("/dev") || dir.starts_with("/proc") {
-                            return Err(usage(format!(
-                                "{key}: {} is under /dev or /proc, which every job gets fresh",
-                                dir.display()
-                            )));
-                        }
-                        Ok(dir)
-                    })
-                    .collect()
-            };
-            let writable = shown("sandbox.bind_paths", &config.sandbox.bind_paths)?;
-            let mut readable = shown("sandbox.readonly_paths", &config.sandbox.readonly_paths)?;
-            // systemd-resolved's stub resolver (/etc/resolv.conf links
-            // there on Amazon Linux 2023 and Ubuntu): egress jobs need it
-            // to look names up, and the rest of /run stays empty.
-            let resolver = Path::new("/run/systemd/resolve");
-            if resolver.is_dir() && !readable.iter().any(|d| resolver.starts_with(d)) {
-                readable.push(resolver.to_path_buf());
-            }
+            let JobPaths {
+                hidden,
+                writable,
+                readable,
+            } = private_and_shared_paths(config, extra_hidden)?;
             let cgroups = crate::sandbox::cgroup::Hierarchy::detect()
                 .map_err(|why| usage(format!("the sandbox cannot limit jobs: {why}")))?;
             let nonzero = |n: usize| (n > 0).then_some(n as u64);
             Ok((
                 Some(SandboxPolicy {
+                    privilege: Privilege::Root,
                     uid_range: range,
                     hidden,
                     writable,
                     readable,
-                    cgroups,
+                    cgroups: Some(cgroups),
                     cgroup_scope: crate::sandbox::cgroup::scope_of(&config.state.dir),
                     default_pids: nonzero(config.sandbox.default_pids),
                     default_memory_mib: nonzero(config.sandbox.default_memory_mib),
                     metadata: None,
                 }),
-                None,
+                Vec::new(),
             ))
         }
     }
+}
+
+/// The host paths no job may see (the agent's state, keys, config, admin
+/// socket, logs and work dirs, and `extra_hidden`), resolved; and the ones
+/// every job is shown: `sandbox.bind_paths` (writable) and
+/// `sandbox.readonly_paths` (read-only, with systemd-resolved's), checked:
+/// each a directory that overlaps none of the hidden ones and is not under
+/// /dev or /proc.
+fn private_and_shared_paths(
+    config: &Config,
+    extra_hidden: &[PathBuf],
+) -> Result<JobPaths, AppError> {
+    let mut hidden = vec![
+        config.state.dir.clone(),
+        config.signing.keys_file.clone(),
+        config.admin.socket.clone(),
+        config.jobs.log_dir.clone(),
+        config.jobs.work_dir.clone(),
+    ];
+    hidden.extend(config.source_file().map(Path::to_path_buf));
+    hidden.extend(extra_hidden.iter().cloned());
+    // Resolved: a symlinked keys file must hide its target. What
+    // does not exist yet is hidden where it will be.
+    let hidden: Vec<PathBuf> = hidden
+        .into_iter()
+        .filter_map(|p| {
+            p.canonicalize()
+                .ok()
+                .or_else(|| std::path::absolute(p).ok())
+        })
+        .collect();
+    let shown = |key: &str, dirs: &[PathBuf]| -> Result<Vec<PathBuf>, AppError> {
+        dirs.iter()
+            .map(|dir| {
+                if !dir.is_dir() {
+                    return Err(usage(format!(
+                        "{key}: {} is not a directory on this host",
+                        dir.display()
+                    )));
+                }
+                let dir = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+                if let Some(private) = hidden
+                    .iter()
+                    .find(|h| h.starts_with(&dir) || dir.starts_with(h))
+                {
+                    return Err(usage(format!(
+                        "{key}: {} overlaps {}, which jobs must not see (the agent's state, keys, config, logs or work dirs)",
+                        dir.display(),
+                        private.display()
+                    )));
+                }
+                if dir.starts_with("/dev") || dir.starts_with("/proc") {
+                    return Err(usage(format!(
+                        "{key}: {} is under /dev or /proc, which every job gets fresh",
+                        dir.display()
+                    )));
+                }
+                Ok(dir)
+            })
+            .collect()
+    };
+    let writable = shown("sandbox.bind_paths", &config.sandbox.bind_paths)?;
+    let mut readable = shown("sandbox.readonly_paths", &config.sandbox.readonly_paths)?;
+    // systemd-resolved's stub resolver (/etc/resolv.conf links there on
+    // Amazon Linux 2023 and Ubuntu): egress jobs need it to look names up,
+    // and the rest of /run stays empty.
+    let resolver = Path::new("/run/systemd/resolve");
+    if resolver.is_dir() && !readable.iter().any(|d| resolver.starts_with(d)) {
+        readable.push(resolver.to_path_buf());
+    }
+    Ok(JobPaths {
+        hidden,
+        writable,
+        readable,
+    })
+}
+
+/// What jobs must not see, may write and may read of the host.
+struct JobPaths {
+    hidden: Vec<PathBuf>,
+    writable: Vec<PathBuf>,
+    readable: Vec<PathBuf>,
 }
 
 /// `agent.instance_id`, or `host-<hostname>` where no instance metadata
@@ -546,7 +609,7 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {
         tracing::warn!(error = %e, "cannot make the agent non-dumpable");
     }
-    let (mut sandbox, sandbox_warning) =
+    let (mut sandbox, sandbox_warnings) =
         sandbox_policy(config, mode, startup.insecure_no_sandbox, &startup.hidden)?;
     let Startup {
         lock: _lock,
@@ -554,18 +617,20 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
         instance,
         ..
     } = startup;
-    if let Some(w) = sandbox_warning {
+    for w in sandbox_warnings {
         tracing::warn!("{w}");
         warnings.push(w);
     }
     if let Some(policy) = &mut sandbox {
-        prepare_cgroups(&policy.cgroups, &policy.cgroup_scope)?;
-        policy.metadata = Some(std::sync::Arc::new(
-            crate::sandbox::egress::MetadataBlock::attach(
-                policy.cgroups.egress_parent().as_deref(),
-                policy.uid_range,
-            ),
-        ));
+        if let Some(cgroups) = &policy.cgroups {
+            prepare_cgroups(cgroups, &policy.cgroup_scope)?;
+            policy.metadata = Some(std::sync::Arc::new(
+                crate::sandbox::egress::MetadataBlock::attach(
+                    cgroups.egress_parent().as_deref(),
+                    policy.uid_range,
+                ),
+            ));
+        }
     }
     // Signal handlers first: from the moment the agent can be seen (its
     // socket), a SIGTERM must mean a drain, never the default death.

@@ -19,7 +19,9 @@
 //! time): the agent sends one packet `L` and the namespaces to create (the
 //! `clone` flags, 4 bytes little endian) carrying three descriptors, the
 //! job's plan socket, its stdout and its stderr. The server forks (into
-//! those namespaces: the child is then pid 1 of its own); the child
+//! those namespaces: the child is then pid 1 of its own; with a user
+//! namespace among them, the child maps its ids there itself, see
+//! `userns.rs`); the child
 //! waits until the server has answered `P` and its pid (4 bytes, little
 //! endian), then puts the descriptors on fds 0, 1 and 2 and runs the
 //! launcher; a child whose pid never reached the agent (the server died in
@@ -96,6 +98,12 @@ pub fn serve() -> ! {
                         r.extend_from_slice(&pid.to_le_bytes());
                         r
                     }
+                    Err(e) if namespaces.0 & libc::CLONE_NEWUSER as u32 != 0 => failed(format!(
+                        "forking into new namespaces with a user namespace of their own \
+                         (flags {:#x}; see user.max_user_namespaces): {}",
+                        namespaces.0,
+                        e.desc()
+                    )),
                     Err(e) if namespaces.0 != 0 => failed(format!(
                         "forking into new namespaces (flags {:#x}; the sandbox needs root): {}",
                         namespaces.0,

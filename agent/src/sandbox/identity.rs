@@ -1,6 +1,8 @@
 //! Who the job is and what it inherits: resource limits, descriptors, the
 //! OOM score, and the change from root to the slot's unprivileged uid with
-//! every capability set empty and `no_new_privs`.
+//! every capability set empty and `no_new_privs` (in an ordinary user's
+//! user namespace: from the namespace's capabilities to none, keeping the
+//! user's own uid).
 
 use std::path::Path;
 
@@ -9,6 +11,7 @@ use nix::sys::resource::{setrlimit, Resource};
 use nix::unistd::{Gid, Uid};
 
 use super::steps::{Step, StepError};
+use super::Privilege;
 
 /// Open files a job may have (soft and hard), at most.
 pub const NOFILE: u64 = 65_536;
@@ -31,9 +34,19 @@ struct CapData {
 }
 
 /// The agent may run with `OOMScoreAdjust=-1000`; a job must be the OOM
-/// killer's fair game, never shielded by the agent's protection.
-pub fn reset_oom_score() -> Result<(), StepError> {
+/// killer's fair game, never shielded by the agent's protection. An
+/// ordinary user may only raise the score, so in a user namespace a score
+/// of 0 or more (no shield) is left as it is.
+pub fn reset_oom_score(privilege: Privilege) -> Result<(), StepError> {
     let path = Path::new("/proc/self/oom_score_adj");
+    if privilege == Privilege::UserNamespace {
+        let current = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok());
+        if current.is_some_and(|score| score >= 0) {
+            return Ok(());
+        }
+    }
     std::fs::write(path, b"0").map_err(|e| {
         StepError::sys(
             Step::OomScore,
@@ -90,7 +103,12 @@ pub fn close_inherited_descriptors() -> Result<(), StepError> {
 /// groups, the gid, the uid, then effective, permitted and inheritable
 /// emptied, then `no_new_privs`. Checked afterwards: a change that did not
 /// take refuses the job.
-pub fn become_unprivileged(uid: u32, gid: u32) -> Result<(), StepError> {
+///
+/// In a user namespace (`privilege` is [`Privilege::UserNamespace`]) the
+/// process already is `uid`/`gid`, with the namespace's capabilities: the
+/// same steps empty them, but the supplementary groups stay the user's,
+/// because an unprivileged namespace must deny `setgroups` to map a gid.
+pub fn become_unprivileged(uid: u32, gid: u32, privilege: Privilege) -> Result<(), StepError> {
     if uid == 0 || gid == 0 {
         return Err(StepError::new(
             Step::Identity,
@@ -128,7 +146,9 @@ pub fn become_unprivileged(uid: u32, gid: u32) -> Result<(), StepError> {
             ))(e));
         }
     }
-    nix::unistd::setgroups(&[]).map_err(step("dropping supplementary groups"))?;
+    if privilege == Privilege::Root {
+        nix::unistd::setgroups(&[]).map_err(step("dropping supplementary groups"))?;
+    }
     let (g, u) = (Gid::from_raw(gid), Uid::from_raw(uid));
     nix::unistd::setresgid(g, g, g).map_err(step(&format!("changing to gid {gid}")))?;
     nix::unistd::setresuid(u, u, u).map_err(step(&format!("changing to uid {uid}")))?;

@@ -1,7 +1,9 @@
 //! The job's init: the launcher, forked by the fork server into the job's
-//! fresh namespaces, is pid 1 there. As root it builds the job's file
-//! system view, hostname and loopback, then forks the job, which drops to
-//! its uid and applies its last walls before `execve`.
+//! fresh namespaces, is pid 1 there. As root (or with the capabilities of
+//! its own user namespace, once it has mapped the user's ids there) it
+//! builds the job's file system view, hostname and loopback, then forks
+//! the job, which drops to its uid and applies its last walls before
+//! `execve`.
 //!
 //! The init then only reaps. When the job's own process ends, the init
 //! sends its wait status to the agent over the report socket and exits;
@@ -24,7 +26,7 @@ use nix::errno::Errno;
 
 use super::launcher::{self, exec, resolve_program, LAUNCH_REFUSED_EXIT};
 use super::steps::{Step, StepError};
-use super::{identity, lsm, mounts, syscalls, Isolation, LaunchPlan};
+use super::{identity, lsm, mounts, syscalls, userns, Isolation, LaunchPlan, Privilege};
 
 /// The job has exec'd under an init.
 pub const RUNNING: u8 = b'!';
@@ -38,11 +40,19 @@ pub fn run(
     iso: &Isolation,
     report: &mut File,
 ) -> Result<launcher::Never, StepError> {
+    if iso.privilege == Privilege::UserNamespace {
+        // First of all: until its ids are mapped the init is nobody in its
+        // namespace and can make nothing; and the map files are its own
+        // only while it is dumpable.
+        userns::map_own_ids(iso.uid, iso.gid)?;
+    }
+    // Before the init turns non-dumpable, which gives its /proc files to
+    // root: in a user namespace it could no longer write them.
+    identity::reset_oom_score(iso.privilege)?;
     // No core dumps or ptrace of the init, and a name that tells it apart
     // from the fork server it was forked from in `ps`.
     let _ = nix::sys::prctl::set_dumpable(false);
     let _ = nix::sys::prctl::set_name(c"batchly-init");
-    identity::reset_oom_score()?;
     mounts::build(&plan.work_dir, iso)?;
     nix::unistd::sethostname(&iso.hostname).map_err(|e| {
         StepError::errno(
@@ -154,7 +164,7 @@ fn job_steps(
 ) -> Result<launcher::Never, StepError> {
     identity::set_rlimits()?;
     identity::close_inherited_descriptors()?;
-    identity::become_unprivileged(iso.uid, iso.gid)?;
+    identity::become_unprivileged(iso.uid, iso.gid, iso.privilege)?;
     launcher::enter_work_dir(&plan.work_dir)?;
     match lsm::restrict(&plan.work_dir, &iso.writable)? {
         lsm::Enforced::Fully | lsm::Enforced::Partly => {}

@@ -15,6 +15,13 @@
 //! `syscalls.rs` and `lsm.rs`. If a step cannot be applied the job is
 //! refused (fail closed); it never runs with less protection.
 //!
+//! `dev` run by an ordinary user builds the same sandbox inside a user
+//! namespace of the launcher's own ([`Privilege::UserNamespace`],
+//! `userns.rs`): the user's uid and gid map to themselves, the init has the
+//! namespace's capabilities to build the view, and the job drops them all.
+//! What only root can give (a uid per slot, cgroups, device nodes of its
+//! own) is off in that mode alone, and the agent says so at start.
+//!
 //! With `sandbox.mode = "none"` the launcher applies only its own session,
 //! the work dir, the scrubbed environment and default signals, then execs.
 //!
@@ -32,6 +39,7 @@ mod mounts;
 pub mod process;
 mod steps;
 mod syscalls;
+pub mod userns;
 
 use std::path::PathBuf;
 
@@ -78,22 +86,46 @@ pub struct Isolation {
     /// (the instance metadata blocked for it, see `egress.rs`); otherwise
     /// it gets a fresh one with only loopback.
     pub egress: bool,
+    /// Who builds the sandbox.
+    pub privilege: Privilege,
 }
 
 impl Isolation {
     /// The namespaces the fork server creates for the launcher (`clone` flags).
     pub fn namespaces(&self) -> Namespaces {
         let net = if self.egress { 0 } else { libc::CLONE_NEWNET };
+        let user = match self.privilege {
+            Privilege::Root => 0,
+            Privilege::UserNamespace => libc::CLONE_NEWUSER,
+        };
         Namespaces(
-            (libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | net)
-                as u32,
+            (libc::CLONE_NEWNS
+                | libc::CLONE_NEWPID
+                | libc::CLONE_NEWIPC
+                | libc::CLONE_NEWUTS
+                | net
+                | user) as u32,
         )
     }
+}
+
+/// Who builds a job's sandbox, which decides what it can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Privilege {
+    /// The agent is root: every protection, a uid per slot, cgroups.
+    Root,
+    /// An ordinary user's `dev`: the launcher is forked into a user
+    /// namespace of its own as well, where the user's uid and gid map to
+    /// themselves; jobs run as the user, without cgroups (`userns.rs`).
+    UserNamespace,
 }
 
 /// What the agent isolates every job with (`sandbox.mode = "full"`).
 #[derive(Debug, Clone)]
 pub struct SandboxPolicy {
+    pub privilege: Privilege,
+    /// The slots' uids; with [`Privilege::UserNamespace`] every job is the
+    /// agent's own uid instead.
     pub uid_range: crate::config::UidRange,
     /// Host paths no job may see (see [`Isolation::hidden`]).
     pub hidden: Vec<PathBuf>,
@@ -101,8 +133,9 @@ pub struct SandboxPolicy {
     pub writable: Vec<PathBuf>,
     /// See [`Isolation::readable`].
     pub readable: Vec<PathBuf>,
-    /// Where job cgroups are made, and this agent's part of it.
-    pub cgroups: cgroup::Hierarchy,
+    /// Where job cgroups are made (`None`: jobs have no cgroups, as with
+    /// [`Privilege::UserNamespace`]), and this agent's part of it.
+    pub cgroups: Option<cgroup::Hierarchy>,
     pub cgroup_scope: String,
     /// Limits of a job whose spec gives none.
     pub default_pids: Option<u64>,
@@ -116,23 +149,38 @@ impl SandboxPolicy {
     /// The isolation of a job in job slot `slot`; `None` when the uid range
     /// has no uid for it (never the case for a checked config).
     pub fn isolation(&self, slot: usize, job_id: &str, egress: bool) -> Option<Isolation> {
-        let uid = self.uid_range.for_slot(slot)?;
+        let (uid, gid) = match self.privilege {
+            Privilege::Root => {
+                let uid = self.uid_range.for_slot(slot)?;
+                (uid, uid)
+            }
+            Privilege::UserNamespace => (
+                nix::unistd::geteuid().as_raw(),
+                nix::unistd::getegid().as_raw(),
+            ),
+        };
         Some(Isolation {
             uid,
-            gid: uid,
+            gid,
             hostname: hostname_for(job_id),
             hidden: self.hidden.clone(),
             writable: self.writable.clone(),
             readable: self.readable.clone(),
             egress,
+            privilege: self.privilege,
         })
     }
 
     /// Ready to run an egress job, or why not (see `egress.rs`).
     pub async fn egress_ready(&self) -> Result<(), String> {
-        match &self.metadata {
-            Some(block) => block.ready().await,
-            None => Err("the instance metadata block is not set up".to_string()),
+        match (&self.metadata, self.privilege) {
+            (Some(block), _) => block.ready().await,
+            (None, Privilege::UserNamespace) => Err(
+                "the job asks for network \"egress\", and an ordinary user's `dev` cannot \
+                 block the instance metadata from it: egress jobs need the agent to run as root"
+                    .to_string(),
+            ),
+            (None, Privilege::Root) => Err("the instance metadata block is not set up".to_string()),
         }
     }
 }
@@ -181,7 +229,8 @@ impl Namespaces {
         | libc::CLONE_NEWIPC
         | libc::CLONE_NEWUTS
         | libc::CLONE_NEWNET
-        | libc::CLONE_NEWCGROUP) as u32;
+        | libc::CLONE_NEWCGROUP
+        | libc::CLONE_NEWUSER) as u32;
 }
 
 /// A hostname made of a job id: letters, digits, `-` and `.`, at most 63
@@ -206,9 +255,20 @@ pub fn hostname_for(job_id: &str) -> String {
     }
 }
 
-/// What this host offers the sandbox, one line per protection, for
-/// `check-config`: `(what, Ok(how) | Err(why not))`.
-pub fn host_support() -> Vec<(&'static str, Result<String, String>)> {
+/// The Landlock ABI this kernel enforces, if any.
+pub fn landlock_abi() -> Option<i64> {
+    // SAFETY: landlock_create_ruleset(NULL, 0, VERSION) only returns the
+    // kernel's ABI version (or -1); nothing is passed or created.
+    let abi = unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, 0usize, 0usize, 1u32) };
+    (abi > 0).then_some(abi)
+}
+
+/// What this host offers the sandbox of an agent run by the current user,
+/// one line per protection, for `check-config`: `(what, Ok(how) | Err(why
+/// not))`. As an ordinary user that is what `dev` can give (the user
+/// namespace probe runs `program`, the agent's binary).
+pub fn host_support(program: &std::path::Path) -> Vec<(&'static str, Result<String, String>)> {
+    let root = nix::unistd::geteuid().is_root();
     let kernel = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
@@ -227,34 +287,57 @@ pub fn host_support() -> Vec<(&'static str, Result<String, String>)> {
             ))
         }
     };
-    let landlock = {
-        // SAFETY: landlock_create_ruleset(NULL, 0, VERSION) only returns the
-        // kernel's ABI version (or -1); nothing is passed or created.
-        let abi = unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, 0usize, 0usize, 1u32) };
-        if abi > 0 {
-            Ok(format!("ABI {abi}"))
-        } else {
-            Err("not enabled in this kernel (the other protections still apply)".to_string())
-        }
-    };
+    let landlock = landlock_abi()
+        .map(|abi| format!("ABI {abi}"))
+        .ok_or_else(|| {
+            "not enabled in this kernel (the other protections still apply)".to_string()
+        });
     let seccomp = std::fs::read_to_string("/proc/self/status")
         .ok()
         .filter(|s| s.contains("\nSeccomp:"))
         .map(|_| "filters".to_string())
         .ok_or_else(|| "this kernel has no seccomp".to_string());
-    let cgroups = cgroup::Hierarchy::detect();
+    let user_namespaces = if root {
+        Ok("not needed: root gets the full sandbox".to_string())
+    } else {
+        userns::probe(program)
+            .map(|()| {
+                "`dev` gives jobs user, mount, pid, network, ipc and uts namespaces of \
+                 their own"
+                    .to_string()
+            })
+            .map_err(|why| format!("{why}: `dev` runs jobs WITHOUT the sandbox"))
+    };
+    let hierarchy = cgroup::Hierarchy::detect();
+    let cgroups = hierarchy.clone().map(|h| match h {
+        cgroup::Hierarchy::V2 { base } => format!("v2, jobs under {}", base.display()),
+        cgroup::Hierarchy::V1 { memory, .. } => {
+            format!(
+                "v1, jobs under {} (and the other controllers)",
+                memory.display()
+            )
+        }
+    });
+    let cgroups = match cgroups {
+        Ok(how) if !root => Err(format!(
+            "not root: `dev` gives jobs no cgroup limits (this host has cgroups {how})"
+        )),
+        other => other,
+    };
     vec![
         (
             "root",
-            if nix::unistd::geteuid().is_root() {
+            if root {
                 Ok("yes".to_string())
             } else {
                 Err(
-                    "not root: `run` refuses sandbox.mode = \"full\", `dev` runs jobs unsandboxed"
+                    "not root: `run` refuses sandbox.mode = \"full\"; `dev` runs every job \
+                     as your uid, in a user namespace if this host allows it (below)"
                         .to_string(),
                 )
             },
         ),
+        ("user namespaces", user_namespaces),
         (
             "namespaces and read-only mounts",
             kernel_check(5, 12, "mount_setattr"),
@@ -262,20 +345,9 @@ pub fn host_support() -> Vec<(&'static str, Result<String, String>)> {
         ("pidfd and close_range", kernel_check(5, 11, "close_range")),
         (
             "instance metadata blocked for egress jobs",
-            egress::host_support(cgroups.as_ref().ok()),
+            egress::host_support(hierarchy.as_ref().ok()),
         ),
-        (
-            "cgroups",
-            cgroups.map(|h| match h {
-                cgroup::Hierarchy::V2 { base } => format!("v2, jobs under {}", base.display()),
-                cgroup::Hierarchy::V1 { memory, .. } => {
-                    format!(
-                        "v1, jobs under {} (and the other controllers)",
-                        memory.display()
-                    )
-                }
-            }),
-        ),
+        ("cgroups", cgroups),
         ("seccomp", seccomp),
         ("landlock", landlock),
     ]
@@ -327,12 +399,13 @@ mod tests {
 
     #[test]
     fn the_host_report_names_every_protection_and_tells_root_truthfully() {
-        let report = host_support();
+        let report = host_support(std::path::Path::new("/proc/self/exe"));
         let names: Vec<&str> = report.iter().map(|(what, _)| *what).collect();
         assert_eq!(
             names,
             [
                 "root",
+                "user namespaces",
                 "namespaces and read-only mounts",
                 "pidfd and close_range",
                 "instance metadata blocked for egress jobs",
@@ -342,6 +415,84 @@ mod tests {
             ]
         );
         assert_eq!(report[0].1.is_ok(), nix::unistd::geteuid().is_root());
+    }
+
+    fn isolation(privilege: Privilege) -> Isolation {
+        Isolation {
+            uid: 1000,
+            gid: 1000,
+            hostname: "job".into(),
+            hidden: Vec::new(),
+            writable: Vec::new(),
+            readable: Vec::new(),
+            egress: false,
+            privilege,
+        }
+    }
+
+    #[test]
+    fn an_egress_job_keeps_the_agents_network_namespace() {
+        let net = libc::CLONE_NEWNET as u32;
+        let none = isolation(Privilege::Root);
+        let egress = Isolation {
+            egress: true,
+            ..none.clone()
+        };
+        assert_eq!(none.namespaces().0 & net, net);
+        assert_eq!(egress.namespaces().0, none.namespaces().0 & !net);
+    }
+
+    #[test]
+    fn only_an_ordinary_users_sandbox_asks_for_a_user_namespace() {
+        let user = libc::CLONE_NEWUSER as u32;
+        let root = isolation(Privilege::Root).namespaces().0;
+        let unprivileged = isolation(Privilege::UserNamespace).namespaces().0;
+        assert_eq!(root & user, 0);
+        assert_eq!(unprivileged, root | user);
+        assert_eq!(
+            unprivileged & !Namespaces::ALLOWED,
+            0,
+            "the fork server accepts it"
+        );
+    }
+
+    #[test]
+    fn in_a_user_namespace_every_slot_is_the_agents_own_uid() {
+        let policy = SandboxPolicy {
+            privilege: Privilege::UserNamespace,
+            uid_range: crate::config::UidRange {
+                first: 1_900_000_000,
+                last: 1_900_000_003,
+            },
+            hidden: Vec::new(),
+            writable: Vec::new(),
+            readable: Vec::new(),
+            cgroups: None,
+            cgroup_scope: "test".into(),
+            default_pids: None,
+            default_memory_mib: None,
+            metadata: None,
+        };
+        let own = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
+        for slot in [0, 3, 7] {
+            let iso = policy
+                .isolation(slot, "j", false)
+                .expect("every slot has one");
+            assert_eq!((iso.uid, iso.gid), own);
+            assert_eq!(iso.privilege, Privilege::UserNamespace);
+        }
+        let root = SandboxPolicy {
+            privilege: Privilege::Root,
+            ..policy
+        };
+        assert_eq!(
+            root.isolation(3, "j", false).map(|i| i.uid),
+            Some(1_900_000_003)
+        );
+        assert!(root.isolation(4, "j", false).is_none());
     }
 
     #[test]

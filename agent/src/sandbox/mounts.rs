@@ -14,6 +14,12 @@
 //!    writable, and `sandbox.readonly_paths` read-only (taken after step 3);
 //! 7. the hiding tmpfs and the empty /run made read-only.
 //!
+//! In an ordinary user's user namespace the same steps apply to the mounts
+//! that namespace owns (the host's own mounts stay locked, and can only be
+//! made more restrictive), with one difference: no device node can be made
+//! there, so the minimal /dev holds copies of the host's own nodes, taken
+//! (`open_tree`) before the host is made nodev.
+//!
 //! Needs Linux 5.12 (`mount_setattr`).
 
 use std::ffi::CString;
@@ -26,7 +32,7 @@ use nix::mount::{mount, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 
 use super::steps::{Step, StepError};
-use super::Isolation;
+use super::{Isolation, Privilege};
 
 // From <linux/mount.h>; stable kernel ABI.
 const OPEN_TREE_CLONE: libc::c_uint = 1;
@@ -34,6 +40,7 @@ const AT_RECURSIVE: libc::c_uint = 0x8000;
 const MOUNT_ATTR_RDONLY: u64 = 0x1;
 const MOUNT_ATTR_NOSUID: u64 = 0x2;
 const MOUNT_ATTR_NODEV: u64 = 0x4;
+const MOUNT_ATTR_NOEXEC: u64 = 0x8;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 
 /// `struct mount_attr` of `mount_setattr(2)`.
@@ -65,17 +72,18 @@ fn cstring(path: &Path) -> Result<CString, StepError> {
         .map_err(|_| StepError::new(Step::Mounts, format!("a NUL byte in {}", path.display())))
 }
 
+/// Where the nodes of the job's /dev come from.
+enum Devices {
+    /// Made with `mknod` (root).
+    Made,
+    /// Copies of the host's own nodes, by name (a user namespace).
+    HostCopies(Vec<(&'static str, OwnedFd)>),
+}
+
 /// Builds the whole view; see the module's documentation for the order.
 pub fn build(work_dir: &Path, isolation: &Isolation) -> Result<(), StepError> {
     let root = Path::new("/");
-    mount(
-        None::<&str>,
-        root,
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(fail("making every mount private under", root))?;
+    make_private(root)?;
 
     let work = open_tree(work_dir, false)?;
     let writable = isolation
@@ -83,11 +91,11 @@ pub fn build(work_dir: &Path, isolation: &Isolation) -> Result<(), StepError> {
         .iter()
         .map(|dir| Ok((open_tree(dir, true)?, dir)))
         .collect::<Result<Vec<_>, StepError>>()?;
-    set_attributes(
-        root,
-        MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-        0,
-    )?;
+    let devices = match isolation.privilege {
+        Privilege::Root => Devices::Made,
+        Privilege::UserNamespace => Devices::HostCopies(host_device_nodes()?),
+    };
+    read_only_host(root)?;
     let readable = isolation
         .readable
         .iter()
@@ -105,19 +113,8 @@ pub fn build(work_dir: &Path, isolation: &Isolation) -> Result<(), StepError> {
     // Before the new /dev: files are hidden under the host's /dev/null,
     // whose mount is nodev by now.
     let hidden = hide(&isolation.hidden)?;
-    minimal_dev()?;
-    let proc_dir = Path::new("/proc");
-    mount(
-        Some("proc"),
-        proc_dir,
-        Some("proc"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )
-    .map_err(fail(
-        "mounting a /proc of the job's pid namespace on",
-        proc_dir,
-    ))?;
+    minimal_dev(devices)?;
+    own_proc()?;
 
     put_back(work, work_dir, true)?;
     for (tree, dir) in writable {
@@ -141,6 +138,43 @@ pub fn build(work_dir: &Path, isolation: &Isolation) -> Result<(), StepError> {
         .map_err(fail("making read-only the empty tmpfs on", &dir))?;
     }
     Ok(())
+}
+
+/// Nothing mounted under `root` from here on propagates back to the host.
+pub(super) fn make_private(root: &Path) -> Result<(), StepError> {
+    mount(
+        None::<&str>,
+        root,
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(fail("making every mount private under", root))
+}
+
+/// Every mount under `root` read-only, nosuid and nodev at once.
+pub(super) fn read_only_host(root: &Path) -> Result<(), StepError> {
+    set_attributes(
+        root,
+        MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        0,
+    )
+}
+
+/// A /proc of the job's own pid namespace.
+pub(super) fn own_proc() -> Result<(), StepError> {
+    let proc_dir = Path::new("/proc");
+    mount(
+        Some("proc"),
+        proc_dir,
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(fail(
+        "mounting a /proc of the job's pid namespace on",
+        proc_dir,
+    ))
 }
 
 /// A detached copy of the mount at `path`, with the mounts below it if
@@ -279,7 +313,7 @@ fn empty_run() -> Result<Vec<PathBuf>, StepError> {
 }
 
 /// A private, empty tmpfs on `dir` (sticky, world-writable like /tmp).
-fn fresh_tmpfs(dir: &Path, required: bool) -> Result<(), StepError> {
+pub(super) fn fresh_tmpfs(dir: &Path, required: bool) -> Result<(), StepError> {
     if !required && !dir.is_dir() {
         return Ok(());
     }
@@ -293,9 +327,37 @@ fn fresh_tmpfs(dir: &Path, required: bool) -> Result<(), StepError> {
     .map_err(fail("mounting a private tmpfs on", dir))
 }
 
+/// Detached copies of the host's nodes of [`DEVICES`] (those it has), still
+/// usable as devices, read-only (which does not stop writes to a device),
+/// nosuid and noexec; for a user namespace, which cannot make nodes.
+fn host_device_nodes() -> Result<Vec<(&'static str, OwnedFd)>, StepError> {
+    let mut nodes = Vec::new();
+    for (name, _, _) in DEVICES {
+        let node = Path::new("/dev").join(name);
+        let is_char_device = std::fs::metadata(&node).is_ok_and(|m| {
+            use std::os::unix::fs::FileTypeExt;
+            m.file_type().is_char_device()
+        });
+        if !is_char_device {
+            continue;
+        }
+        let copy = open_tree(&node, false)?;
+        mount_setattr(
+            copy.as_raw_fd(),
+            c"",
+            libc::AT_EMPTY_PATH as libc::c_uint,
+            MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC,
+            0,
+        )
+        .map_err(fail("restricting the copy of the host's", &node))?;
+        nodes.push((*name, copy));
+    }
+    Ok(nodes)
+}
+
 /// A /dev of only null, zero, full, random, urandom, tty, the fd links
 /// and a private /dev/shm; read-only once made.
-fn minimal_dev() -> Result<(), StepError> {
+fn minimal_dev(devices: Devices) -> Result<(), StepError> {
     let dev = Path::new("/dev");
     mount(
         Some("tmpfs"),
@@ -305,23 +367,22 @@ fn minimal_dev() -> Result<(), StepError> {
         Some("mode=0755,size=64k"),
     )
     .map_err(fail("mounting a minimal /dev on", dev))?;
-    for (name, major, minor) in DEVICES {
-        let node = dev.join(name);
-        mknod(
-            &node,
-            SFlag::S_IFCHR,
-            Mode::from_bits_truncate(0o666),
-            makedev(*major, *minor),
-        )
-        .map_err(fail("making the device", &node))?;
-        // mknod honours the umask; the mode must be exactly 0666.
-        nix::sys::stat::fchmodat(
-            nix::fcntl::AT_FDCWD,
-            &node,
-            Mode::from_bits_truncate(0o666),
-            nix::sys::stat::FchmodatFlags::FollowSymlink,
-        )
-        .map_err(fail("setting the mode of", &node))?;
+    match devices {
+        Devices::Made => make_device_nodes(dev)?,
+        Devices::HostCopies(nodes) => {
+            for (name, copy) in nodes {
+                let node = dev.join(name);
+                std::fs::File::create(&node).map_err(|e| {
+                    StepError::sys(
+                        Step::Mounts,
+                        "making the mount point of the device",
+                        &node,
+                        Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+                    )
+                })?;
+                attach(copy, &node).map_err(fail("putting the host's device node at", &node))?;
+            }
+        }
     }
     for (name, target) in [
         ("fd", "/proc/self/fd"),
@@ -359,6 +420,29 @@ fn minimal_dev() -> Result<(), StepError> {
     .map_err(fail("making read-only the minimal", dev))
 }
 
+/// The nodes of [`DEVICES`] in `dev`, mode 0666.
+fn make_device_nodes(dev: &Path) -> Result<(), StepError> {
+    for (name, major, minor) in DEVICES {
+        let node = dev.join(name);
+        mknod(
+            &node,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(*major, *minor),
+        )
+        .map_err(fail("making the device", &node))?;
+        // mknod honours the umask; the mode must be exactly 0666.
+        nix::sys::stat::fchmodat(
+            nix::fcntl::AT_FDCWD,
+            &node,
+            Mode::from_bits_truncate(0o666),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )
+        .map_err(fail("setting the mode of", &node))?;
+    }
+    Ok(())
+}
+
 /// Attaches a copy taken by `open_tree` at its own path, writable or
 /// read-only (nosuid and nodev either way), making its mount point inside
 /// a fresh tmpfs first.
@@ -388,26 +472,26 @@ fn put_back(work: OwnedFd, work_dir: &Path, writable: bool) -> Result<(), StepEr
             )
         })?;
     }
-    let target = cstring(work_dir)?;
+    attach(work, work_dir).map_err(fail("putting back the copy of", work_dir))
+}
+
+/// Attaches a detached copy taken by `open_tree` at `target`.
+fn attach(tree: OwnedFd, target: &Path) -> Result<(), Errno> {
+    let target = CString::new(target.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
     // SAFETY: move_mount reads two NUL-terminated paths and uses the
     // descriptor only for the call.
     let r = unsafe {
         libc::syscall(
             libc::SYS_move_mount,
-            work.as_raw_fd(),
-            empty.as_ptr(),
+            tree.as_raw_fd(),
+            c"".as_ptr(),
             libc::AT_FDCWD,
             target.as_ptr(),
             MOVE_MOUNT_F_EMPTY_PATH,
         )
     };
     if r < 0 {
-        return Err(StepError::sys(
-            Step::Mounts,
-            "putting back the copy of",
-            work_dir,
-            Errno::last(),
-        ));
+        return Err(Errno::last());
     }
     Ok(())
 }

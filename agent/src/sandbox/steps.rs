@@ -16,6 +16,9 @@ pub enum Step {
     ReportFd,
     Stdin,
     Signals,
+    /// The user's uid and gid mapped to themselves in the launcher's own
+    /// user namespace (an ordinary user's `dev` only).
+    UserNamespace,
     /// `oom_score_adj` back to 0 (the agent may be protected from the OOM killer).
     OomScore,
     /// The job's view of the file system.
@@ -48,6 +51,7 @@ impl Step {
             Step::ReportFd => "report-fd",
             Step::Stdin => "stdin",
             Step::Signals => "signals",
+            Step::UserNamespace => "userns",
             Step::OomScore => "oom-score",
             Step::Mounts => "mounts",
             Step::Hostname => "hostname",

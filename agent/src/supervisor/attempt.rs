@@ -665,9 +665,11 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         // The init waits for its plan: put in its cgroup now, everything the
         // job forks is in it from the start.
         let mut cgroup = CgroupGuard(None);
-        if let (Some(policy), true) = (&self.settings.sandbox, plan.isolation.is_some()) {
+        let cgroups = (self.settings.sandbox.as_ref())
+            .and_then(|policy| Some((policy, policy.cgroups.as_ref()?)));
+        if let (Some((policy, cgroups)), true) = (cgroups, plan.isolation.is_some()) {
             let name = job_name(&policy.cgroup_scope, slot, pid);
-            let made = policy.cgroups.create(&name, &policy.limits(&job.resources));
+            let made = cgroups.create(&name, &policy.limits(&job.resources));
             match made {
                 Ok(cg) => {
                     let cg = cgroup.0.insert(cg);

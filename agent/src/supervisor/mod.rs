@@ -324,8 +324,9 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         for e in entries {
             // By its cgroup first: nothing of the job escapes that (the
             // start already swept every job cgroup; this names the entry's).
-            if let (Some(name), Some(policy)) = (&e.cgroup, &self.settings.sandbox) {
-                let cg = policy.cgroups.job(name);
+            let cgroups = (self.settings.sandbox.as_ref()).and_then(|p| p.cgroups.as_ref());
+            if let (Some(name), Some(cgroups)) = (&e.cgroup, cgroups) {
+                let cg = cgroups.job(name);
                 match tokio::task::spawn_blocking(move || cg.remove()).await {
                     Ok(Ok(())) => {}
                     Ok(Err(err)) => {

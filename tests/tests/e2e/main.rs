@@ -13,6 +13,7 @@ mod dev_lifecycle;
 // Its attacks call system calls by their x86_64 numbers.
 #[cfg(target_arch = "x86_64")]
 mod dev_sandbox;
+mod dev_unprivileged;
 mod dev_watch;
 mod sqs_custody;
 mod sqs_drain;
