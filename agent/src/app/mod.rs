@@ -201,6 +201,8 @@ fn sandbox_policy(
                     hidden,
                     writable,
                     readable,
+                    max_file_bytes: (config.sandbox.max_file_bytes > 0)
+                        .then_some(config.sandbox.max_file_bytes),
                     cgroups: None,
                     cgroup_scope: crate::sandbox::cgroup::scope_of(&config.state.dir),
                     default_pids: None,
@@ -249,6 +251,8 @@ fn sandbox_policy(
                     hidden,
                     writable,
                     readable,
+                    max_file_bytes: (config.sandbox.max_file_bytes > 0)
+                        .then_some(config.sandbox.max_file_bytes),
                     cgroups: Some(cgroups),
                     cgroup_scope: crate::sandbox::cgroup::scope_of(&config.state.dir),
                     default_pids: nonzero(config.sandbox.default_pids),

@@ -316,6 +316,13 @@ pub(super) static KEYS: &[Key] = &[
         secret: false,
     },
     Key {
+        name: "sandbox.max_file_size",
+        slot: Slot::Size(field!(sandbox.max_file_bytes)),
+        default: Builtin::Value("0"),
+        doc: "the largest file a job may write (RLIMIT_FSIZE; past it the write fails and the job gets SIGXFSZ): bytes or a size such as 50GiB; 0 is no limit",
+        secret: false,
+    },
+    Key {
         name: "agent.log_format",
         slot: Slot::LogFormat(field!(agent.log_format)),
         default: Builtin::Value("text"),

@@ -133,6 +133,8 @@ pub struct SandboxConfig {
     /// Host directories every job may read, at the same path, even where
     /// its view is otherwise fresh (/run, /tmp, /var/tmp).
     pub readonly_paths: Vec<PathBuf>,
+    /// The largest file a job may write (`RLIMIT_FSIZE`); 0 is no limit.
+    pub max_file_bytes: u64,
     /// Limits of a job whose spec gives none; 0 is no limit.
     pub default_pids: usize,
     pub default_memory_mib: usize,
@@ -392,6 +394,7 @@ impl Config {
                 uid_range: UidRange { first: 0, last: 0 },
                 bind_paths: Vec::new(),
                 readonly_paths: Vec::new(),
+                max_file_bytes: 0,
                 default_pids: 0,
                 default_memory_mib: 0,
             },

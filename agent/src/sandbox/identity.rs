@@ -58,10 +58,15 @@ pub fn reset_oom_score(privilege: Privilege) -> Result<(), StepError> {
 }
 
 /// No core dumps (they may hold secrets and fill the disk), a bounded
-/// number of open files.
-pub fn set_rlimits() -> Result<(), StepError> {
+/// number of open files, and files no larger than `max_file_bytes`.
+pub fn set_rlimits(max_file_bytes: Option<u64>) -> Result<(), StepError> {
     setrlimit(Resource::RLIMIT_CORE, 0, 0)
         .map_err(|e| StepError::errno(Step::Rlimits, "setting RLIMIT_CORE to 0", e))?;
+    if let Some(bytes) = max_file_bytes {
+        setrlimit(Resource::RLIMIT_FSIZE, bytes, bytes).map_err(|e| {
+            StepError::errno(Step::Rlimits, format!("setting RLIMIT_FSIZE to {bytes}"), e)
+        })?;
+    }
     // Never above what the agent has: raising a hard limit past the
     // kernel's fs.nr_open fails even for root.
     let (_, hard) = nix::sys::resource::getrlimit(Resource::RLIMIT_NOFILE)

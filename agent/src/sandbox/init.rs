@@ -162,7 +162,7 @@ fn job_steps(
     iso: &Isolation,
     filters: &[seccompiler::BpfProgram],
 ) -> Result<launcher::Never, StepError> {
-    identity::set_rlimits()?;
+    identity::set_rlimits(iso.max_file_bytes)?;
     identity::close_inherited_descriptors()?;
     identity::become_unprivileged(iso.uid, iso.gid, iso.privilege)?;
     launcher::enter_work_dir(&plan.work_dir)?;

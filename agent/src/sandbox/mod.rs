@@ -88,6 +88,8 @@ pub struct Isolation {
     pub egress: bool,
     /// Who builds the sandbox.
     pub privilege: Privilege,
+    /// The largest file the job may write (`sandbox.max_file_size`).
+    pub max_file_bytes: Option<u64>,
 }
 
 impl Isolation {
@@ -133,6 +135,8 @@ pub struct SandboxPolicy {
     pub writable: Vec<PathBuf>,
     /// See [`Isolation::readable`].
     pub readable: Vec<PathBuf>,
+    /// See [`Isolation::max_file_bytes`].
+    pub max_file_bytes: Option<u64>,
     /// Where job cgroups are made (`None`: jobs have no cgroups, as with
     /// [`Privilege::UserNamespace`]), and this agent's part of it.
     pub cgroups: Option<cgroup::Hierarchy>,
@@ -168,6 +172,7 @@ impl SandboxPolicy {
             readable: self.readable.clone(),
             egress,
             privilege: self.privilege,
+            max_file_bytes: self.max_file_bytes,
         })
     }
 
@@ -427,6 +432,7 @@ mod tests {
             readable: Vec::new(),
             egress: false,
             privilege,
+            max_file_bytes: None,
         }
     }
 
@@ -467,6 +473,7 @@ mod tests {
             hidden: Vec::new(),
             writable: Vec::new(),
             readable: Vec::new(),
+            max_file_bytes: None,
             cgroups: None,
             cgroup_scope: "test".into(),
             default_pids: None,

@@ -562,3 +562,25 @@ fn a_readonly_path_is_readable_under_the_fresh_tmp_but_never_writable() {
     );
     assert!(!tools.join("new").exists(), "nothing reached the host");
 }
+
+#[test]
+fn a_job_cannot_write_a_file_past_sandbox_max_file_size() {
+    let agent = DevAgent::start(&[("BATCHLY_SANDBOX_MAX_FILE_SIZE", "1MiB")]);
+    let script = [
+        probe("small", "head -c 512K /dev/zero > small"),
+        // The shell itself is the writer: SIGXFSZ ends it, as it would any
+        // job that ignores the failed write.
+        probe("big", "sh -c 'head -c 2M /dev/zero > big'"),
+        "echo big_size=$(stat -c %s big)\n".to_string(),
+    ]
+    .concat();
+    let (end, seen, log) = run_job(&agent, "writes-big", &[], &script);
+    assert_eq!(end.kind, "job.succeeded", "{end:?}\n{log}");
+    assert_eq!(field(&seen, "small", &log), "ok", "under the limit");
+    assert_eq!(field(&seen, "big", &log), "fails", "past the limit");
+    assert_eq!(
+        field(&seen, "big_size", &log),
+        (1 << 20).to_string(),
+        "stopped at the limit"
+    );
+}
