@@ -14,6 +14,7 @@ mod dev_lifecycle;
 #[cfg(target_arch = "x86_64")]
 mod dev_sandbox;
 mod dev_watch;
+mod imds_fake;
 mod sqs_custody;
 mod sqs_drain;
 mod sqs_envelopes;
