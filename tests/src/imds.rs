@@ -762,12 +762,20 @@ impl FakeImds {
     }
 
     /// Every token issued so far expires now.
+    ///
+    /// A client that keeps its token for the TTL it asked for sees only
+    /// 401s until it fetches a new one: aws-config's IMDS client (1.13)
+    /// retries a 401 with the same cached token and fetches a new one only
+    /// once its own copy nears its TTL, so recovery here needs a client
+    /// that drops its token on a 401.
     pub fn expire_tokens(&self) {
         self.post("tokens/expire", json!({}));
     }
 
     /// Tokens age `by` at once: their TTLs run on the fake's own clock,
-    /// which this moves forward (nothing else uses it).
+    /// which this moves forward (nothing else uses it). The client's clock
+    /// does not move: to it, as after [`FakeImds::expire_tokens`], a token
+    /// it still holds for valid is refused.
     pub fn advance_clock(&self, by: Duration) {
         self.post("clock", json!({"advance": by.as_secs_f64()}));
     }
