@@ -9,8 +9,10 @@
 //! panics with everything needed to see why (the events so far and the
 //! agent's own log).
 //!
-//! `sqs` drives `batchly-agent run` against a local AWS server (moto).
+//! `sqs` drives `batchly-agent run` against a local AWS server (moto);
+//! `imds` is a fake EC2 instance metadata service.
 
+pub mod imds;
 pub mod netns;
 pub mod sqs;
 

@@ -15,6 +15,7 @@ mod dev_lifecycle;
 mod dev_sandbox;
 mod dev_unprivileged;
 mod dev_watch;
+mod imds_fake;
 mod sqs_custody;
 mod sqs_drain;
 mod sqs_envelopes;
