@@ -215,6 +215,9 @@ impl InstanceId {
     }
 }
 
+/// The longest pause between two reads of an identity not known yet.
+const IDENTITY_RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// What events say of an instance whose id is not known yet.
 pub const UNKNOWN_INSTANCE: &str = "unknown";
 
@@ -256,7 +259,7 @@ pub async fn discover(imds: std::sync::Arc<Imds>, budget: Duration) -> InstanceI
                     return;
                 }
             }
-            wait = (wait * 2).min(Duration::from_secs(60));
+            wait = (wait * 2).min(IDENTITY_RETRY_MAX);
         }
     });
     id

@@ -1036,7 +1036,12 @@ impl SqsTest {
             ),
             (
                 "agent",
-                vec![("instance_id", toml_str(&format!("agent-{n}")))],
+                // With instance metadata the agent learns its id there.
+                if settings.imds.is_some() {
+                    Vec::new()
+                } else {
+                    vec![("instance_id", toml_str(&format!("agent-{n}")))]
+                },
             ),
             (
                 "sandbox",

@@ -290,6 +290,8 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         let requeues = msg.receive_count.saturating_sub(msg.attempt);
         let mut ev = template;
         ev.kind = verdict.kind;
+        // The id as known now: one learned while the job ran is in its end.
+        ev.instance_id = self.settings.instance_id.get();
         ev.at = crate::events::rfc3339_now();
         ev.duration_ms = Some(started.elapsed().as_millis() as u64);
         ev.reason = verdict.reason.clone();

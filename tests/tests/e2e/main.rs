@@ -21,6 +21,7 @@ mod sqs_drain;
 mod sqs_envelopes;
 mod sqs_faults;
 mod sqs_lifecycle;
+mod sqs_notices;
 mod sqs_recovery;
 mod sqs_s3;
 mod sqs_setup;
