@@ -358,10 +358,43 @@ pub fn host_support(program: &std::path::Path) -> Vec<(&'static str, Result<Stri
     ]
 }
 
-/// Where a job finds the time it must be done by (one RFC 3339 UTC line):
-/// its timeout to begin with, earlier if a drain shortens it.
+/// Where a job finds the time it must be done by: its timeout to begin
+/// with, earlier when a drain shortens it (see [`write_deadline_file`]).
 pub fn deadline_file(work_dir: &std::path::Path) -> PathBuf {
     work_dir.join(".batchly-deadline")
+}
+
+/// Writes the job's deadline `at` into its deadline file: an RFC 3339 UTC
+/// line, then the same time in Unix seconds. The job owns its work dir, so
+/// the file is never written through: a new file (never following a
+/// link, never an existing name) is renamed over it, which replaces
+/// whatever the job put there, a symlink included, without touching what
+/// it points at.
+pub fn write_deadline_file(
+    work_dir: &std::path::Path,
+    at: std::time::SystemTime,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let target = deadline_file(work_dir);
+    let unix = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let text = format!("{}\n{unix}\n", crate::events::rfc3339(at));
+    let temp = work_dir.join(format!(".batchly-deadline.{:016x}", rand::random::<u64>()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&temp)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .and_then(|()| std::fs::rename(&temp, &target));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    written.map_err(|e| std::io::Error::new(e.kind(), format!("writing {}: {e}", target.display())))
 }
 
 /// The base environment every job starts from; nothing of the agent's own
@@ -500,6 +533,35 @@ mod tests {
             Some(1_900_000_003)
         );
         assert!(root.isolation(4, "j", false).is_none());
+    }
+
+    #[test]
+    fn the_deadline_file_replaces_a_symlink_the_job_left_without_writing_through_it() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let victim = tmp.path().join("victim");
+        std::fs::write(&victim, "precious").expect("victim");
+        let work = tmp.path().join("work");
+        std::fs::create_dir(&work).expect("work");
+        std::os::unix::fs::symlink(&victim, deadline_file(&work)).expect("the job's link");
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_205_600);
+        write_deadline_file(&work, at).expect("written");
+        assert_eq!(
+            std::fs::read_to_string(&victim).expect("victim"),
+            "precious"
+        );
+        assert_eq!(
+            std::fs::read_to_string(deadline_file(&work)).expect("deadline"),
+            "2026-12-02T10:00:00.000Z\n1796205600\n"
+        );
+        assert!(!std::fs::symlink_metadata(deadline_file(&work))
+            .expect("meta")
+            .file_type()
+            .is_symlink());
+        assert_eq!(
+            std::fs::read_dir(&work).expect("dir").count(),
+            1,
+            "no temp file left"
+        );
     }
 
     #[test]

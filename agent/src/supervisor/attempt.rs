@@ -623,12 +623,8 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         // dir is the job's, so the file stays the agent's.
         let deadline_at =
             SystemTime::now() + deadline.saturating_duration_since(tokio::time::Instant::now());
-        let deadline_file = crate::sandbox::deadline_file(work_dir);
-        if let Err(e) = std::fs::write(
-            &deadline_file,
-            format!("{}\n", crate::events::rfc3339(deadline_at)),
-        ) {
-            return Ending::AgentFault(format!("writing {}: {e}", deadline_file.display()));
+        if let Err(e) = crate::sandbox::write_deadline_file(work_dir, deadline_at) {
+            return Ending::AgentFault(e.to_string());
         }
         let log_path = self.settings.log_root.join(log_stream);
         let log = match output::create_log(&log_path) {
@@ -710,7 +706,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         let cancel = self.board.cancellable(&msg.id, &job.id);
         let watched = {
             let publish_started = self.publish_by(&started, deadline);
-            let watch = self.watch(&mut proc, deadline, job.interrupt, cancel);
+            let watch = self.watch(&mut proc, deadline, job.interrupt, cancel, work_dir);
             tokio::pin!(publish_started, watch);
             let mut published = false;
             loop {
@@ -822,6 +818,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         deadline: tokio::time::Instant,
         interrupt: envelope::Interrupt,
         mut cancel: tokio::sync::watch::Receiver<Option<bool>>,
+        work_dir: &Path,
     ) -> std::io::Result<Watched> {
         let mut drain_rx = self.drain.subscribe();
         let cancelled = async {
@@ -849,6 +846,15 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 Ok(Watched::TimedOut(st))
             }
             req = drain::requested(&mut drain_rx) => {
+                // The job's new deadline where it can read it, before it is
+                // told: its grace, or the drain's end less the time its
+                // release takes, whichever is first.
+                let left = interrupt
+                    .grace
+                    .min(req.deadline.checked_sub(RELEASE_RESERVE).unwrap_or(req.deadline).saturating_duration_since(Instant::now()));
+                if let Err(e) = crate::sandbox::write_deadline_file(work_dir, SystemTime::now() + left) {
+                    tracing::warn!(error = %e, "cannot tell the job its drain deadline");
+                }
                 proc.signal_group(interrupt.signal);
                 let st = stop_within(proc, interrupt.grace, &mut drain_rx).await?;
                 Ok(Watched::Interrupted(req.reason, st))

@@ -775,3 +775,56 @@ fn a_job_that_always_asks_to_be_requeued_is_dead_lettered_as_agent_gave_up_after
         "nothing left to run"
     );
 }
+
+#[test]
+fn on_drain_a_job_reads_its_shortened_deadline_before_it_is_told_to_stop() {
+    let mut agent = DevAgent::start(&[]);
+    let mark = agent.mark_env();
+    agent.submit_one(&[
+        "--id",
+        "reads-deadline",
+        "--timeout-s",
+        "3600",
+        "--grace-s",
+        "5",
+        "--env",
+        &mark,
+        "--",
+        "sh",
+        "-c",
+        r#"trap 'cp "$BATCHLY_DEADLINE_FILE" "$MARK/on-term"; exit 75' TERM
+cp "$BATCHLY_DEADLINE_FILE" "$MARK/at-start"
+while :; do sleep 0.05; done"#,
+    ]);
+    eventually(
+        "the job to have read its deadline",
+        WAIT,
+        || agent.mark().join("at-start").exists(),
+        || agent.diagnostics(),
+    );
+    let mark_dir = agent.mark().to_path_buf();
+    let unix = |name: &str| -> u64 {
+        let text = read_text(&mark_dir.join(name));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "an RFC 3339 line and a Unix one: {text:?}");
+        assert!(lines[0].ends_with('Z'), "{text:?}");
+        lines[1].parse().unwrap_or_else(|_| panic!("{text:?}"))
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let at_start = unix("at-start");
+    assert!(
+        at_start >= now + 3500,
+        "its timeout: {at_start} vs now {now}"
+    );
+
+    agent.sigterm();
+    assert_eq!(agent.wait_exit().code(), Some(0));
+    let on_term = unix("on-term");
+    assert!(
+        on_term <= now + 60 && on_term < at_start,
+        "the drain's deadline (its 5 s grace), not the timeout: {on_term} vs {at_start}"
+    );
+}
