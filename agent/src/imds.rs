@@ -199,19 +199,27 @@ fn parse_time(text: &str) -> Option<SystemTime> {
 /// host that is no EC2 instance), or `unknown` until instance metadata
 /// has told it.
 #[derive(Debug, Clone)]
-pub struct InstanceId(std::sync::Arc<std::sync::RwLock<String>>);
+pub struct InstanceId(std::sync::Arc<std::sync::RwLock<(String, Option<Identity>)>>);
 
 impl InstanceId {
     pub fn fixed(id: impl Into<String>) -> InstanceId {
-        InstanceId(std::sync::Arc::new(std::sync::RwLock::new(id.into())))
+        InstanceId(std::sync::Arc::new(std::sync::RwLock::new((
+            id.into(),
+            None,
+        ))))
     }
 
     pub fn get(&self) -> String {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.0.read().unwrap_or_else(|p| p.into_inner()).0.clone()
     }
 
-    pub fn set(&self, id: impl Into<String>) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = id.into();
+    /// The whole identity, once instance metadata has told it.
+    pub fn identity(&self) -> Option<Identity> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).1.clone()
+    }
+
+    fn learn(&self, id: String, identity: Identity) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = (id, Some(identity));
     }
 }
 
@@ -237,7 +245,7 @@ pub async fn discover(imds: std::sync::Arc<Imds>, budget: Duration) -> InstanceI
                     autoscaling_group = identity.autoscaling_group.as_deref().unwrap_or("-"),
                     "instance identity"
                 );
-                id.set(known.clone());
+                id.learn(known.clone(), identity.clone());
                 true
             }
             None => false,
@@ -266,7 +274,7 @@ pub async fn discover(imds: std::sync::Arc<Imds>, budget: Duration) -> InstanceI
 }
 
 /// Who this instance is, read once at start.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Identity {
     pub instance_id: Option<String>,
     pub region: Option<String>,
@@ -308,7 +316,7 @@ pub const POLL: Duration = Duration::from_secs(2);
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// What the watcher has seen, for `status`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Seen {
     /// The last notice that changed something, and when it was read.
     pub last_notice: Option<String>,

@@ -1337,6 +1337,14 @@ impl SqsAgent {
     }
 
     /// What the current run wrote on stderr so far.
+    /// What `batchly-agent status` prints for this agent.
+    pub fn status(&self) -> crate::Run {
+        crate::run_cli(
+            &["status", "--config", &self.config.display().to_string()],
+            &[],
+        )
+    }
+
     pub fn stderr(&self) -> String {
         read_lossy(&self.out_path(self.runs))
     }

@@ -457,7 +457,11 @@ pub async fn run(
     };
     let transfers = Transfers::new(aws::s3_client(&sdk));
     let drain = Drain::new();
-    let watcher = imds.map(|imds| watch_instance_metadata(&config, &drain, imds));
+    let watcher = imds.map(|imds| {
+        let seen = Arc::new(std::sync::Mutex::new(crate::imds::Seen::default()));
+        startup.metadata = Some(seen.clone());
+        watch_instance_metadata(&config, &drain, imds, seen)
+    });
     let served = serve_with(
         &config,
         source,
@@ -501,6 +505,7 @@ fn watch_instance_metadata(
     config: &Config,
     drain: &Drain,
     imds: Arc<crate::imds::Imds>,
+    seen: Arc<std::sync::Mutex<crate::imds::Seen>>,
 ) -> tokio::task::JoinHandle<()> {
     let notices = crate::imds::Notices::new(
         drain.clone(),
@@ -508,7 +513,6 @@ fn watch_instance_metadata(
         config.drain.rebalance_resume,
         config.drain.timeout,
     );
-    let seen = Arc::new(std::sync::Mutex::new(crate::imds::Seen::default()));
     tokio::spawn(crate::imds::watch(imds, notices, crate::imds::POLL, seen))
 }
 
@@ -583,6 +587,8 @@ pub struct Startup {
     pub hidden: Vec<PathBuf>,
     /// The id events carry, when discovered rather than configured.
     pub instance: Option<crate::imds::InstanceId>,
+    /// What the instance metadata watcher has seen, for `status`.
+    pub metadata: Option<Arc<std::sync::Mutex<crate::imds::Seen>>>,
 }
 
 impl Startup {
@@ -593,6 +599,7 @@ impl Startup {
             insecure_no_sandbox: false,
             hidden: Vec::new(),
             instance: None,
+            metadata: None,
         }
     }
 }
@@ -619,6 +626,7 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
         lock: _lock,
         mut warnings,
         instance,
+        metadata,
         ..
     } = startup;
     for w in sandbox_warnings {
@@ -657,6 +665,7 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
     for w in warnings {
         board.warn(w);
     }
+    board.watch_instance(settings.instance_id.clone(), metadata);
     let listener = admin::bind(&config.admin.socket).await.map_err(failed)?;
     let mut supervisor = Supervisor::new(
         source,

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -63,6 +63,10 @@ pub struct StatusBoard {
     /// Running attempts an operator may cancel: message id -> (job id,
     /// where to say so; `Some(requeue)` once cancelled).
     cancels: Mutex<BTreeMap<String, Cancellable>>,
+    /// Who the instance is and what its metadata watcher has seen (`run`
+    /// on EC2).
+    instance: std::sync::OnceLock<crate::imds::InstanceId>,
+    metadata: std::sync::OnceLock<Arc<Mutex<crate::imds::Seen>>>,
 }
 
 /// A running attempt's job id, and where to tell it it was cancelled.
@@ -88,6 +92,12 @@ pub struct StatusSnapshot {
     /// Conditions an operator should know about (a host clock far off).
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// The instance's identity from instance metadata, once read.
+    #[serde(default)]
+    pub instance: Option<crate::imds::Identity>,
+    /// What the instance metadata watcher has seen, where one runs.
+    #[serde(default)]
+    pub metadata: Option<crate::imds::Seen>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -150,6 +160,20 @@ impl StatusBoard {
             not_ours: AtomicU64::new(0),
             warnings: Mutex::new(Vec::new()),
             cancels: Mutex::new(BTreeMap::new()),
+            instance: std::sync::OnceLock::new(),
+            metadata: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Shows the instance's identity and its metadata watcher's record.
+    pub fn watch_instance(
+        &self,
+        instance: crate::imds::InstanceId,
+        metadata: Option<Arc<Mutex<crate::imds::Seen>>>,
+    ) {
+        let _ = self.instance.set(instance);
+        if let Some(m) = metadata {
+            let _ = self.metadata.set(m);
         }
     }
 
@@ -304,6 +328,14 @@ impl StatusBoard {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
+            instance: self
+                .instance
+                .get()
+                .and_then(crate::imds::InstanceId::identity),
+            metadata: self
+                .metadata
+                .get()
+                .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()).clone()),
         }
     }
 }
@@ -330,6 +362,35 @@ impl StatusSnapshot {
             human_duration(self.uptime_s)
         ));
         out.push_str(&format!("source:   {}\n", self.source));
+        if let Some(i) = &self.instance {
+            let or = |v: &Option<String>| v.clone().unwrap_or_else(|| "?".into());
+            out.push_str(&format!(
+                "instance: {} ({}, {}, {}{})\n",
+                or(&i.instance_id),
+                or(&i.instance_type),
+                or(&i.availability_zone),
+                or(&i.life_cycle),
+                i.autoscaling_group
+                    .as_ref()
+                    .map(|g| format!(", group {g}"))
+                    .unwrap_or_default()
+            ));
+        }
+        if let Some(m) = &self.metadata {
+            out.push_str(&format!(
+                "notices:  {}; {} reads of instance metadata, {} failed{}\n",
+                match (&m.last_notice, &m.last_notice_at) {
+                    (Some(n), Some(at)) => format!("last {n} (seen {at})"),
+                    _ => "none seen".to_string(),
+                },
+                m.polls,
+                m.errors,
+                m.last_error
+                    .as_ref()
+                    .map(|e| format!(" (last: {e})"))
+                    .unwrap_or_default()
+            ));
+        }
         match &self.draining {
             None => out.push_str("state:    running\n"),
             Some(d) if d.mode == "stop_intake" => out.push_str(&format!(

@@ -339,6 +339,19 @@ fn a_rebalance_pauses_intake_running_jobs_go_on_and_intake_resumes_after_the_qui
         || imds.stats().on_path(path::REBALANCE) > polls,
         || agent.diagnostics(),
     );
+    let status = agent.status();
+    assert_eq!(status.code(), 0, "{status:?}");
+    for shown in [
+        "INTAKE PAUSED (rebalance recommendation)",
+        "instance: i-0rebalance (m5.large, us-east-1a, on-demand)",
+        "notices:  last rebalance recommendation",
+    ] {
+        assert!(
+            status.stdout.contains(shown),
+            "status shows {shown:?}:\n{}",
+            status.stdout
+        );
+    }
     let quick = marked("true");
     let after = t
         .submit(
