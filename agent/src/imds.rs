@@ -485,8 +485,14 @@ pub async fn watch(
 ) {
     let mut tick = tokio::time::interval(poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A poll is three concurrent reads, each bounded by OPERATION_TIMEOUT.
+    let beat = crate::liveness::global().register(
+        "instance metadata watcher",
+        poll + OPERATION_TIMEOUT * 4 + Duration::from_secs(10),
+    );
     loop {
         tick.tick().await;
+        beat.beat();
         let (spot, rebalance, lifecycle) = tokio::join!(
             imds.get(SPOT_ACTION),
             imds.get(REBALANCE),

@@ -21,6 +21,7 @@ pub mod drain;
 pub mod envelope;
 pub mod events;
 pub mod imds;
+pub mod liveness;
 pub mod queue;
 pub mod retry;
 #[allow(unsafe_code)]

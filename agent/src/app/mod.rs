@@ -11,6 +11,7 @@ mod aws;
 mod client;
 mod dev;
 mod signals;
+mod systemd;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -696,7 +697,10 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
         admin_socket = %config.admin.socket.display(),
         "batchly-agent {} started", env!("CARGO_PKG_VERSION")
     );
+    systemd::ready(&board);
+    let systemd_task = tokio::spawn(systemd::keep_informed(board.clone(), drain.clone()));
     supervisor.clone().run().await;
+    systemd_task.abort();
     admin_task.abort();
     signal_task.abort();
     let _ = std::fs::remove_file(&config.admin.socket);

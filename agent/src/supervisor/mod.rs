@@ -54,6 +54,12 @@ const STOP_ANNOUNCE_BUDGET: Duration = Duration::from_secs(5);
 
 /// How long to wait before asking a failing source again, at most.
 const RECEIVE_RETRY_MAX: Duration = Duration::from_secs(30);
+/// How often the intake loop beats while it waits for a slot or a paused
+/// intake (see `liveness`).
+const BEAT_WHILE_WAITING: Duration = Duration::from_secs(5);
+/// Longest the intake loop may go without a beat: a long poll (20 s), the
+/// SDK's retries of it, and the longest back-off after a failed one.
+const INTAKE_QUIET: Duration = Duration::from_secs(120);
 
 /// Groups received messages into chains: the messages of one FIFO message
 /// group (from one queue) in the order received, every other message alone.
@@ -478,17 +484,27 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         let mut drain_rx = self.drain.subscribe();
         let mut receive_failures: u32 = 0;
         let mut queue_busy = false;
+        // The loop beats on every turn and while it waits for a slot or a
+        // paused intake (legitimate waits of any length); a receive and its
+        // retry back-off are bounded well within the quiet allowed.
+        let beat = crate::liveness::global().register("intake loop", INTAKE_QUIET);
         'intake: loop {
-            if !self.wait_for_intake(&mut drain_rx).await {
+            beat.beat();
+            if !self.wait_for_intake(&mut drain_rx, &beat).await {
                 break;
             }
-            let first = tokio::select! {
-                biased;
-                _ = drain::intake_stopped(&mut drain_rx) => continue,
-                slot = slots.acquire() => match slot {
-                    Some(slot) => slot,
-                    None => break,
-                },
+            let acquire = slots.acquire();
+            tokio::pin!(acquire);
+            let first = loop {
+                tokio::select! {
+                    biased;
+                    _ = drain::intake_stopped(&mut drain_rx) => continue 'intake,
+                    slot = &mut acquire => match slot {
+                        Some(slot) => break slot,
+                        None => break 'intake,
+                    },
+                    _ = tokio::time::sleep(BEAT_WHILE_WAITING) => beat.beat(),
+                }
             };
             let mut free = vec![first];
             let batch = MAX_RECEIVE_BATCH.min(self.settings.slots);
@@ -588,6 +604,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
     async fn wait_for_intake(
         &self,
         drain_rx: &mut tokio::sync::watch::Receiver<Option<drain::DrainRequest>>,
+        beat: &crate::liveness::Beat,
     ) -> bool {
         let mut announced = false;
         loop {
@@ -601,8 +618,11 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                     }
                 }
             }
-            if drain_rx.changed().await.is_err() {
-                return false;
+            tokio::select! {
+                changed = drain_rx.changed() => if changed.is_err() {
+                    return false;
+                },
+                _ = tokio::time::sleep(BEAT_WHILE_WAITING) => beat.beat(),
             }
         }
     }

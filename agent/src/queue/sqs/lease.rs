@@ -121,8 +121,13 @@ pub(super) async fn heartbeat(shared: Arc<Shared>) {
     // ticks at least before the last renewal (only short test limits need
     // more than the usual lead).
     let (max_hold, lead) = (shared.max_hold, shared.lead().max(tick * 4));
+    // Renewals are spawned, never awaited here: a turn takes no time but
+    // the tick's, so a loop quiet for minutes is a wedged one.
+    let beat =
+        crate::liveness::global().register("lease heartbeat", tick * 4 + Duration::from_secs(60));
     loop {
         tokio::time::sleep(tick).await;
+        beat.beat();
         let now = Instant::now();
         take_custody_where_due(&shared, now, lead);
         let due: Vec<(String, String, usize, i32, Instant)> = shared
