@@ -765,7 +765,7 @@ impl Drop for TestCgroup {
     }
 }
 
-/// The `batchly_md_*` programs attached to `cgroup` as `(attach type,
+/// The `batchly_md*` programs attached to `cgroup` as `(attach type,
 /// name)`, by `bpftool cgroup show`; `None` if bpftool is not installed
 /// (nothing else can count them).
 pub fn attached_batchly_programs(cgroup: &Path) -> Option<Vec<(String, String)>> {
@@ -799,7 +799,7 @@ pub fn attached_batchly_programs(cgroup: &Path) -> Option<Vec<(String, String)>>
             .iter()
             .filter_map(|p| {
                 let name = p["name"].as_str()?;
-                name.starts_with("batchly_md_").then(|| {
+                name.starts_with("batchly_md").then(|| {
                     (
                         p["attach_type"].as_str().unwrap_or("?").to_string(),
                         name.to_string(),

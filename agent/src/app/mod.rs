@@ -174,6 +174,7 @@ fn sandbox_policy(
                 hidden,
                 writable,
                 readable,
+                resolver,
             } = private_and_shared_paths(config, extra_hidden)?;
             if let Err(why) = crate::sandbox::userns::probe(Path::new("/proc/self/exe")) {
                 return Ok((
@@ -202,6 +203,7 @@ fn sandbox_policy(
                     hidden,
                     writable,
                     readable,
+                    resolver,
                     max_file_bytes: (config.sandbox.max_file_bytes > 0)
                         .then_some(config.sandbox.max_file_bytes),
                     cgroups: None,
@@ -241,6 +243,7 @@ fn sandbox_policy(
                 hidden,
                 writable,
                 readable,
+                resolver,
             } = private_and_shared_paths(config, extra_hidden)?;
             let cgroups = crate::sandbox::cgroup::Hierarchy::detect()
                 .map_err(|why| usage(format!("the sandbox cannot limit jobs: {why}")))?;
@@ -252,6 +255,7 @@ fn sandbox_policy(
                     hidden,
                     writable,
                     readable,
+                    resolver,
                     max_file_bytes: (config.sandbox.max_file_bytes > 0)
                         .then_some(config.sandbox.max_file_bytes),
                     cgroups: Some(cgroups),
@@ -326,18 +330,37 @@ fn private_and_shared_paths(
             .collect()
     };
     let writable = shown("sandbox.bind_paths", &config.sandbox.bind_paths)?;
-    let mut readable = shown("sandbox.readonly_paths", &config.sandbox.readonly_paths)?;
-    // systemd-resolved's stub resolver (/etc/resolv.conf links there on
-    // Amazon Linux 2023 and Ubuntu): egress jobs need it to look names up,
-    // and the rest of /run stays empty.
-    let resolver = Path::new("/run/systemd/resolve");
-    if resolver.is_dir() && !readable.iter().any(|d| resolver.starts_with(d)) {
-        readable.push(resolver.to_path_buf());
+    let readable = shown("sandbox.readonly_paths", &config.sandbox.readonly_paths)?;
+    // One shown path inside another could be swapped for a link by a job
+    // (it writes the bind paths) and redirect a later job's mount.
+    let all: Vec<(&str, &PathBuf)> = writable
+        .iter()
+        .map(|p| ("sandbox.bind_paths", p))
+        .chain(readable.iter().map(|p| ("sandbox.readonly_paths", p)))
+        .collect();
+    for (i, (key, a)) in all.iter().enumerate() {
+        for (other, b) in &all[i + 1..] {
+            if a.starts_with(b) || b.starts_with(a) {
+                return Err(usage(format!(
+                    "{key}: {} and {other}: {} overlap; give each job path once, none inside another",
+                    a.display(),
+                    b.display()
+                )));
+            }
+        }
     }
+    // systemd-resolved's stub resolver (/etc/resolv.conf links there on
+    // Amazon Linux 2023 and Ubuntu), for egress jobs only: its varlink
+    // socket resolves any name, a way out for a job meant to have no
+    // network.
+    let resolver = Path::new("/run/systemd/resolve");
+    let resolver = (resolver.is_dir() && !readable.iter().any(|d| resolver.starts_with(d)))
+        .then(|| resolver.to_path_buf());
     Ok(JobPaths {
         hidden,
         writable,
         readable,
+        resolver,
     })
 }
 
@@ -346,6 +369,8 @@ struct JobPaths {
     hidden: Vec<PathBuf>,
     writable: Vec<PathBuf>,
     readable: Vec<PathBuf>,
+    /// Shown to egress jobs besides `readable`.
+    resolver: Option<PathBuf>,
 }
 
 /// `agent.instance_id`, or `host-<hostname>` where no instance metadata

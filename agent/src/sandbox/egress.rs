@@ -34,7 +34,15 @@ use crate::config::UidRange;
 
 /// The ranges an egress job cannot reach, as nftables writes them.
 pub const BLOCKED_V4: &str = "169.254.0.0/16";
-pub const BLOCKED_V6: [&str; 2] = ["fd00:ec2::/32", "::ffff:169.254.0.0/112"];
+/// The EC2 range, and 169.254.0.0/16 written the three ways IPv6 can
+/// carry it: IPv4-mapped, IPv4-compatible and NAT64's well-known prefix.
+pub const BLOCKED_V6: [&str; 4] = [
+    "fd00:ec2::/32",
+    "::ffff:169.254.0.0/112",
+    // In hex: nft reads neither in dotted form.
+    "::a9fe:0/112",
+    "64:ff9b::a9fe:0/112",
+];
 
 /// The agent's nftables table.
 pub const NFT_TABLE: &str = "batchly_egress";
@@ -76,10 +84,20 @@ impl MetadataBlock {
         }
     }
 
-    /// Ready for an egress job: the layers in place (set up nftables the
-    /// first time), or why the job cannot have the network.
+    /// Ready for an egress job: the layers in place, or why the job cannot
+    /// have the network. nftables is set up at the first egress job; where
+    /// it is the only layer it is loaded again before every one, since a
+    /// firewall reload (`flush ruleset`) would otherwise leave nothing.
     pub async fn ready(&self) -> Result<(), String> {
         let uids = self.uids;
+        if let Err(bpf) = &self.bpf {
+            return load_nft_table(uids).await.map(drop).map_err(|nft| {
+                format!(
+                    "the job asks for network \"egress\", and this host can block the instance \
+                     metadata from it by neither BPF ({bpf}) nor nftables ({nft})"
+                )
+            });
+        }
         let nft = self
             .nft
             .get_or_init(|| async move {
@@ -91,13 +109,10 @@ impl MetadataBlock {
                 loaded
             })
             .await;
-        match (&self.bpf, nft) {
-            (Err(bpf), Err(nft)) => Err(format!(
-                "the job asks for network \"egress\", and this host can block the instance \
-                 metadata from it by neither BPF ({bpf}) nor nftables ({nft})"
-            )),
-            _ => Ok(()),
+        if let Err(why) = nft {
+            tracing::debug!("egress job under the BPF layer alone ({why})");
         }
+        Ok(())
     }
 }
 
@@ -105,12 +120,12 @@ impl MetadataBlock {
 /// one transaction, so the chain is never seen half made, and one chain
 /// per uid range, so agents with different ranges keep each other's.
 pub fn nft_script(uids: UidRange) -> String {
-    let chain = format!("output_{}_{}", uids.first, uids.last);
+    let chain = format!("out_{}_{}", uids.first, uids.last);
     let owner = format!("meta skuid {}-{}", uids.first, uids.last);
     let reject = "reject with icmpx admin-prohibited";
     format!(
         "add table inet {NFT_TABLE}\n\
-         add chain inet {NFT_TABLE} {chain} {{ type filter hook output priority filter; policy accept; }}\n\
+         add chain inet {NFT_TABLE} {chain} {{ type filter hook output priority -150; policy accept; }}\n\
          flush chain inet {NFT_TABLE} {chain}\n\
          add rule inet {NFT_TABLE} {chain} {owner} ip daddr {BLOCKED_V4} {reject}\n\
          add rule inet {NFT_TABLE} {chain} {owner} ip6 daddr {{ {} }} {reject}\n",
@@ -239,22 +254,27 @@ fn program_v4() -> Vec<Insn> {
     p
 }
 
-/// connect6 and sendmsg6: deny fd00:ec2::/32 and ::ffff:169.254.0.0/112.
+/// connect6 and sendmsg6: deny [`BLOCKED_V6`]: fd00:ec2::/32, and an
+/// address in 169.254.0.0/16 as `::ffff:a.b.c.d`, `::a.b.c.d` or
+/// `64:ff9b::a.b.c.d`.
 fn program_v6() -> Vec<Insn> {
+    const NAT64: [u8; 4] = [0x00, 0x64, 0xff, 0x9b];
     let mut p = vec![
         /* 0 */ insn(LDX_W, 2, 1, USER_IP6, 0),
-        /* 1 */ insn(JEQ32_K, 2, 0, 10, word([0xfd, 0x00, 0x0e, 0xc2])), // -> 12
-        /* 2 */ insn(JNE32_K, 2, 0, 7, 0), // -> 10
-        /* 3 */ insn(LDX_W, 2, 1, USER_IP6 + 4, 0),
-        /* 4 */ insn(JNE32_K, 2, 0, 5, 0), // -> 10
-        /* 5 */ insn(LDX_W, 2, 1, USER_IP6 + 8, 0),
-        /* 6 */ insn(JNE32_K, 2, 0, 3, word([0, 0, 0xff, 0xff])), // -> 10
-        /* 7 */ insn(LDX_W, 2, 1, USER_IP6 + 12, 0),
-        /* 8 */ insn(AND32_K, 2, 0, 0, word([0xff, 0xff, 0, 0])),
-        /* 9 */ insn(JEQ32_K, 2, 0, 2, word([169, 254, 0, 0])), // -> 12
+        /* 1 */ insn(JEQ32_K, 2, 0, 12, word([0xfd, 0x00, 0x0e, 0xc2])), // -> 14
+        /* 2 */ insn(JEQ32_K, 2, 0, 1, 0), // -> 4
+        /* 3 */ insn(JNE32_K, 2, 0, 8, word(NAT64)), // -> 12
+        /* 4 */ insn(LDX_W, 2, 1, USER_IP6 + 4, 0),
+        /* 5 */ insn(JNE32_K, 2, 0, 6, 0), // -> 12
+        /* 6 */ insn(LDX_W, 2, 1, USER_IP6 + 8, 0),
+        /* 7 */ insn(JEQ32_K, 2, 0, 1, 0), // -> 9
+        /* 8 */ insn(JNE32_K, 2, 0, 3, word([0, 0, 0xff, 0xff])), // -> 12
+        /* 9 */ insn(LDX_W, 2, 1, USER_IP6 + 12, 0),
+        /* 10 */ insn(AND32_K, 2, 0, 0, word([0xff, 0xff, 0, 0])),
+        /* 11 */ insn(JEQ32_K, 2, 0, 2, word([169, 254, 0, 0])), // -> 14
     ];
-    p.extend(ALLOW); // 10, 11
-    p.extend(DENY); // 12, 13
+    p.extend(ALLOW); // 12, 13
+    p.extend(DENY); // 14, 15
     p
 }
 
@@ -269,10 +289,10 @@ fn hooks() -> [(u32, &'static str, Vec<Insn>); 4] {
     const UDP4_SENDMSG: u32 = 14;
     const UDP6_SENDMSG: u32 = 15;
     [
-        (INET4_CONNECT, "batchly_md_c4", program_v4()),
-        (INET6_CONNECT, "batchly_md_c6", program_v6()),
-        (UDP4_SENDMSG, "batchly_md_s4", program_v4()),
-        (UDP6_SENDMSG, "batchly_md_s6", program_v6()),
+        (INET4_CONNECT, "batchly_md2_c4", program_v4()),
+        (INET6_CONNECT, "batchly_md2_c6", program_v6()),
+        (UDP4_SENDMSG, "batchly_md2_s4", program_v4()),
+        (UDP6_SENDMSG, "batchly_md2_s6", program_v6()),
     ]
 }
 
@@ -590,6 +610,9 @@ mod tests {
             "fd00:ec2:ffff::1",
             "::ffff:169.254.169.254",
             "::ffff:169.254.0.1",
+            "::169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b::169.254.170.2",
         ] {
             assert_eq!(
                 verdict(&p, &ctx_v6(denied.parse().expect("an address"))),
@@ -604,8 +627,11 @@ mod tests {
             "fd01:ec2::254",
             "::ffff:10.0.0.1",
             "::ffff:169.253.169.254",
-            "::169.254.169.254",
-            "64:ff9b::a9fe:a9fe",
+            "::10.0.0.1",
+            "64:ff9b::a00:1",
+            "64:ff9b:1::a9fe:a9fe",
+            "::1:0:a9fe:a9fe",
+            "0:0:1::a9fe:a9fe",
         ] {
             assert_eq!(
                 verdict(&p, &ctx_v6(allowed.parse().expect("an address"))),
@@ -638,9 +664,10 @@ mod tests {
             script.starts_with("add table inet batchly_egress\n"),
             "{script}"
         );
-        assert!(script.contains("add chain inet batchly_egress output_61000_61999 { type filter hook output priority filter; policy accept; }"), "{script}");
+        // Before the output DNAT (-100), which rewrites the ECS endpoint.
+        assert!(script.contains("add chain inet batchly_egress out_61000_61999 { type filter hook output priority -150; policy accept; }"), "{script}");
         assert!(
-            script.contains("flush chain inet batchly_egress output_61000_61999\n"),
+            script.contains("flush chain inet batchly_egress out_61000_61999\n"),
             "{script}"
         );
         assert!(
@@ -648,7 +675,7 @@ mod tests {
             "{script}"
         );
         assert!(
-            script.contains("ip6 daddr { fd00:ec2::/32, ::ffff:169.254.0.0/112 } reject"),
+            script.contains("ip6 daddr { fd00:ec2::/32, ::ffff:169.254.0.0/112, ::a9fe:0/112, 64:ff9b::a9fe:0/112 } reject"),
             "{script}"
         );
     }

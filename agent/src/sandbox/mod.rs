@@ -135,6 +135,8 @@ pub struct SandboxPolicy {
     pub writable: Vec<PathBuf>,
     /// See [`Isolation::readable`].
     pub readable: Vec<PathBuf>,
+    /// systemd-resolved's directory, shown read-only to egress jobs only.
+    pub resolver: Option<PathBuf>,
     /// See [`Isolation::max_file_bytes`].
     pub max_file_bytes: Option<u64>,
     /// Where job cgroups are made (`None`: jobs have no cgroups, as with
@@ -169,7 +171,12 @@ impl SandboxPolicy {
             hostname: hostname_for(job_id),
             hidden: self.hidden.clone(),
             writable: self.writable.clone(),
-            readable: self.readable.clone(),
+            readable: self
+                .readable
+                .iter()
+                .chain(self.resolver.as_ref().filter(|_| egress))
+                .cloned()
+                .collect(),
             egress,
             privilege: self.privilege,
             max_file_bytes: self.max_file_bytes,
@@ -470,6 +477,34 @@ mod tests {
     }
 
     #[test]
+    fn only_an_egress_job_is_shown_the_hosts_resolver() {
+        let policy = SandboxPolicy {
+            privilege: Privilege::Root,
+            uid_range: crate::config::UidRange {
+                first: 1_900_000_000,
+                last: 1_900_000_003,
+            },
+            hidden: Vec::new(),
+            writable: Vec::new(),
+            readable: vec!["/opt/tools".into()],
+            resolver: Some("/run/systemd/resolve".into()),
+            max_file_bytes: None,
+            cgroups: None,
+            cgroup_scope: "test".into(),
+            default_pids: None,
+            default_memory_mib: None,
+            metadata: None,
+        };
+        let none = policy.isolation(0, "j", false).expect("slot 0");
+        assert_eq!(none.readable, vec![PathBuf::from("/opt/tools")]);
+        let egress = policy.isolation(0, "j", true).expect("slot 0");
+        assert_eq!(
+            egress.readable,
+            vec![PathBuf::from("/opt/tools"), "/run/systemd/resolve".into()]
+        );
+    }
+
+    #[test]
     fn an_egress_job_keeps_the_agents_network_namespace() {
         let net = libc::CLONE_NEWNET as u32;
         let none = isolation(Privilege::Root);
@@ -506,6 +541,7 @@ mod tests {
             hidden: Vec::new(),
             writable: Vec::new(),
             readable: Vec::new(),
+            resolver: None,
             max_file_bytes: None,
             cgroups: None,
             cgroup_scope: "test".into(),

@@ -161,9 +161,21 @@ fn compile() -> Result<Vec<BpfProgram>, StepError> {
     .map(|f| not(0, *f as u64))
     .collect::<Result<Vec<_>, _>>()
     .map_err(compile_err)?;
+    // SCTP's connect never passes the cgroup connect hooks that keep an
+    // egress job from the instance metadata (`egress.rs`).
+    let sctp = SeccompCondition::new(
+        2,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        libc::IPPROTO_SCTP as u64,
+    )
+    .map_err(compile_err)?;
     rules.insert(
         libc::SYS_socket,
-        vec![SeccompRule::new(families).map_err(compile_err)?],
+        vec![
+            SeccompRule::new(families).map_err(compile_err)?,
+            SeccompRule::new(vec![sctp]).map_err(compile_err)?,
+        ],
     );
     // personality() only to query or to the values Docker allows (Linux,
     // 32-bit and UNAME26 emulation): no READ_IMPLIES_EXEC, no ADDR_NO_RANDOMIZE.

@@ -249,7 +249,9 @@ impl Protections {
                 "a uid per slot",
                 "only root has other uids to give: every job runs as your uid (with your \
                  groups), so it can read whatever you can read on this host (read-only), \
-                 and jobs share what they write in sandbox.bind_paths",
+                 connect as you to your sockets outside /run and /tmp (a Docker socket, \
+                 ssh or gpg agents under your home), and jobs share what they write in \
+                 sandbox.bind_paths",
             ),
             (
                 "cgroup limits",

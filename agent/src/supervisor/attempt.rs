@@ -572,6 +572,15 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                     .into(),
             );
         }
+        // Before anything is downloaded: a host that cannot keep the
+        // metadata from an egress job refuses it at once.
+        if let (Some(policy), crate::envelope::Network::Egress) =
+            (&self.settings.sandbox, job.network)
+        {
+            if let Err(why) = policy.egress_ready().await {
+                return Ending::AgentFault(why);
+            }
+        }
         if let Err(e) = prepare_work_dir(work_dir) {
             return Ending::AgentFault(format!("creating work dir {}: {e}", work_dir.display()));
         }
@@ -596,11 +605,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                         "sandbox.uid_range has no uid for job slot {slot}"
                     ));
                 };
-                if egress {
-                    if let Err(why) = policy.egress_ready().await {
-                        return Ending::AgentFault(why);
-                    }
-                }
+
                 if let Err(e) = crate::sandbox::give_tree(work_dir, isolation.uid, isolation.gid) {
                     return Ending::AgentFault(format!(
                         "giving work dir {} to uid {}: {e}",
@@ -641,6 +646,9 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 signal: None,
             };
         }
+        // Under an init (any sandbox) its exit kills the job's whole pid
+        // namespace.
+        let under_init = isolation.is_some();
         let plan = LaunchPlan {
             argv: job.command.clone(),
             env: scrubbed_env(work_dir, &job.id, msg.attempt, &job.env),
@@ -722,11 +730,11 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             }
         };
         // The job is over: whatever it left running goes too. Sandboxed,
-        // the init's exit killed its whole pid namespace and the cgroup's
-        // removal below kills any straggler; a group kill after the leader
+        // the init's exit killed its whole pid namespace (and the cgroup's
+        // removal below kills any straggler); a group kill after the leader
         // was reaped could hit a reused id, so it is only the unsandboxed
         // mode's fallback.
-        if cgroup.0.is_none() {
+        if !under_init {
             proc.signal_group(Signal::SIGKILL);
         }
         match tokio::time::timeout(OUTPUT_DRAIN_WAIT, &mut capture).await {

@@ -189,6 +189,7 @@ fn run_refuses_an_unsandboxed_mode_unless_told_twice_and_a_uid_range_of_real_acc
         run.stderr
     );
 
+    std::fs::create_dir_all(tmp.path().join("shared/tools")).expect("shared dirs");
     // Paths shown to jobs: they must exist, and never expose what the
     // sandbox hides (the keys file's dir) or what every job gets fresh.
     for (paths, says) in [
@@ -198,6 +199,10 @@ fn run_refuses_an_unsandboxed_mode_unless_told_twice_and_a_uid_range_of_real_acc
         ),
         (format!("readonly_paths = [\"{}\"]", home), "overlaps"),
         ("bind_paths = [\"/dev/shm\"]".to_string(), "/dev or /proc"),
+        (
+            format!("bind_paths = [\"{home}/shared\"]\nreadonly_paths = [\"{home}/shared/tools\"]"),
+            "none inside another",
+        ),
     ] {
         write(&paths);
         let run = run_cli_within(&["run", "--config", &path_str(&config)], &env, REFUSAL_WAIT);

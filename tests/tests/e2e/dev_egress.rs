@@ -134,7 +134,7 @@ fn the_bpf_layer_blocks_root_in_the_jobs_cgroup_tree_also_while_the_agent_is_dow
             types.dedup();
             assert!(
                 programs.len() == 4 && types.len() == 4,
-                "{when}: one batchly_md_* program each for connect4, connect6, sendmsg4 \
+                "{when}: one batchly_md* program each for connect4, connect6, sendmsg4 \
                  and sendmsg6 on {}, not {programs:?}",
                 parent.display()
             );
