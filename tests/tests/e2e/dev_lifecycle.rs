@@ -828,3 +828,92 @@ while :; do sleep 0.05; done"#,
         "the drain's deadline (its 5 s grace), not the timeout: {on_term} vs {at_start}"
     );
 }
+
+/// The agent under a pretend systemd: what it sends to `NOTIFY_SOCKET`.
+struct NotifySocket {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    socket: std::os::unix::net::UnixDatagram,
+}
+
+impl NotifySocket {
+    fn bind() -> NotifySocket {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("notify");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).expect("binding");
+        socket.set_read_timeout(Some(WAIT)).expect("read timeout");
+        NotifySocket {
+            _dir: dir,
+            path,
+            socket,
+        }
+    }
+
+    /// Messages (one `KEY=value` per line each) until one has `key`, for
+    /// at most `WAIT` in all.
+    fn until(&self, key: &str, seen: &mut Vec<String>) -> String {
+        let mut buf = [0u8; 4096];
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(!left.is_zero(), "no {key} within {WAIT:?}; got {seen:#?}");
+            self.socket
+                .set_read_timeout(Some(left))
+                .expect("read timeout");
+            let n = self
+                .socket
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no {key} within {WAIT:?} ({e}); got {seen:#?}"));
+            let text = String::from_utf8_lossy(&buf[..n]).to_string();
+            seen.push(text.clone());
+            if text.lines().any(|l| l.starts_with(key)) {
+                return text;
+            }
+        }
+    }
+}
+
+#[test]
+fn under_systemd_the_agent_is_ready_feeds_the_watchdog_and_says_when_it_stops() {
+    let notify = NotifySocket::bind();
+    let path = notify.path.display().to_string();
+    // systemd names the watched process: the agent, which the shell
+    // becomes.
+    let mut agent = DevAgent::start_under(
+        &["sh", "-c", "WATCHDOG_PID=$$ exec \"$@\"", "sh"],
+        &[
+            ("NOTIFY_SOCKET", path.as_str()),
+            ("WATCHDOG_USEC", "1000000"),
+        ],
+    );
+    let mut seen = Vec::new();
+    let ready = notify.until("READY=1", &mut seen);
+    assert!(
+        ready.contains("STATUS=running; 0 of 4 slots busy"),
+        "ready comes with a status line: {ready:?}"
+    );
+    // Fed while every loop makes progress (1 s watchdog: every 0.5 s).
+    notify.until("WATCHDOG=1", &mut seen);
+    notify.until("WATCHDOG=1", &mut seen);
+    let job = agent.submit_one(&["--id", "under-systemd", "--", "true"]);
+    agent.wait_final(&job.message_id);
+
+    agent.sigterm();
+    notify.until("STOPPING=1", &mut seen);
+    let extend = notify.until("EXTEND_TIMEOUT_USEC=", &mut seen);
+    let usec: u64 = extend
+        .lines()
+        .find_map(|l| l.strip_prefix("EXTEND_TIMEOUT_USEC="))
+        .and_then(|v| v.parse().ok())
+        .expect("a number");
+    assert!(
+        usec > 0 && usec <= (90 + 15) * 1_000_000,
+        "the drain's time left and a margin: {usec}"
+    );
+    assert_eq!(agent.wait_exit().code(), Some(0));
+    assert!(
+        seen.iter().position(|m| m.contains("READY=1"))
+            < seen.iter().position(|m| m.contains("STOPPING=1")),
+        "{seen:#?}"
+    );
+}
