@@ -476,24 +476,33 @@ mod tests {
         }
     }
 
-    #[test]
-    fn only_an_egress_job_is_shown_the_hosts_resolver() {
-        let policy = SandboxPolicy {
-            privilege: Privilege::Root,
+    /// A policy of four slots, nothing hidden or shown, no cgroups.
+    fn policy(privilege: Privilege) -> SandboxPolicy {
+        SandboxPolicy {
+            privilege,
             uid_range: crate::config::UidRange {
                 first: 1_900_000_000,
                 last: 1_900_000_003,
             },
             hidden: Vec::new(),
             writable: Vec::new(),
-            readable: vec!["/opt/tools".into()],
-            resolver: Some("/run/systemd/resolve".into()),
+            readable: Vec::new(),
+            resolver: None,
             max_file_bytes: None,
             cgroups: None,
             cgroup_scope: "test".into(),
             default_pids: None,
             default_memory_mib: None,
             metadata: None,
+        }
+    }
+
+    #[test]
+    fn only_an_egress_job_is_shown_the_hosts_resolver() {
+        let policy = SandboxPolicy {
+            readable: vec!["/opt/tools".into()],
+            resolver: Some("/run/systemd/resolve".into()),
+            ..policy(Privilege::Root)
         };
         let none = policy.isolation(0, "j", false).expect("slot 0");
         assert_eq!(none.readable, vec![PathBuf::from("/opt/tools")]);
@@ -532,23 +541,7 @@ mod tests {
 
     #[test]
     fn in_a_user_namespace_every_slot_is_the_agents_own_uid() {
-        let policy = SandboxPolicy {
-            privilege: Privilege::UserNamespace,
-            uid_range: crate::config::UidRange {
-                first: 1_900_000_000,
-                last: 1_900_000_003,
-            },
-            hidden: Vec::new(),
-            writable: Vec::new(),
-            readable: Vec::new(),
-            resolver: None,
-            max_file_bytes: None,
-            cgroups: None,
-            cgroup_scope: "test".into(),
-            default_pids: None,
-            default_memory_mib: None,
-            metadata: None,
-        };
+        let policy = policy(Privilege::UserNamespace);
         let own = (
             nix::unistd::geteuid().as_raw(),
             nix::unistd::getegid().as_raw(),

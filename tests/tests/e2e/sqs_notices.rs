@@ -167,75 +167,38 @@ fn lifecycle_terminated_drains_and_a_failing_metadata_service_never_does() {
     // Down from the start: the identity cannot be read, the notices fail.
     imds.fault(ALL, Fault::Status(500));
     let mark = t.mark_env();
-    let quick = marked("true");
-    t.submit(
-        &url,
-        &[
-            "--id",
-            "during-500",
-            "--env",
-            &mark,
-            "--",
-            "sh",
-            "-c",
-            &quick,
-        ],
-    );
     let mut agent = t.agent(
         AgentSettings::new(&url)
             .slots(2)
             .imds(&imds.endpoint())
             .extra("drain.timeout_s", "20"),
     );
-    let events = t.wait_events("the job run while IMDS answers 500", &[&agent], |ev| {
-        ev.iter()
-            .any(|e| e.kind == "job.succeeded" && e.job_id.as_deref() == Some("during-500"))
-    });
-    let done = events
-        .iter()
-        .find(|e| e.kind == "job.succeeded")
-        .expect("found above");
+    // A quick job runs to its end however the metadata service fails.
+    let quick_job_succeeds = |id: &str| -> Event {
+        let quick = marked("true");
+        t.submit(
+            &url,
+            &["--id", id, "--env", &mark, "--", "sh", "-c", &quick],
+        );
+        let events = t.wait_events(&format!("{id} to succeed"), &[&agent], |ev| {
+            ev.iter()
+                .any(|e| e.kind == "job.succeeded" && e.job_id.as_deref() == Some(id))
+        });
+        events
+            .into_iter()
+            .find(|e| e.kind == "job.succeeded" && e.job_id.as_deref() == Some(id))
+            .expect("found above")
+    };
+    let done = quick_job_succeeds("during-500");
     assert_eq!(
         done.raw["instance_id"], "unknown",
         "no identity yet: events say so rather than guess: {done:?}"
     );
     // Hanging and resetting connections: still no drain, work goes on.
     imds.fault(ALL, Fault::Hang);
-    t.submit(
-        &url,
-        &[
-            "--id",
-            "during-hang",
-            "--env",
-            &mark,
-            "--",
-            "sh",
-            "-c",
-            &quick,
-        ],
-    );
-    t.wait_events("the job run while IMDS hangs", &[&agent], |ev| {
-        ev.iter()
-            .any(|e| e.kind == "job.succeeded" && e.job_id.as_deref() == Some("during-hang"))
-    });
+    quick_job_succeeds("during-hang");
     imds.fault(ALL, Fault::Reset);
-    t.submit(
-        &url,
-        &[
-            "--id",
-            "during-reset",
-            "--env",
-            &mark,
-            "--",
-            "sh",
-            "-c",
-            &quick,
-        ],
-    );
-    t.wait_events("the job run while IMDS resets", &[&agent], |ev| {
-        ev.iter()
-            .any(|e| e.kind == "job.succeeded" && e.job_id.as_deref() == Some("during-reset"))
-    });
+    quick_job_succeeds("during-reset");
     assert!(
         agent.is_running(),
         "no drain from failures\n{}",
