@@ -867,3 +867,83 @@ fn a_message_sqs_hands_out_again_to_its_running_job_is_released_by_a_restart_wit
     assert_eq!(runs.starts(&job.job_id), 2, "{:?}", runs.lines);
     assert_eq!(runs.ends(&job.job_id), 1, "{:?}", runs.lines);
 }
+
+#[test]
+fn twenty_kill_9_and_restart_cycles_under_load_lose_no_job_and_never_run_one_twice_at_once() {
+    const JOBS: usize = 24;
+    const CYCLES: usize = 20;
+    let t = SqsTest::start();
+    let url = long_lease_queue(&t);
+    // A job holds a lock on its own file while it runs: a second copy
+    // running at the same time (whatever its namespace) cannot take it,
+    // and says so. A copy killed with its agent lets go as it dies.
+    let script = marked(
+        r#"exec 9>>"$MARK/$BATCHLY_JOB_ID.lock"
+flock -n 9 || echo "$BATCHLY_JOB_ID" >> "$MARK/twice"
+sleep 0.3"#,
+    );
+    let count = JOBS.to_string();
+    let jobs = t.submit(
+        &url,
+        &[
+            "--id",
+            "load",
+            "--count",
+            &count,
+            "--max-attempts",
+            "100",
+            "--env",
+            &t.mark_env(),
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    let mut agent = t.agent(AgentSettings::new(&url).slots(4));
+    for cycle in 0..CYCLES {
+        // Each run gets as far as starting one more job, then dies.
+        let started = batchly_e2e::count_kind(&t.events(), "job.started");
+        t.wait_events(&format!("cycle {cycle}: a job started"), &[&agent], |ev| {
+            batchly_e2e::count_kind(ev, "job.started") > started
+                || count_final(ev, Some("job.succeeded")) == JOBS
+        });
+        agent.signal(Signal::SIGKILL);
+        agent.restart();
+    }
+    let events = t.wait_events("every job to succeed", &[&agent], |ev| {
+        count_final(ev, Some("job.succeeded")) == JOBS
+    });
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait_exit().code(), Some(0), "{}", agent.diagnostics());
+    for job in &jobs {
+        let finals: Vec<&Event> = of_job(&events, &job.job_id)
+            .into_iter()
+            .filter(|e| e.is_final)
+            .collect();
+        assert_eq!(
+            finals.len(),
+            1,
+            "{}: exactly one outcome: {finals:#?}",
+            job.job_id
+        );
+        assert_eq!(finals[0].kind, "job.succeeded", "{:?}", finals[0]);
+    }
+    let twice = std::fs::read_to_string(t.mark().join("twice")).unwrap_or_default();
+    assert!(twice.is_empty(), "jobs that ran twice at once: {twice}");
+    assert_eq!(
+        t.aws.depth(&url),
+        QueueDepth {
+            visible: 0,
+            in_flight: 0,
+            delayed: 0
+        },
+        "nothing left in the queue"
+    );
+    let runs = t.runs();
+    assert!(
+        jobs.iter().all(|j| runs.ends(&j.job_id) >= 1),
+        "every job ran to its end at least once: {:?}",
+        runs.lines
+    );
+}
