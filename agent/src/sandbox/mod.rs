@@ -365,6 +365,34 @@ pub fn host_support(program: &std::path::Path) -> Vec<(&'static str, Result<Stri
     ]
 }
 
+/// Tests: runs `check` in a forked child (for what lasts a process's life:
+/// a seccomp filter, a user namespace) and asserts it exits 0; a non-zero
+/// code says which check failed.
+#[cfg(test)]
+pub(crate) fn in_forked_child(check: impl FnOnce() -> i32) {
+    // SAFETY: the child runs `check` (system calls, small files) and
+    // leaves with _exit: it never returns into the test harness.
+    match unsafe { libc::fork() } {
+        0 => {
+            let code = check();
+            // SAFETY: leave the forked test process at once.
+            unsafe { libc::_exit(code) }
+        }
+        -1 => panic!("fork failed"),
+        pid => {
+            let mut status = 0;
+            // SAFETY: waiting for our own child.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            assert!(libc::WIFEXITED(status), "child died: {status}");
+            assert_eq!(
+                libc::WEXITSTATUS(status),
+                0,
+                "check that failed (see the codes in the test)"
+            );
+        }
+    }
+}
+
 /// Where a job finds the time it must be done by: its timeout to begin
 /// with, earlier when a drain shortens it (see [`write_deadline_file`]).
 pub fn deadline_file(work_dir: &std::path::Path) -> PathBuf {

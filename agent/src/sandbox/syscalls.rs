@@ -279,88 +279,65 @@ mod tests {
     #[test]
     fn a_filtered_process_cannot_unshare_or_mount_but_can_fork() {
         let filters = filters().expect("filters compile");
-        // SAFETY: the child only makes raw system calls and exits with
-        // _exit; it never returns into the test harness.
-        match unsafe { libc::fork() } {
-            0 => {
-                let code = (|| {
-                    // SAFETY: integer-only prctl.
-                    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-                        return 10;
-                    }
-                    if install(filters).is_err() {
-                        return 11;
-                    }
-                    let errno = || std::io::Error::last_os_error().raw_os_error();
-                    // SAFETY: unshare(0) and a bad mount take no pointers we own.
-                    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != -1
-                        || errno() != Some(libc::EPERM)
-                    {
-                        return 12;
-                    }
-                    // SAFETY: as above; all-null arguments.
-                    let r = unsafe {
-                        libc::mount(
-                            std::ptr::null(),
-                            std::ptr::null(),
-                            std::ptr::null(),
-                            0,
-                            std::ptr::null(),
-                        )
-                    };
-                    if r != -1 || errno() != Some(libc::EPERM) {
-                        return 13;
-                    }
-                    // SAFETY: socket() returns a descriptor or -1; none is kept.
-                    let vsock = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM, 0) };
-                    if vsock != -1 || errno() != Some(libc::EPERM) {
-                        return 16;
-                    }
-                    // SAFETY: as above; closed at once.
-                    let inet = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
-                    if inet < 0 {
-                        return 17;
-                    }
-                    // SAFETY: our own descriptor from the line above.
-                    unsafe { libc::close(inet) };
-                    // SAFETY: personality(ADDR_NO_RANDOMIZE) changes nothing when refused.
-                    if unsafe { libc::personality(0x0040000) } != -1 || errno() != Some(libc::EPERM)
-                    {
-                        return 18;
-                    }
-                    // SAFETY: clone3 with a null argument is refused by the filter first.
-                    let r = unsafe { libc::syscall(libc::SYS_clone3, 0usize, 0usize) };
-                    if r != -1 || errno() != Some(libc::ENOSYS) {
-                        return 14;
-                    }
-                    // SAFETY: a plain fork whose child exits at once.
-                    match unsafe { libc::fork() } {
-                        // SAFETY: the grandchild leaves at once.
-                        0 => unsafe { libc::_exit(0) },
-                        -1 => return 15,
-                        pid => {
-                            let mut status = 0;
-                            // SAFETY: waiting for our own child.
-                            unsafe { libc::waitpid(pid, &mut status, 0) };
-                        }
-                    }
-                    0
-                })();
-                // SAFETY: leave the forked test process at once.
-                unsafe { libc::_exit(code) }
+        crate::sandbox::in_forked_child(|| {
+            // SAFETY: integer-only prctl.
+            if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+                return 10;
             }
-            -1 => panic!("fork failed"),
-            pid => {
-                let mut status = 0;
-                // SAFETY: waiting for our own child.
-                unsafe { libc::waitpid(pid, &mut status, 0) };
-                assert!(libc::WIFEXITED(status), "child died: {status}");
-                assert_eq!(
-                    libc::WEXITSTATUS(status),
+            if install(filters).is_err() {
+                return 11;
+            }
+            let errno = || std::io::Error::last_os_error().raw_os_error();
+            // SAFETY: unshare(0) and a bad mount take no pointers we own.
+            if unsafe { libc::unshare(libc::CLONE_NEWNS) } != -1 || errno() != Some(libc::EPERM) {
+                return 12;
+            }
+            // SAFETY: as above; all-null arguments.
+            let r = unsafe {
+                libc::mount(
+                    std::ptr::null(),
+                    std::ptr::null(),
+                    std::ptr::null(),
                     0,
-                    "check that failed (see the codes above)"
-                );
+                    std::ptr::null(),
+                )
+            };
+            if r != -1 || errno() != Some(libc::EPERM) {
+                return 13;
             }
-        }
+            // SAFETY: socket() returns a descriptor or -1; none is kept.
+            let vsock = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM, 0) };
+            if vsock != -1 || errno() != Some(libc::EPERM) {
+                return 16;
+            }
+            // SAFETY: as above; closed at once.
+            let inet = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+            if inet < 0 {
+                return 17;
+            }
+            // SAFETY: our own descriptor from the line above.
+            unsafe { libc::close(inet) };
+            // SAFETY: personality(ADDR_NO_RANDOMIZE) changes nothing when refused.
+            if unsafe { libc::personality(0x0040000) } != -1 || errno() != Some(libc::EPERM) {
+                return 18;
+            }
+            // SAFETY: clone3 with a null argument is refused by the filter first.
+            let r = unsafe { libc::syscall(libc::SYS_clone3, 0usize, 0usize) };
+            if r != -1 || errno() != Some(libc::ENOSYS) {
+                return 14;
+            }
+            // SAFETY: a plain fork whose child exits at once.
+            match unsafe { libc::fork() } {
+                // SAFETY: the grandchild leaves at once.
+                0 => unsafe { libc::_exit(0) },
+                -1 => return 15,
+                pid => {
+                    let mut status = 0;
+                    // SAFETY: waiting for our own child.
+                    unsafe { libc::waitpid(pid, &mut status, 0) };
+                }
+            }
+            0
+        });
     }
 }

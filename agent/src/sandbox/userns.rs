@@ -295,69 +295,48 @@ mod tests {
     #[test]
     fn an_ordinary_user_maps_its_own_ids_in_a_user_namespace_of_its_own() {
         const USER: u32 = 1_234_567;
-        // SAFETY: the child makes system calls, writes small files and
-        // leaves with _exit; it never returns into the test harness.
-        match unsafe { libc::fork() } {
-            0 => {
-                let code = (|| {
-                    let (mut uid, mut gid) = (
-                        nix::unistd::geteuid().as_raw(),
-                        nix::unistd::getegid().as_raw(),
-                    );
-                    if uid == 0 {
-                        let (u, g) = (
-                            nix::unistd::Uid::from_raw(USER),
-                            nix::unistd::Gid::from_raw(USER),
-                        );
-                        if nix::unistd::setgroups(&[]).is_err()
-                            || nix::unistd::setresgid(g, g, g).is_err()
-                            || nix::unistd::setresuid(u, u, u).is_err()
-                        {
-                            return 10;
-                        }
-                        (uid, gid) = (USER, USER);
-                    }
-                    // A uid change made this process non-dumpable, which gives
-                    // its /proc files (the maps too) to root; the launcher, a
-                    // fork of a freshly exec'd fork server, is dumpable.
-                    if nix::sys::prctl::set_dumpable(true).is_err() {
-                        return 13;
-                    }
-                    // SAFETY: flags only; this child is single-threaded.
-                    if unsafe { libc::unshare(libc::CLONE_NEWUSER) } != 0 {
-                        // No user namespaces on this host: nothing to test.
-                        return 0;
-                    }
-                    if map_own_ids(uid, gid).is_err() {
-                        return 11;
-                    }
-                    let maps = std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
-                    let setgroups =
-                        std::fs::read_to_string("/proc/self/setgroups").unwrap_or_default();
-                    if maps.split_whitespace().collect::<Vec<_>>()
-                        != [uid.to_string(), uid.to_string(), "1".to_string()]
-                        || setgroups.trim() != "deny"
-                    {
-                        return 12;
-                    }
-                    0
-                })();
-                // SAFETY: leave the forked test process at once.
-                unsafe { libc::_exit(code) }
-            }
-            -1 => panic!("fork failed"),
-            pid => {
-                let mut status = 0;
-                // SAFETY: waiting for our own child.
-                unsafe { libc::waitpid(pid, &mut status, 0) };
-                assert!(libc::WIFEXITED(status), "child died: {status}");
-                assert_eq!(
-                    libc::WEXITSTATUS(status),
-                    0,
-                    "check that failed (see the codes above)"
+        crate::sandbox::in_forked_child(|| {
+            let (mut uid, mut gid) = (
+                nix::unistd::geteuid().as_raw(),
+                nix::unistd::getegid().as_raw(),
+            );
+            if uid == 0 {
+                let (u, g) = (
+                    nix::unistd::Uid::from_raw(USER),
+                    nix::unistd::Gid::from_raw(USER),
                 );
+                if nix::unistd::setgroups(&[]).is_err()
+                    || nix::unistd::setresgid(g, g, g).is_err()
+                    || nix::unistd::setresuid(u, u, u).is_err()
+                {
+                    return 10;
+                }
+                (uid, gid) = (USER, USER);
             }
-        }
+            // A uid change made this process non-dumpable, which gives
+            // its /proc files (the maps too) to root; the launcher, a
+            // fork of a freshly exec'd fork server, is dumpable.
+            if nix::sys::prctl::set_dumpable(true).is_err() {
+                return 13;
+            }
+            // SAFETY: flags only; this child is single-threaded.
+            if unsafe { libc::unshare(libc::CLONE_NEWUSER) } != 0 {
+                // No user namespaces on this host: nothing to test.
+                return 0;
+            }
+            if map_own_ids(uid, gid).is_err() {
+                return 11;
+            }
+            let maps = std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
+            let setgroups = std::fs::read_to_string("/proc/self/setgroups").unwrap_or_default();
+            if maps.split_whitespace().collect::<Vec<_>>()
+                != [uid.to_string(), uid.to_string(), "1".to_string()]
+                || setgroups.trim() != "deny"
+            {
+                return 12;
+            }
+            0
+        });
     }
 
     #[test]
