@@ -299,6 +299,18 @@ fn private_and_shared_paths(
                 .or_else(|| std::path::absolute(p).ok())
         })
         .collect();
+    // The job's own dir is put back into its view: not where the view is
+    // made fresh and read-only.
+    let work = config.jobs.work_dir.canonicalize().unwrap_or_else(|_| {
+        std::path::absolute(&config.jobs.work_dir).unwrap_or_else(|_| config.jobs.work_dir.clone())
+    });
+    if work.starts_with("/dev") || work.starts_with("/proc") {
+        return Err(usage(format!(
+            "jobs.work_dir: {} is under /dev or /proc, which every job gets fresh; \
+             put work dirs on a real file system",
+            work.display()
+        )));
+    }
     let shown = |key: &str, dirs: &[PathBuf]| -> Result<Vec<PathBuf>, AppError> {
         dirs.iter()
             .map(|dir| {

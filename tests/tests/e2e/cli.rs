@@ -214,6 +214,21 @@ fn run_refuses_an_unsandboxed_mode_unless_told_twice_and_a_uid_range_of_real_acc
             run.stderr
         );
     }
+    // Nor may the work dirs be where every job's view is made fresh.
+    write("");
+    let mut on_shm = env.to_vec();
+    on_shm.push(("BATCHLY_JOBS_WORK_DIR", "/dev/shm/batchly-work"));
+    let run = run_cli_within(
+        &["run", "--config", &path_str(&config)],
+        &on_shm,
+        REFUSAL_WAIT,
+    );
+    assert_eq!(run.code(), 2, "{run:#?}");
+    assert!(
+        run.stderr.contains("jobs.work_dir") && run.stderr.contains("/dev or /proc"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
