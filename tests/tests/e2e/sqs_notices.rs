@@ -346,3 +346,82 @@ fn a_rebalance_pauses_intake_running_jobs_go_on_and_intake_resumes_after_the_qui
     );
     assert!(agent.is_running(), "a rebalance never drains");
 }
+
+#[test]
+fn a_spot_notice_with_eight_mixed_jobs_lets_the_short_ones_finish_and_releases_the_rest() {
+    let t = SqsTest::start();
+    let url = long_lease_queue(&t);
+    let imds = fake_with_identity("i-0mixed");
+    let mark = t.mark_env();
+    // Short: it goes on until the drain rewrites its deadline file, then
+    // needs half a second more, well within its grace.
+    let short = marked(
+        r#"trap '' TERM
+was=$(cat "$BATCHLY_DEADLINE_FILE")
+while [ "$(cat "$BATCHLY_DEADLINE_FILE")" = "$was" ]; do sleep 0.05; done
+sleep 0.5"#,
+    );
+    let long = long_job(false);
+    let checkpointing = long_job(true);
+    let submit = |id: &str, count: &str, grace: &str, script: &str| {
+        t.submit(
+            &url,
+            &[
+                "--id",
+                id,
+                "--count",
+                count,
+                "--grace-s",
+                grace,
+                "--env",
+                &mark,
+                "--",
+                "sh",
+                "-c",
+                script,
+            ],
+        )
+    };
+    let shorts = submit("short", "4", "20", &short);
+    let mut rest = submit("long", "3", "1", &long);
+    rest.extend(submit("checkpoint", "1", "20", &checkpointing));
+    let mut agent = t.agent(AgentSettings::new(&url).slots(8).imds(&imds.endpoint()));
+    t.wait_events("8 jobs started", &[&agent], |ev| {
+        count_kind(ev, "job.started") == 8
+    });
+
+    let notice_at = SystemTime::now() + Duration::from_secs(120);
+    imds.set_spot_action(SpotAction::Terminate, &imds_time(notice_at));
+    assert_eq!(agent.wait_exit().code(), Some(0), "{}", agent.diagnostics());
+    assert!(
+        SystemTime::now() < notice_at,
+        "gone before the interruption"
+    );
+    let events = t.events();
+    for job in &shorts {
+        let last = final_or_last(&events, &job.job_id).expect("its events");
+        assert!(
+            last.is_final && last.kind == "job.succeeded",
+            "{}: finished within its grace: {last:?}",
+            job.job_id
+        );
+    }
+    for job in &rest {
+        let last = final_or_last(&events, &job.job_id).expect("its events");
+        assert!(
+            !last.is_final && last.attempt == 1,
+            "{}: released, not counted: {last:?}",
+            job.job_id
+        );
+    }
+    assert_eq!(
+        t.aws.depth(&url),
+        QueueDepth {
+            visible: 4,
+            in_flight: 0,
+            delayed: 0
+        },
+        "the four that could not finish are visible again at once"
+    );
+    assert_eq!(imds.stats().no_token, 0, "IMDSv2 only");
+}
