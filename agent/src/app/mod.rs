@@ -175,6 +175,7 @@ fn sandbox_policy(
                 writable,
                 readable,
                 resolver,
+                max_file_bytes,
             } = private_and_shared_paths(config, extra_hidden)?;
             if let Err(why) = crate::sandbox::userns::probe(Path::new("/proc/self/exe")) {
                 return Ok((
@@ -204,8 +205,7 @@ fn sandbox_policy(
                     writable,
                     readable,
                     resolver,
-                    max_file_bytes: (config.sandbox.max_file_bytes > 0)
-                        .then_some(config.sandbox.max_file_bytes),
+                    max_file_bytes,
                     cgroups: None,
                     cgroup_scope: crate::sandbox::cgroup::scope_of(&config.state.dir),
                     default_pids: None,
@@ -244,6 +244,7 @@ fn sandbox_policy(
                 writable,
                 readable,
                 resolver,
+                max_file_bytes,
             } = private_and_shared_paths(config, extra_hidden)?;
             let cgroups = crate::sandbox::cgroup::Hierarchy::detect()
                 .map_err(|why| usage(format!("the sandbox cannot limit jobs: {why}")))?;
@@ -256,8 +257,7 @@ fn sandbox_policy(
                     writable,
                     readable,
                     resolver,
-                    max_file_bytes: (config.sandbox.max_file_bytes > 0)
-                        .then_some(config.sandbox.max_file_bytes),
+                    max_file_bytes,
                     cgroups: Some(cgroups),
                     cgroup_scope: crate::sandbox::cgroup::scope_of(&config.state.dir),
                     default_pids: nonzero(config.sandbox.default_pids),
@@ -373,6 +373,8 @@ fn private_and_shared_paths(
         writable,
         readable,
         resolver,
+        max_file_bytes: (config.sandbox.max_file_bytes > 0)
+            .then_some(config.sandbox.max_file_bytes),
     })
 }
 
@@ -383,6 +385,8 @@ struct JobPaths {
     readable: Vec<PathBuf>,
     /// Shown to egress jobs besides `readable`.
     resolver: Option<PathBuf>,
+    /// `sandbox.max_file_size`, `None` for no limit.
+    max_file_bytes: Option<u64>,
 }
 
 /// `agent.instance_id`, or `host-<hostname>` where no instance metadata
