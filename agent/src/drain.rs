@@ -13,7 +13,7 @@
 //! brings the end closer. It decides nothing about jobs; the supervisor and
 //! each attempt watch it.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -30,20 +30,32 @@ pub enum DrainMode {
 pub struct DrainRequest {
     pub reason: String,
     pub mode: DrainMode,
-    /// By then every job is finished or released and the agent has exited.
-    /// Meaningful for `Drain` only.
+    /// By then every job is finished or released, telemetry is flushed
+    /// and the agent has exited. Meaningful for `Drain` only.
     pub deadline: Instant,
+    /// What the end of the drain keeps for itself after the jobs (the
+    /// telemetry flush).
+    pub tail: Duration,
 }
 
 impl DrainRequest {
     pub fn is_drain(&self) -> bool {
         self.mode == DrainMode::Drain
     }
+
+    /// By when every job must be finished or released: the deadline less
+    /// the tail.
+    pub fn jobs_end(&self) -> Instant {
+        self.deadline
+            .checked_sub(self.tail)
+            .unwrap_or(self.deadline)
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct Drain {
     tx: watch::Sender<Option<DrainRequest>>,
+    tail: Duration,
 }
 
 impl Default for Drain {
@@ -54,8 +66,14 @@ impl Default for Drain {
 
 impl Drain {
     pub fn new() -> Drain {
+        Drain::keeping(Duration::ZERO)
+    }
+
+    /// A drain that ends every job `tail` before its deadline, for the
+    /// work that comes after them (the telemetry flush).
+    pub fn keeping(tail: Duration) -> Drain {
         let (tx, _rx) = watch::channel(None);
-        Drain { tx }
+        Drain { tx, tail }
     }
 
     /// Asks for a drain. If one is already under way, keeps its reason and
@@ -76,6 +94,7 @@ impl Drain {
                     reason: reason.to_string(),
                     mode: DrainMode::Drain,
                     deadline,
+                    tail: self.tail,
                 });
                 true
             }
@@ -91,6 +110,7 @@ impl Drain {
                     reason: reason.to_string(),
                     mode: DrainMode::StopIntake,
                     deadline: far_future(),
+                    tail: self.tail,
                 });
                 true
             }
@@ -139,8 +159,14 @@ impl Drain {
         self.current().filter(DrainRequest::is_drain)
     }
 
-    /// The drain deadline, if a drain is under way.
+    /// By when jobs must be finished or released, if a drain is under
+    /// way (its deadline less the tail).
     pub fn deadline(&self) -> Option<Instant> {
+        self.draining().map(|d| d.jobs_end())
+    }
+
+    /// The drain's own deadline: by then the agent has exited.
+    pub fn end(&self) -> Option<Instant> {
         self.draining().map(|d| d.deadline)
     }
 
@@ -191,7 +217,6 @@ pub async fn intake_stopped(rx: &mut watch::Receiver<Option<DrainRequest>>) -> D
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[tokio::test]
     async fn the_first_reason_stays_and_only_an_earlier_deadline_replaces_the_old_one() {
@@ -225,6 +250,7 @@ mod tests {
         assert_eq!(req.reason, "spot interruption");
         assert_eq!(req.deadline, deadline);
         assert!(!drain.resume_intake(), "a drain is never undone");
+        assert_eq!(drain.deadline(), Some(deadline), "no tail: jobs get it all");
         drain.stop_intake("another rebalance");
         assert_eq!(
             drain.draining().map(|d| d.reason),
@@ -232,5 +258,16 @@ mod tests {
         );
         let mut rx = drain.subscribe();
         assert_eq!(requested(&mut rx).await.reason, "spot interruption");
+    }
+
+    #[test]
+    fn jobs_end_the_tail_before_the_deadline_which_stays_the_agents_end() {
+        let drain = Drain::keeping(Duration::from_secs(5));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        drain.request("spot interruption", deadline);
+        assert_eq!(drain.end(), Some(deadline));
+        assert_eq!(drain.deadline(), Some(deadline - Duration::from_secs(5)));
+        let req = drain.draining().expect("draining");
+        assert_eq!(req.jobs_end(), deadline - Duration::from_secs(5));
     }
 }

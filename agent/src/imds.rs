@@ -341,6 +341,10 @@ pub struct Notices {
     last_spot: Option<String>,
     last_rebalance: Option<String>,
     terminated: bool,
+    /// Whether the group is taking the instance out of service
+    /// (`Terminated` seen): the termination hook must then be completed,
+    /// whatever else started the drain.
+    terminating: tokio::sync::watch::Sender<bool>,
     resume_at: Option<std::time::Instant>,
     last_error_log: Option<std::time::Instant>,
     errors_since_log: u64,
@@ -372,11 +376,17 @@ impl Notices {
             last_spot: None,
             last_rebalance: None,
             terminated: false,
+            terminating: tokio::sync::watch::Sender::new(false),
             resume_at: None,
             last_error_log: None,
             errors_since_log: 0,
             seen: Seen::default(),
         }
+    }
+
+    /// Turns true once `target-lifecycle-state` has said `Terminated`.
+    pub fn terminating(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.terminating.subscribe()
     }
 
     /// Acts on one poll's answers read at `now` (`wall` on the host clock).
@@ -408,6 +418,7 @@ impl Notices {
         match poll.lifecycle {
             Ok(Some(state)) if state.trim() == "Terminated" && !self.terminated => {
                 self.terminated = true;
+                self.terminating.send_replace(true);
                 let why = "auto scaling lifecycle: Terminated".to_string();
                 tracing::warn!("{why}; draining");
                 self.drain.request(&why, now + self.lifecycle_timeout);

@@ -284,6 +284,7 @@ pub struct Aws {
     rt: tokio::runtime::Runtime,
     pub sqs: aws_sdk_sqs::Client,
     pub s3: aws_sdk_s3::Client,
+    pub autoscaling: aws_sdk_autoscaling::Client,
 }
 
 impl Aws {
@@ -306,6 +307,13 @@ impl Aws {
             .retry_config(aws_sdk_sqs::config::retry::RetryConfig::standard())
             .timeout_config(timeouts.clone())
             .build();
+        let autoscaling = aws_sdk_autoscaling::Config::builder()
+            .behavior_version(aws_sdk_autoscaling::config::BehaviorVersion::latest())
+            .region(region.clone())
+            .credentials_provider(credentials.clone())
+            .endpoint_url(endpoint)
+            .timeout_config(timeouts.clone())
+            .build();
         let s3 = aws_sdk_s3::Config::builder()
             .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
             .region(region)
@@ -319,6 +327,7 @@ impl Aws {
             rt,
             sqs: aws_sdk_sqs::Client::from_conf(sqs),
             s3: aws_sdk_s3::Client::from_conf(s3),
+            autoscaling: aws_sdk_autoscaling::Client::from_conf(autoscaling),
         }
     }
 

@@ -35,25 +35,36 @@ pub async fn aws_sdk_config() -> Result<aws_config::SdkConfig, AppError> {
 /// each caller's deadline) instead of the SDK's on top of it, and a short
 /// attempt timeout for every call but the long poll (which sets its own).
 pub(super) fn sqs_client(sdk: &aws_config::SdkConfig) -> aws_sdk_sqs::Client {
+    aws_sdk_sqs::Client::new(&one_retry_layer(sdk))
+}
+
+/// Auto Scaling (lifecycle hooks) with the same single retry layer and
+/// short timeouts as SQS.
+pub(super) fn autoscaling_client(sdk: &aws_config::SdkConfig) -> aws_sdk_autoscaling::Client {
+    aws_sdk_autoscaling::Client::new(&one_retry_layer(sdk))
+}
+
+/// `sdk` with the SDK's retries off (the agent's own policy retries,
+/// bounded by each caller's deadline) and short call timeouts.
+fn one_retry_layer(sdk: &aws_config::SdkConfig) -> aws_config::SdkConfig {
     use aws_config::retry::RetryConfig;
     use aws_config::timeout::TimeoutConfig;
-    let conf = aws_sdk_sqs::config::Builder::from(sdk)
+    sdk.to_builder()
         .retry_config(RetryConfig::disabled())
         .timeout_config(
             TimeoutConfig::builder()
-                .connect_timeout(SQS_CONNECT_TIMEOUT)
-                .operation_attempt_timeout(SQS_CALL_TIMEOUT)
+                .connect_timeout(CONNECT_TIMEOUT)
+                .operation_attempt_timeout(CALL_TIMEOUT)
                 .build(),
         )
-        .build();
-    aws_sdk_sqs::Client::from_conf(conf)
+        .build()
 }
 
-/// How long an SQS connection may take to open.
-const SQS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long one SQS call other than a long poll may take: a hung endpoint
+/// How long a connection to SQS or Auto Scaling may take to open.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one call other than a long poll may take: a hung endpoint
 /// costs this much, then the caller's retry policy decides.
-const SQS_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// S3 with path-style addressing when the endpoint is a local address (an
 /// IP or localhost cannot carry a bucket name as a subdomain); AWS's own

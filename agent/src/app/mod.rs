@@ -498,12 +498,16 @@ pub async fn run(
         }
     };
     let transfers = Transfers::new(aws::s3_client(&sdk));
-    let drain = Drain::new();
+    let drain = Drain::keeping(startup.telemetry.flush_reserve());
+    let mut terminating = None;
     let watcher = imds.map(|imds| {
         let seen = Arc::new(std::sync::Mutex::new(crate::imds::Seen::default()));
         startup.metadata = Some(seen.clone());
-        watch_instance_metadata(&config, &drain, imds, seen)
+        let (task, rx) = watch_instance_metadata(&config, &drain, imds, seen);
+        terminating = Some(rx);
+        task
     });
+    startup.lifecycle = lifecycle_hooks(&config, &sdk, &startup, &instance, terminating);
     let served = serve_with(
         &config,
         source,
@@ -542,20 +546,58 @@ fn instance_metadata() -> Result<Option<Arc<crate::imds::Imds>>, AppError> {
 }
 
 /// Starts reading the instance's notices (spot interruption, rebalance,
-/// Auto Scaling lifecycle) into `drain`.
+/// Auto Scaling lifecycle) into `drain`; the receiver turns true once the
+/// group is terminating the instance.
 fn watch_instance_metadata(
     config: &Config,
     drain: &Drain,
     imds: Arc<crate::imds::Imds>,
     seen: Arc<std::sync::Mutex<crate::imds::Seen>>,
-) -> tokio::task::JoinHandle<()> {
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::watch::Receiver<bool>,
+) {
     let notices = crate::imds::Notices::new(
         drain.clone(),
         config.drain.margin,
         config.drain.rebalance_resume,
         config.drain.timeout,
     );
-    tokio::spawn(crate::imds::watch(imds, notices, crate::imds::POLL, seen))
+    let terminating = notices.terminating();
+    let task = tokio::spawn(crate::imds::watch(imds, notices, crate::imds::POLL, seen));
+    (task, terminating)
+}
+
+/// The Auto Scaling lifecycle hooks the config names, if any, addressed
+/// by the instance's id (discovered or `agent.instance_id`). A
+/// termination hook needs instance metadata to learn of the transition.
+fn lifecycle_hooks(
+    config: &Config,
+    sdk: &aws_config::SdkConfig,
+    startup: &Startup,
+    instance: &str,
+    terminating: Option<tokio::sync::watch::Receiver<bool>>,
+) -> Option<Lifecycle> {
+    let id = startup
+        .instance
+        .clone()
+        .unwrap_or_else(|| crate::imds::InstanceId::fixed(instance));
+    let hooks = crate::lifecycle::Hooks::new(
+        aws::autoscaling_client(sdk),
+        id,
+        config.drain.launch_hook.clone(),
+        config.drain.lifecycle_hook.clone(),
+    )?;
+    if config.drain.lifecycle_hook.is_some() && terminating.is_none() {
+        tracing::warn!(
+            "drain.lifecycle_hook is set but instance metadata is off (AWS_EC2_METADATA_DISABLED): \
+             the agent cannot see the group terminating the instance and never completes the hook"
+        );
+    }
+    Some(Lifecycle {
+        hooks: Arc::new(hooks),
+        terminating: terminating.unwrap_or_else(|| tokio::sync::watch::channel(false).1),
+    })
 }
 
 /// Publishes `agent.started`, which also proves the events queue takes
@@ -631,6 +673,17 @@ pub struct Startup {
     pub instance: Option<crate::imds::InstanceId>,
     /// What the instance metadata watcher has seen, for `status`.
     pub metadata: Option<Arc<std::sync::Mutex<crate::imds::Seen>>>,
+    /// The Auto Scaling lifecycle hooks to complete.
+    pub lifecycle: Option<Lifecycle>,
+    /// What the drain flushes before the agent exits.
+    pub telemetry: Arc<dyn crate::telemetry::Flush>,
+}
+
+/// The lifecycle hooks and the signal that the group is terminating the
+/// instance.
+pub struct Lifecycle {
+    pub hooks: Arc<crate::lifecycle::Hooks>,
+    pub terminating: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Startup {
@@ -642,6 +695,8 @@ impl Startup {
             hidden: Vec::new(),
             instance: None,
             metadata: None,
+            lifecycle: None,
+            telemetry: Arc::new(crate::telemetry::NothingBuffered),
         }
     }
 }
@@ -669,6 +724,8 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
         mut warnings,
         instance,
         metadata,
+        lifecycle,
+        telemetry,
         ..
     } = startup;
     for w in sandbox_warnings {
@@ -740,6 +797,16 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
     );
     systemd::ready(&board);
     let systemd_task = tokio::spawn(systemd::keep_informed(board.clone(), drain.clone()));
+    // Ready to take jobs: the group may count the instance now.
+    let hook_tasks = lifecycle.as_ref().map(|l| {
+        let launch = l.hooks.clone();
+        let beats = l.hooks.clone();
+        let terminating = l.terminating.clone();
+        (
+            tokio::spawn(async move { launch.complete_launch().await }),
+            tokio::spawn(async move { beats.heartbeat_while_terminating(terminating).await }),
+        )
+    });
     supervisor.clone().run().await;
     systemd_task.abort();
     admin_task.abort();
@@ -750,6 +817,18 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
     let mut stopped = AgentEvent::new("agent.stopped", &instance.get(), config.jobs.max_concurrent);
     stopped.reason = Some(reason.clone());
     supervisor.announce_stop(&stopped).await;
+    let end = drain
+        .end()
+        .unwrap_or_else(|| std::time::Instant::now() + STOP_FLUSH_BUDGET);
+    crate::telemetry::flush_before_exit(telemetry.as_ref(), end).await;
+    // Last: completing the termination hook lets the group take the
+    // instance away.
+    if let (Some(l), Some((launch, beats))) = (&lifecycle, hook_tasks) {
+        launch.abort();
+        beats.abort();
+        let terminating = *l.terminating.borrow();
+        l.hooks.complete_termination(terminating).await;
+    }
     let stranded = board.stranded_count();
     if stranded > 0 {
         return Err(failed(format!(
@@ -765,6 +844,9 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
     );
     Ok(())
 }
+
+/// How long the flush may take at a stop that has no drain deadline.
+const STOP_FLUSH_BUDGET: Duration = Duration::from_secs(10);
 
 /// Descriptors one running job costs the agent (pipes, log, sockets),
 /// with room to spare.

@@ -6,7 +6,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::parse::{check_log_group_name, check_metrics_namespace, check_non_empty};
+use super::parse::{
+    check_lifecycle_hook_name, check_log_group_name, check_metrics_namespace, check_non_empty,
+};
 use super::{Config, LogFormat, SandboxMode, UidRange};
 
 /// Every setting's environment variable is this prefix followed by `SECTION_KEY`.
@@ -55,7 +57,11 @@ pub(super) enum Slot {
         check: fn(&str) -> Result<(), &'static str>,
         field: Field<String>,
     },
-    OptionalText(Field<Option<String>>),
+    OptionalText {
+        /// Returns what was expected when the text is not acceptable.
+        check: fn(&str) -> Result<(), &'static str>,
+        field: Field<Option<String>>,
+    },
     LogFormat(Field<LogFormat>),
     SandboxMode(Field<SandboxMode>),
     UidRange(Field<UidRange>),
@@ -254,6 +260,26 @@ pub(super) static KEYS: &[Key] = &[
         secret: false,
     },
     Key {
+        name: "drain.lifecycle_hook",
+        slot: Slot::OptionalText {
+            check: check_lifecycle_hook_name,
+            field: field!(drain.lifecycle_hook),
+        },
+        default: Builtin::Unset,
+        doc: "the Auto Scaling group's termination lifecycle hook: heartbeated while the agent drains for it, completed with CONTINUE after",
+        secret: false,
+    },
+    Key {
+        name: "drain.launch_hook",
+        slot: Slot::OptionalText {
+            check: check_lifecycle_hook_name,
+            field: field!(drain.launch_hook),
+        },
+        default: Builtin::Unset,
+        doc: "the Auto Scaling group's launch lifecycle hook: completed with CONTINUE once the agent is ready to take jobs",
+        secret: false,
+    },
+    Key {
         name: "admin.socket",
         slot: Slot::Path(field!(admin.socket)),
         default: Builtin::Value("/run/batchly/agent.sock"),
@@ -341,7 +367,10 @@ pub(super) static KEYS: &[Key] = &[
     },
     Key {
         name: "agent.instance_id",
-        slot: Slot::OptionalText(field!(agent.instance_id)),
+        slot: Slot::OptionalText {
+            check: check_non_empty,
+            field: field!(agent.instance_id),
+        },
         default: Builtin::Unset,
         doc: "the instance_id in events (unset: read from instance metadata by `run`, host-<hostname> where that is off)",
         secret: false,

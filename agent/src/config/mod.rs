@@ -104,6 +104,10 @@ pub struct DrainConfig {
     /// After a rebalance recommendation paused intake, resume it after this
     /// long if no interruption notice followed.
     pub rebalance_resume: Duration,
+    /// The Auto Scaling termination hook to heartbeat and complete.
+    pub lifecycle_hook: Option<String>,
+    /// The Auto Scaling launch hook to complete once ready.
+    pub launch_hook: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -377,6 +381,8 @@ impl Config {
                 margin: Duration::ZERO,
                 timeout: Duration::ZERO,
                 rebalance_resume: Duration::ZERO,
+                lifecycle_hook: None,
+                launch_hook: None,
             },
             admin: AdminConfig {
                 socket: PathBuf::new(),
@@ -823,6 +829,30 @@ mod tests {
             loaded.error(),
             "logs.group: expected a value, got an empty string (from BATCHLY_LOGS_GROUP)"
         );
+    }
+
+    #[test]
+    fn lifecycle_hook_names_are_checked_against_auto_scalings_rules() {
+        let loaded = load(None, &[("BATCHLY_DRAIN_LIFECYCLE_HOOK", "drain now!")], &[]);
+        assert_eq!(
+            loaded.error(),
+            "drain.lifecycle_hook: expected a lifecycle hook name: 1 to 255 of a-z A-Z 0-9 _ - /, got \"drain now!\" (from BATCHLY_DRAIN_LIFECYCLE_HOOK)"
+        );
+        let config = load(
+            None,
+            &[
+                ("BATCHLY_DRAIN_LIFECYCLE_HOOK", "batchly/drain-1"),
+                ("BATCHLY_DRAIN_LAUNCH_HOOK", "ready_hook"),
+            ],
+            &[],
+        )
+        .config();
+        assert_eq!(
+            config.drain.lifecycle_hook.as_deref(),
+            Some("batchly/drain-1")
+        );
+        assert_eq!(config.drain.launch_hook.as_deref(), Some("ready_hook"));
+        assert_eq!(load(None, &[], &[]).config().drain.lifecycle_hook, None);
     }
 
     #[test]

@@ -104,10 +104,9 @@ impl Slot {
                 check(text).map_err(|expected| Rejection::new(expected, format!("{text:?}")))?;
                 *(field.set)(config) = text.to_string();
             }
-            Slot::OptionalText(field) => {
+            Slot::OptionalText { check, field } => {
                 let text = input.string("a string")?;
-                check_non_empty(text)
-                    .map_err(|expected| Rejection::new(expected, format!("{text:?}")))?;
+                check(text).map_err(|expected| Rejection::new(expected, format!("{text:?}")))?;
                 *(field.set)(config) = Some(text.to_string());
             }
             Slot::LogFormat(field) => *(field.set)(config) = parse_log_format(input)?,
@@ -324,6 +323,18 @@ pub(super) fn check_log_group_name(name: &str) -> Result<(), &'static str> {
         Ok(())
     } else {
         Err("a CloudWatch Logs group name: 1 to 512 of a-z A-Z 0-9 _ - / . #")
+    }
+}
+
+/// Auto Scaling's limit on a lifecycle hook's name (`LifecycleHookName`).
+const LIFECYCLE_HOOK_NAME_MAX_LEN: usize = 255;
+
+pub(super) fn check_lifecycle_hook_name(name: &str) -> Result<(), &'static str> {
+    let allowed = |character: char| character.is_ascii_alphanumeric() || "_-/".contains(character);
+    if (1..=LIFECYCLE_HOOK_NAME_MAX_LEN).contains(&name.len()) && name.chars().all(allowed) {
+        Ok(())
+    } else {
+        Err("a lifecycle hook name: 1 to 255 of a-z A-Z 0-9 _ - /")
     }
 }
 

@@ -85,7 +85,7 @@ impl Slot {
                         .join(", ")
                 )),
             },
-            Slot::OptionalUrl(field) | Slot::OptionalText(field) => {
+            Slot::OptionalUrl(field) | Slot::OptionalText { field, .. } => {
                 (field.get)(config).as_deref().map(quoted)
             }
             Slot::Count { field, .. } => Some((field.get)(config).to_string()),

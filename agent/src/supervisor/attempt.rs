@@ -859,7 +859,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 // release takes, whichever is first.
                 let left = interrupt
                     .grace
-                    .min(req.deadline.checked_sub(RELEASE_RESERVE).unwrap_or(req.deadline).saturating_duration_since(Instant::now()));
+                    .min(req.jobs_end().checked_sub(RELEASE_RESERVE).unwrap_or(req.jobs_end()).saturating_duration_since(Instant::now()));
                 if let Err(e) = crate::sandbox::write_deadline_file(work_dir, SystemTime::now() + left) {
                     tracing::warn!(error = %e, "cannot tell the job its drain deadline");
                 }
@@ -889,9 +889,8 @@ async fn stop_within(
             .as_ref()
             .filter(|r| r.is_drain())
             .map(|r| {
-                r.deadline
-                    .checked_sub(RELEASE_RESERVE)
-                    .unwrap_or(r.deadline)
+                let end = r.jobs_end();
+                end.checked_sub(RELEASE_RESERVE).unwrap_or(end)
             });
         let until = drain_end.map_or(grace_end, |d| d.min(grace_end));
         tokio::select! {

@@ -14,6 +14,12 @@
 //! request, and the messages in each `ReceiveMessage` answer (read from the
 //! answers coming back, which arrive in the order of the requests).
 //!
+//! Requests of AWS's query protocol (a form body starting `Action=`, as
+//! Auto Scaling speaks it) are counted by that action, and their
+//! parameters are kept (`query_requests`), so a test can see what the
+//! agent asked of a service moto does not fully serve; `Fault::Answer`
+//! can then answer for it.
+//!
 //! `down()` stops listening (new connections are refused) and cuts every
 //! open connection; `up()` listens on the same port again.
 //!
@@ -140,6 +146,9 @@ pub enum Fault {
     /// Forward to upstream, then cut the connection instead of returning
     /// the answer (the action took effect, the caller does not know).
     DropAnswer,
+    /// Answer with this status and this XML body (the query protocol's
+    /// shape; see [`Fault::query_ok`]) without forwarding.
+    Answer { status: u16, xml: String },
     /// Answer 200 with every entry of the batch request in `Failed`
     /// (sender fault, this code), without forwarding: how SQS reports, say,
     /// `ReceiptHandleIsInvalid` for entries of a `DeleteMessageBatch` or
@@ -157,6 +166,33 @@ impl Fault {
     }
 
     /// The queue is gone (deleted, or never existed).
+    /// A query-protocol success answer to `action` with an empty result,
+    /// as Auto Scaling gives for `CompleteLifecycleAction` and
+    /// `RecordLifecycleActionHeartbeat`.
+    pub fn query_ok(action: &str) -> Fault {
+        Fault::Answer {
+            status: 200,
+            xml: format!(
+                "<{action}Response xmlns=\"http://autoscaling.amazonaws.com/doc/2011-01-01/\">\
+                 <{action}Result/><ResponseMetadata><RequestId>proxy</RequestId></ResponseMetadata>\
+                 </{action}Response>"
+            ),
+        }
+    }
+
+    /// A query-protocol error answer.
+    pub fn query_error(status: u16, code: &str, message: &str) -> Fault {
+        let fault = if status >= 500 { "Receiver" } else { "Sender" };
+        Fault::Answer {
+            status,
+            xml: format!(
+                "<ErrorResponse xmlns=\"http://autoscaling.amazonaws.com/doc/2011-01-01/\">\
+                 <Error><Type>{fault}</Type><Code>{code}</Code><Message>{message}</Message></Error>\
+                 <RequestId>proxy</RequestId></ErrorResponse>"
+            ),
+        }
+    }
+
     pub fn non_existent_queue() -> Fault {
         Fault::error(
             400,
@@ -259,6 +295,8 @@ struct Shared {
     conns: Mutex<HashMap<u64, (TcpStream, TcpStream)>>,
     counts: Mutex<CallCounts>,
     faults: Mutex<Faults>,
+    /// Query-protocol requests in arrival order: action and parameters.
+    queries: Mutex<Vec<QueryRequest>>,
     /// Numbers the `x-amzn-RequestId` of made-up answers.
     next_answer: AtomicU64,
 }
@@ -277,6 +315,7 @@ impl Shared {
             conns: Mutex::new(HashMap::new()),
             counts: Mutex::new(CallCounts::default()),
             faults: Mutex::new(Faults::default()),
+            queries: Mutex::new(Vec::new()),
             next_answer: AtomicU64::new(0),
         }
     }
@@ -392,6 +431,16 @@ impl Proxy {
     /// The requests counted so far.
     pub fn calls(&self) -> CallCounts {
         lock(&self.shared.counts).clone()
+    }
+
+    /// The query-protocol requests of `action` seen so far (answered by a
+    /// fault or forwarded), oldest first.
+    pub fn query_requests(&self, action: &str) -> Vec<QueryRequest> {
+        lock(&self.shared.queries)
+            .iter()
+            .filter(|q| q.action == action)
+            .cloned()
+            .collect()
     }
 
     /// Forgets the requests counted so far.
@@ -611,6 +660,57 @@ fn hold_until_released(shared: &Shared, client: &TcpStream, fault: u64) {
     }
 }
 
+/// One query-protocol request: its action and its other parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryRequest {
+    pub action: String,
+    pub params: BTreeMap<String, String>,
+}
+
+impl QueryRequest {
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params.get(name).map(String::as_str)
+    }
+}
+
+/// The request, if its body is a query-protocol form (`Action=...&...`).
+fn query_request(body: &[u8]) -> Option<QueryRequest> {
+    let text = std::str::from_utf8(body).ok()?;
+    if !text.starts_with("Action=") {
+        return None;
+    }
+    let mut params: BTreeMap<String, String> = text
+        .split('&')
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            Some((form_decode(k)?, form_decode(v)?))
+        })
+        .collect();
+    let action = params.remove("Action")?;
+    Some(QueryRequest { action, params })
+}
+
+/// `application/x-www-form-urlencoded` decoding: `+` is a space, `%XX` a
+/// byte.
+fn form_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
 /// The head of one HTTP request, as far as counting needs it.
 struct Head {
     /// Bytes of the head including the blank line.
@@ -709,6 +809,16 @@ fn json_answer(status: u16, extra_headers: &str, request_id: &str, body: &str) -
     format!(
         "HTTP/1.1 {status} {}\r\nx-amzn-RequestId: {request_id}\r\n{extra_headers}\
          Content-Type: application/x-amz-json-1.0\r\nContent-Length: {}\r\n\r\n{body}",
+        reason_phrase(status),
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// An answer in the query protocol's XML.
+fn xml_answer(status: u16, body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\r\n{body}",
         reason_phrase(status),
         body.len()
     )
@@ -846,7 +956,14 @@ fn forward_requests(
     client: &mut impl Write,
 ) -> std::io::Result<Option<Cut>> {
     let seen = |head: Head, body: &[u8]| {
-        let action = head.action.unwrap_or_else(|| "(not SQS)".to_string());
+        let query = query_request(body);
+        let action = head
+            .action
+            .or_else(|| query.as_ref().map(|q| q.action.clone()))
+            .unwrap_or_else(|| "(not SQS)".to_string());
+        if let Some(query) = query {
+            lock(&shared.queries).push(query);
+        }
         let queue = queue_of(body);
         shared.count(&queue, &action);
         if let Some(entries) = batch_entries(body) {
@@ -876,6 +993,7 @@ fn forward_requests(
             Some((_, Fault::BatchEntriesFail { code })) => {
                 entries_failed_answer(body, &code, &shared.request_id())
             }
+            Some((_, Fault::Answer { status, xml })) => xml_answer(status, &xml),
         };
         match client.write_all(&made_up) {
             Ok(()) => Flow::Withhold,
@@ -947,6 +1065,21 @@ mod tests {
         assert_eq!(sum.empty_receives.get("q"), Some(&2));
         assert_eq!(sum.fruitful_receives.get("r"), Some(&4));
         assert_eq!(sum.unparsed, 5);
+    }
+
+    #[test]
+    fn a_query_protocol_form_is_read_as_its_action_and_decoded_parameters() {
+        let q = query_request(
+            b"Action=CompleteLifecycleAction&Version=2011-01-01&AutoScalingGroupName=my%2Fgroup&LifecycleHookName=drain+hook&InstanceId=i-0abc&LifecycleActionResult=CONTINUE",
+        )
+        .expect("a query request");
+        assert_eq!(q.action, "CompleteLifecycleAction");
+        assert_eq!(q.param("AutoScalingGroupName"), Some("my/group"));
+        assert_eq!(q.param("LifecycleHookName"), Some("drain hook"));
+        assert_eq!(q.param("LifecycleActionResult"), Some("CONTINUE"));
+        assert_eq!(q.param("Action"), None);
+        assert!(query_request(br#"{"QueueUrl": "x"}"#).is_none());
+        assert!(query_request(b"Action=X&bad=%G1").is_some_and(|q| q.param("bad").is_none()));
     }
 
     fn request(target: &str, body: &str) -> String {

@@ -16,6 +16,7 @@ mod dev_sandbox;
 mod dev_unprivileged;
 mod dev_watch;
 mod imds_fake;
+mod sqs_autoscaling;
 mod sqs_custody;
 mod sqs_drain;
 mod sqs_envelopes;
