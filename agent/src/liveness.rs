@@ -18,6 +18,9 @@ struct Part {
     quiet: Duration,
     /// Milliseconds since `EPOCH` at its last beat.
     last_ms: AtomicU64,
+    /// Made to look wedged (debug builds, `STALL_ENV`): its beats are
+    /// ignored.
+    stuck: bool,
 }
 
 /// A loop's handle: `beat` when it makes progress.
@@ -26,7 +29,9 @@ pub struct Beat(Arc<Part>);
 
 impl Beat {
     pub fn beat(&self) {
-        self.0.last_ms.store(now_ms(), Ordering::Relaxed);
+        if !self.0.stuck {
+            self.0.last_ms.store(now_ms(), Ordering::Relaxed);
+        }
     }
 }
 
@@ -50,10 +55,12 @@ impl Liveness {
     /// as having beaten now. A name registered again (a loop restarted)
     /// replaces the old one.
     pub fn register(&self, name: &'static str, quiet: Duration) -> Beat {
+        let stuck = stalled_on_purpose(name);
         let part = Arc::new(Part {
             name,
-            quiet,
+            quiet: if stuck { Duration::ZERO } else { quiet },
             last_ms: AtomicU64::new(now_ms()),
+            stuck,
         });
         let mut parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());
         parts.retain(|p| p.name != name);
@@ -75,6 +82,14 @@ impl Liveness {
             })
             .collect()
     }
+}
+
+/// Debug builds only, for the tests of the watchdog: the loop named in
+/// this variable never beats, as if wedged. Release builds ignore it.
+pub const STALL_ENV: &str = "BATCHLY_TEST_STALL";
+
+fn stalled_on_purpose(name: &str) -> bool {
+    cfg!(debug_assertions) && std::env::var(STALL_ENV).is_ok_and(|v| v == name)
 }
 
 /// This process's registry.

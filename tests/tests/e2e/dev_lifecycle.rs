@@ -917,3 +917,35 @@ fn under_systemd_the_agent_is_ready_feeds_the_watchdog_and_says_when_it_stops() 
         "{seen:#?}"
     );
 }
+
+#[test]
+fn a_wedged_loop_stops_the_watchdog_and_the_log_names_it() {
+    let notify = NotifySocket::bind();
+    let path = notify.path.display().to_string();
+    // Debug builds let a test wedge one loop: its beats are ignored.
+    let mut agent = DevAgent::start_under(
+        &["sh", "-c", "WATCHDOG_PID=$$ exec \"$@\"", "sh"],
+        &[
+            ("NOTIFY_SOCKET", path.as_str()),
+            ("WATCHDOG_USEC", "1000000"),
+            ("BATCHLY_TEST_STALL", "intake loop"),
+        ],
+    );
+    let mut seen = Vec::new();
+    notify.until("READY=1", &mut seen);
+    // The next status line comes 5 s later; the watchdog would have been
+    // fed ten times by then.
+    notify.until("STATUS=", &mut seen);
+    let fed: Vec<&String> = seen.iter().filter(|m| m.contains("WATCHDOG=1")).collect();
+    assert!(
+        fed.is_empty(),
+        "a wedged agent must not feed the watchdog: {seen:#?}"
+    );
+    let log = agent.stderr();
+    assert!(
+        log.contains("not feeding the systemd watchdog") && log.contains("intake loop quiet"),
+        "the log names the wedged loop:\n{log}"
+    );
+    agent.sigterm();
+    assert_eq!(agent.wait_exit().code(), Some(0));
+}
