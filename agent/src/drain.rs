@@ -56,6 +56,60 @@ impl DrainRequest {
 pub struct Drain {
     tx: watch::Sender<Option<DrainRequest>>,
     tail: Duration,
+    timeline: std::sync::Arc<Timeline>,
+}
+
+/// The steps of a drain, for its log line and the drain benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The intake loop took its last message.
+    IntakeStopped,
+    /// A running job was told to stop (the last one counts).
+    JobSignalled,
+    /// Every job finished or was released (its release acknowledged).
+    JobsDone,
+    /// Telemetry flushed.
+    Flushed,
+}
+
+const STEPS: usize = 4;
+
+/// When each step of the drain happened, in milliseconds after the drain
+/// was asked for (0: not yet).
+#[derive(Debug, Default)]
+pub struct Timeline {
+    asked: std::sync::OnceLock<(Instant, std::time::SystemTime)>,
+    steps: [std::sync::atomic::AtomicU64; STEPS],
+}
+
+impl Timeline {
+    fn asked(&self) {
+        let _ = self
+            .asked
+            .set((Instant::now(), std::time::SystemTime::now()));
+    }
+
+    /// Records `step` now (the latest time wins, so the last of many
+    /// signalled jobs is what shows). Before any drain, nothing.
+    pub fn mark(&self, step: Step) {
+        let Some((asked, _)) = self.asked.get() else {
+            return;
+        };
+        // At least 1 ms, so that a mark is never read as "not yet".
+        let ms = (asked.elapsed().as_millis() as u64).max(1);
+        self.steps[step as usize].fetch_max(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Milliseconds from the drain's request to `step`, if it happened.
+    pub fn after(&self, step: Step) -> Option<u64> {
+        let ms = self.steps[step as usize].load(std::sync::atomic::Ordering::Relaxed);
+        (ms > 0).then_some(ms)
+    }
+
+    /// When the drain was asked for (host clock), and how long ago.
+    pub fn asked_at(&self) -> Option<(std::time::SystemTime, Duration)> {
+        self.asked.get().map(|(at, wall)| (*wall, at.elapsed()))
+    }
 }
 
 impl Default for Drain {
@@ -73,13 +127,23 @@ impl Drain {
     /// work that comes after them (the telemetry flush).
     pub fn keeping(tail: Duration) -> Drain {
         let (tx, _rx) = watch::channel(None);
-        Drain { tx, tail }
+        Drain {
+            tx,
+            tail,
+            timeline: Default::default(),
+        }
+    }
+
+    /// The steps of the drain so far.
+    pub fn timeline(&self) -> &Timeline {
+        &self.timeline
     }
 
     /// Asks for a drain. If one is already under way, keeps its reason and
     /// moves its deadline only if the new one is earlier; a pause of the
     /// intake becomes a drain.
     pub fn request(&self, reason: &str, deadline: Instant) {
+        self.timeline.asked();
         self.tx.send_if_modified(|cur| match cur {
             Some(req) if req.is_drain() => {
                 if deadline < req.deadline {
@@ -269,5 +333,25 @@ mod tests {
         assert_eq!(drain.deadline(), Some(deadline - Duration::from_secs(5)));
         let req = drain.draining().expect("draining");
         assert_eq!(req.jobs_end(), deadline - Duration::from_secs(5));
+    }
+
+    #[test]
+    fn the_timeline_counts_from_the_request_and_keeps_the_latest_mark() {
+        let drain = Drain::new();
+        drain.timeline().mark(Step::IntakeStopped);
+        assert_eq!(
+            drain.timeline().after(Step::IntakeStopped),
+            None,
+            "no drain yet"
+        );
+        drain.request("SIGTERM", Instant::now() + Duration::from_secs(9));
+        drain.timeline().mark(Step::JobSignalled);
+        let first = drain.timeline().after(Step::JobSignalled).expect("marked");
+        std::thread::sleep(Duration::from_millis(5));
+        drain.timeline().mark(Step::JobSignalled);
+        let last = drain.timeline().after(Step::JobSignalled).expect("marked");
+        assert!(last >= first + 5, "{first} then {last}");
+        assert_eq!(drain.timeline().after(Step::Flushed), None);
+        assert!(drain.timeline().asked_at().is_some());
     }
 }

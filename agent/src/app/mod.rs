@@ -821,6 +821,7 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
         .end()
         .unwrap_or_else(|| std::time::Instant::now() + STOP_FLUSH_BUDGET);
     crate::telemetry::flush_before_exit(telemetry.as_ref(), end).await;
+    drain.timeline().mark(crate::drain::Step::Flushed);
     // Last: completing the termination hook lets the group take the
     // instance away.
     if let (Some(l), Some((launch, beats))) = (&lifecycle, hook_tasks) {
@@ -836,6 +837,7 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
              the next start of the agent on the same state dir completes them"
         )));
     }
+    log_timeline(drain.timeline());
     tracing::info!(
         reason,
         succeeded = snap.counts.get("succeeded").copied().unwrap_or(0),
@@ -843,6 +845,28 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
         "drained; every job finished or was released; exiting"
     );
     Ok(())
+}
+
+/// One line with the drain's steps, in milliseconds after it was asked
+/// for (`bench_drain` reads it; an operator sees where the time went).
+fn log_timeline(timeline: &crate::drain::Timeline) {
+    use crate::drain::Step;
+    let Some((asked, ago)) = timeline.asked_at() else {
+        return;
+    };
+    let ms = |step| timeline.after(step).map_or(-1, |ms| ms as i64);
+    tracing::info!(
+        asked_at = %crate::events::rfc3339(asked),
+        asked_unix_ms = asked
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        intake_stopped_ms = ms(Step::IntakeStopped),
+        last_job_signalled_ms = ms(Step::JobSignalled),
+        jobs_done_ms = ms(Step::JobsDone),
+        flushed_ms = ms(Step::Flushed),
+        exit_ms = ago.as_millis() as u64,
+        "drain timeline"
+    );
 }
 
 /// How long the flush may take at a stop that has no drain deadline.

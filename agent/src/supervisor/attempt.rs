@@ -864,6 +864,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                     tracing::warn!(error = %e, "cannot tell the job its drain deadline");
                 }
                 proc.signal_group(interrupt.signal);
+                self.drain.timeline().mark(drain::Step::JobSignalled);
                 let st = stop_within(proc, interrupt.grace, &mut drain_rx).await?;
                 Ok(Watched::Interrupted(req.reason, st))
             }

@@ -574,6 +574,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 tracker.spawn(async move { me.run_chain(chain, chain_slots).await });
             }
         }
+        self.drain.timeline().mark(drain::Step::IntakeStopped);
         tracing::info!(
             running = tracker.len(),
             "intake stopped; waiting for running jobs to finish or be released"
@@ -598,6 +599,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             );
             self.board.stranded();
         }
+        self.drain.timeline().mark(drain::Step::JobsDone);
     }
 
     /// Waits while the intake is paused; false once a drain is under way.
