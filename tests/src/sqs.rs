@@ -1153,6 +1153,21 @@ impl SqsTest {
         self.wait_events_within(what, LONG_WAIT, agents, cond)
     }
 
+    /// Waits until every one of `jobs` has its `job.started` event.
+    pub fn wait_started(&self, jobs: &[Submitted], agents: &[&SqsAgent]) -> Vec<Event> {
+        let what = match jobs {
+            [one] => format!("job {} to start", one.job_id),
+            _ => format!("all {} jobs to start", jobs.len()),
+        };
+        self.wait_events(&what, agents, |ev| {
+            jobs.iter().all(|j| {
+                crate::of_job(ev, &j.job_id)
+                    .iter()
+                    .any(|e| e.kind == "job.started")
+            })
+        })
+    }
+
     pub fn wait_events_within(
         &self,
         what: &str,

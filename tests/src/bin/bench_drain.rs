@@ -25,7 +25,6 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use batchly_e2e::imds::{imds_time, FakeImds, Identity, SpotAction};
-use batchly_e2e::of_job;
 use batchly_e2e::sqs::{marked, AgentSettings, QueueOptions, SqsTest};
 
 /// The aim for notice to exit with 100 running jobs.
@@ -107,13 +106,7 @@ fn main() -> ExitCode {
             &work,
         ],
     );
-    t.wait_events(&format!("all {jobs} jobs started"), &[&agent], |ev| {
-        submitted.iter().all(|s| {
-            of_job(ev, &s.job_id)
-                .iter()
-                .any(|e| e.kind == "job.started")
-        })
-    });
+    t.wait_started(&submitted, &[&agent]);
 
     let noticed = SystemTime::now();
     let clock = Instant::now();

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use batchly_e2e::imds::{imds_time, FakeImds, Identity, SpotAction};
 use batchly_e2e::sqs::proxy::{Fault, Proxy, QueryRequest};
-use batchly_e2e::sqs::{marked, AgentSettings, QueueOptions, SqsTest};
+use batchly_e2e::sqs::{marked, AgentSettings, QueueOptions, SqsAgent, SqsTest};
 use batchly_e2e::{eventually, of_job, WAIT};
 
 const COMPLETE: &str = "CompleteLifecycleAction";
@@ -82,6 +82,27 @@ fn completions(proxy: &Proxy, hook: &str) -> Vec<QueryRequest> {
         .collect()
 }
 
+/// An agent with hooks `launch` and `drain`, reaching AWS through `proxy`,
+/// once it has tried to complete the launch hook.
+fn agent_with_hooks(t: &SqsTest, url: &str, proxy: &Proxy, imds: &FakeImds) -> SqsAgent {
+    let agent = t.agent(
+        AgentSettings::new(url)
+            .slots(2)
+            .endpoint(&proxy.endpoint())
+            .imds(&imds.endpoint())
+            .extra("drain.launch_hook", "\"launch\"")
+            .extra("drain.lifecycle_hook", "\"drain\"")
+            .extra("drain.timeout_s", "30"),
+    );
+    eventually(
+        "the agent tried to complete the launch hook",
+        WAIT,
+        || !completions(proxy, "launch").is_empty(),
+        || agent.diagnostics(),
+    );
+    agent
+}
+
 fn assert_addressed(q: &QueryRequest, group: &str, instance: &str) {
     assert_eq!(q.param("AutoScalingGroupName"), Some(group), "{q:?}");
     assert_eq!(q.param("InstanceId"), Some(instance), "{q:?}");
@@ -101,21 +122,7 @@ fn the_launch_hook_is_completed_when_ready_and_the_termination_hook_heartbeated_
     let answer = proxy.inject(COMPLETE, None, Fault::query_ok(COMPLETE), None);
     proxy.inject(HEARTBEAT, None, Fault::query_ok(HEARTBEAT), None);
     let mark = t.mark_env();
-    let mut agent = t.agent(
-        AgentSettings::new(&url)
-            .slots(2)
-            .endpoint(&proxy.endpoint())
-            .imds(&imds.endpoint())
-            .extra("drain.launch_hook", "\"launch\"")
-            .extra("drain.lifecycle_hook", "\"drain\"")
-            .extra("drain.timeout_s", "30"),
-    );
-    eventually(
-        "the launch hook completed",
-        WAIT,
-        || !completions(&proxy, "launch").is_empty(),
-        || agent.diagnostics(),
-    );
+    let mut agent = agent_with_hooks(&t, &url, &proxy, &imds);
     let launch = completions(&proxy, "launch");
     assert_eq!(launch.len(), 1, "{launch:?}");
     assert_addressed(&launch[0], "workers", &instance);
@@ -152,11 +159,7 @@ fn the_launch_hook_is_completed_when_ready_and_the_termination_hook_heartbeated_
             ],
         )
         .remove(0);
-    t.wait_events("the job started", &[&agent], |ev| {
-        of_job(ev, &job.job_id)
-            .iter()
-            .any(|e| e.kind == "job.started")
-    });
+    t.wait_started(std::slice::from_ref(&job), &[&agent]);
     // The first completion of the termination hook fails (a 5xx): retried.
     proxy.clear(answer);
     let failing = proxy.inject(
@@ -235,21 +238,7 @@ fn a_spot_drain_completes_the_hook_the_group_terminates_for_with_the_group_from_
     proxy.inject(COMPLETE, None, Fault::query_ok(COMPLETE), None);
     proxy.inject(HEARTBEAT, None, Fault::query_ok(HEARTBEAT), None);
     let mark = t.mark_env();
-    let mut agent = t.agent(
-        AgentSettings::new(&url)
-            .slots(1)
-            .endpoint(&proxy.endpoint())
-            .imds(&imds.endpoint())
-            .extra("drain.launch_hook", "\"launch\"")
-            .extra("drain.lifecycle_hook", "\"drain\"")
-            .extra("drain.margin_s", "5"),
-    );
-    eventually(
-        "the agent tried the launch hook",
-        WAIT,
-        || !completions(&proxy, "launch").is_empty(),
-        || agent.diagnostics(),
-    );
+    let mut agent = agent_with_hooks(&t, &url, &proxy, &imds);
     let work = marked("trap 'sleep 2; exit 75' TERM\nsleep 300 & wait");
     let job = t
         .submit(
@@ -268,11 +257,7 @@ fn a_spot_drain_completes_the_hook_the_group_terminates_for_with_the_group_from_
             ],
         )
         .remove(0);
-    t.wait_events("the job started", &[&agent], |ev| {
-        of_job(ev, &job.job_id)
-            .iter()
-            .any(|e| e.kind == "job.started")
-    });
+    t.wait_started(std::slice::from_ref(&job), &[&agent]);
     assert!(agent.is_running(), "{}", agent.diagnostics());
     // The spot notice drains first; the group then takes the instance out
     // (its own termination hook) while the job checkpoints.

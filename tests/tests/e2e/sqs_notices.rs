@@ -236,11 +236,7 @@ fn lifecycle_terminated_drains_and_a_failing_metadata_service_never_does() {
             ],
         )
         .remove(0);
-    t.wait_events("the long job started", &[&agent], |ev| {
-        of_job(ev, &job.job_id)
-            .iter()
-            .any(|e| e.kind == "job.started")
-    });
+    t.wait_started(std::slice::from_ref(&job), &[&agent]);
     imds.set_lifecycle_state("Terminated");
     let status = agent.wait_exit();
     assert_eq!(status.code(), Some(0), "{}", agent.diagnostics());
