@@ -9,6 +9,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+pub mod batch;
+
 use std::time::{Duration, Instant};
 
 /// What one flush did.
