@@ -156,7 +156,7 @@ mod tests {
         assert!(batch
             .windows(2)
             .all(|w| w[0].timestamp_ms <= w[1].timestamp_ms));
-        let span = batch.last().unwrap().timestamp_ms - batch[0].timestamp_ms;
+        let span = batch[batch.len() - 1].timestamp_ms - batch[0].timestamp_ms;
         assert!(span <= MAX_BATCH_SPAN_MS, "spans {span} ms");
     }
 
@@ -171,7 +171,7 @@ mod tests {
             .all(|p| p.ends_with(CONTINUES)));
         assert!(pieces[1..].iter().all(|p| p.starts_with(CONTINUED)));
         assert!(!pieces[0].starts_with(CONTINUED));
-        assert!(!pieces.last().unwrap().ends_with(CONTINUES));
+        assert!(!pieces[pieces.len() - 1].ends_with(CONTINUES));
         assert_eq!(join_pieces(pieces.iter().map(String::as_str)), line);
         assert_eq!(split_line("short", MAX_EVENT_BYTES), vec!["short"]);
     }
