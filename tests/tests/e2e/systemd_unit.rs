@@ -22,9 +22,11 @@ use tempfile::TempDir;
 /// How long `systemd-run` may take to come back: it waits for `READY=1`,
 /// and a debug agent under software emulation starts slowly.
 const START_WAIT: Duration = Duration::from_secs(120);
-/// The unit's watchdog: short, so a wedged agent is killed soon, and still
-/// twice the agent's feeding interval (half the watchdog).
-const WATCHDOG_SEC: &str = "3";
+/// The watchdog of a healthy agent's unit: the agent feeds it every half
+/// (3 s), which leaves a slow emulated guest room for a late tick.
+const HEALTHY_WATCHDOG: &str = "WatchdogSec=6";
+/// The watchdog of a wedged agent's unit: short, so it is killed soon.
+const WEDGED_WATCHDOG: &str = "WatchdogSec=3";
 /// How long a state systemd reports may take to show.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -56,9 +58,10 @@ struct Service {
 
 impl Service {
     /// Starts the agent as unit `batchly-test-<name>-<pid>.service` with
-    /// the properties every test wants, `extra` properties (`-p` values)
-    /// and environment `env`, and returns once systemd reported the start
-    /// job done (for `Type=notify`: the agent sent `READY=1`).
+    /// the properties every test wants, `extra` properties (`-p` values,
+    /// the watchdog among them) and environment `env`, and returns once
+    /// systemd reported the start job done (for `Type=notify`: the agent
+    /// sent `READY=1`).
     fn start(name: &str, extra: &[&str], env: &[(&str, &str)]) -> Service {
         require_systemd_on_cgroup_v2();
         let root = tempfile::tempdir().expect("tempdir for the service");
@@ -87,7 +90,6 @@ impl Service {
         .chain(extra)
         .map(|p| p.to_string())
         .collect();
-        properties.push(format!("WatchdogSec={WATCHDOG_SEC}"));
         properties.push(format!(
             "ExecStopPost=/bin/sh {} {} {}",
             recorder.display(),
@@ -314,7 +316,7 @@ fn cgroup_of(pid: i32) -> String {
 fn systemd_unit_notify_ready_status_watchdog_and_a_clean_stop() {
     // Restart=on-failure: had the watchdog or a crash ended the agent,
     // systemd would have restarted it and counted it.
-    let service = Service::start("notify", &["Restart=on-failure"], &[]);
+    let service = Service::start("notify", &[HEALTHY_WATCHDOG, "Restart=on-failure"], &[]);
 
     // systemd-run came back: systemd saw READY=1.
     let started = service.show(&["ActiveState", "SubState", "MainPID", "StatusText"]);
@@ -385,7 +387,7 @@ fn systemd_unit_a_wedged_agent_is_killed_by_the_watchdog() {
     // Debug builds let a test wedge one loop: its beats are ignored.
     let service = Service::start(
         "wedged",
-        &["Restart=no"],
+        &[WEDGED_WATCHDOG, "Restart=no"],
         &[("BATCHLY_TEST_STALL", "intake loop")],
     );
     let failed = service.wait_show(
@@ -412,7 +414,7 @@ fn systemd_unit_a_wedged_agent_is_killed_by_the_watchdog() {
 #[test]
 #[ignore = "needs systemd as PID 1 and cgroup v2: the VM tier runs it (scripts/test)"]
 fn systemd_unit_jobs_live_in_the_delegated_cgroup() {
-    let service = Service::start("cgroup", &[], &[]);
+    let service = Service::start("cgroup", &[HEALTHY_WATCHDOG], &[]);
     let unit_cgroup = service.property("ControlGroup");
     assert!(
         unit_cgroup.ends_with(&format!("/{}", service.name)),
