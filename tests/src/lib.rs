@@ -16,6 +16,7 @@ pub mod imds;
 pub mod netns;
 pub mod sqs;
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::net::UnixStream;
@@ -130,20 +131,33 @@ pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> Run {
 }
 
 /// Runs `batchly-agent ARGS`; panics if it has not exited within `limit`
-/// (the process is killed first). Output goes through files, so a chatty
-/// command never blocks on a full pipe.
+/// (see [`run_within`]).
 pub fn run_cli_within(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Run {
+    let mut cmd = agent_command();
+    cmd.args(args).envs(env.iter().copied());
+    run_within(cmd, &format!("batchly-agent {args:?}"), limit)
+}
+
+/// Runs `cmd` (described as `what`), waiting at most `WAIT`.
+pub fn run_command(cmd: Command, what: &str) -> Run {
+    run_within(cmd, what, WAIT)
+}
+
+/// Runs `cmd` (described as `what`) in a temporary working directory;
+/// panics if it has not exited within `limit` (the process is killed
+/// first). Output goes through files, so a chatty command never blocks on
+/// a full pipe.
+pub fn run_within(mut cmd: Command, what: &str, limit: Duration) -> Run {
     let tmp = tempfile::tempdir().expect("tempdir for command output");
     let out_path = tmp.path().join("stdout");
     let err_path = tmp.path().join("stderr");
-    let mut child = agent_command()
-        .args(args)
-        .envs(env.iter().copied())
+    let mut child = cmd
         .current_dir(tmp.path())
+        .stdin(Stdio::null())
         .stdout(File::create(&out_path).expect("stdout file"))
         .stderr(File::create(&err_path).expect("stderr file"))
         .spawn()
-        .unwrap_or_else(|e| panic!("starting batchly-agent {args:?}: {e}"));
+        .unwrap_or_else(|e| panic!("starting {what}: {e}"));
     let deadline = Instant::now() + limit;
     let status = loop {
         if let Some(status) = child.try_wait().expect("waiting for the command") {
@@ -153,7 +167,7 @@ pub fn run_cli_within(args: &[&str], env: &[(&str, &str)], limit: Duration) -> R
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "batchly-agent {args:?} did not exit within {limit:?}; stderr:\n{}",
+                "{what} did not exit within {limit:?}; stderr:\n{}",
                 read_lossy(&err_path)
             );
         }
@@ -360,6 +374,56 @@ pub fn count_kind(events: &[Event], kind: &str) -> usize {
     events.iter().filter(|e| e.kind == kind).count()
 }
 
+/// The job events of every complete line of `DIR/events.jsonl` so far
+/// (`DIR` is a `dev` agent's directory).
+pub fn dev_events(dir: &Path) -> Vec<Event> {
+    let text = read_lossy(&dir.join("events.jsonl"));
+    // A line still being written has no newline yet: leave it for later.
+    let complete = match text.rfind('\n') {
+        Some(end) => &text[..end],
+        None => "",
+    };
+    complete
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter_map(Event::parse_job)
+        .collect()
+}
+
+/// Message ids named in the files of `DIR/queue` of a `dev` directory
+/// (`<visible>-<id>.<f>.<r>.msg`): the messages waiting to run.
+pub fn queued_message_ids(dir: &Path) -> BTreeSet<String> {
+    list_dir(&dir.join("queue"))
+        .iter()
+        .filter_map(|name| {
+            let stem = name.strip_suffix(".msg")?;
+            let (_, rest) = stem.split_once('-')?;
+            Some(rest.split('.').next()?.to_string())
+        })
+        .collect()
+}
+
+/// `batchly-agent submit --dir DIR ARGS`; panics unless it succeeds.
+pub fn submit_to_dir(dir: &Path, args: &[&str]) -> Vec<Submitted> {
+    let dir = dir.display().to_string();
+    let mut full = vec!["submit", "--dir", dir.as_str()];
+    full.extend_from_slice(args);
+    let run = run_cli(&full, &[]);
+    assert_eq!(run.code(), 0, "submit {args:?} failed: {run:#?}");
+    run.stdout
+        .lines()
+        .map(|line| {
+            let (job_id, message_id) = line
+                .split_once('\t')
+                .unwrap_or_else(|| panic!("submit printed {line:?}, not JOB<TAB>MESSAGE"));
+            Submitted {
+                job_id: job_id.to_string(),
+                message_id: message_id.to_string(),
+            }
+        })
+        .collect()
+}
+
 /// A job `submit` queued: its job id and message id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Submitted {
@@ -511,23 +575,7 @@ impl DevAgent {
 
     /// `batchly-agent submit --dir DIR ARGS`; panics unless it succeeds.
     pub fn submit(&self, args: &[&str]) -> Vec<Submitted> {
-        let dir = self.dir.display().to_string();
-        let mut full = vec!["submit", "--dir", dir.as_str()];
-        full.extend_from_slice(args);
-        let run = run_cli(&full, &[]);
-        assert_eq!(run.code(), 0, "submit {args:?} failed: {run:#?}");
-        run.stdout
-            .lines()
-            .map(|line| {
-                let (job_id, message_id) = line
-                    .split_once('\t')
-                    .unwrap_or_else(|| panic!("submit printed {line:?}, not JOB<TAB>MESSAGE"));
-                Submitted {
-                    job_id: job_id.to_string(),
-                    message_id: message_id.to_string(),
-                }
-            })
-            .collect()
+        submit_to_dir(&self.dir, args)
     }
 
     /// Submits one job; returns its message id.
@@ -539,17 +587,7 @@ impl DevAgent {
 
     /// Every complete line of `events.jsonl` so far.
     pub fn events(&self) -> Vec<Event> {
-        let text = read_lossy(&self.dir.join("events.jsonl"));
-        // A line still being written has no newline yet: leave it for later.
-        let complete = match text.rfind('\n') {
-            Some(end) => &text[..end],
-            None => "",
-        };
-        complete
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .filter_map(Event::parse_job)
-            .collect()
+        dev_events(&self.dir)
     }
 
     /// Polls the events until `cond` holds and returns them; panics after

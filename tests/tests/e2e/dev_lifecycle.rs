@@ -7,21 +7,10 @@ use std::path::Path;
 
 use batchly_e2e::{
     count_final, count_kind, eventually, list_dir, of_message, peak_rss_bytes, pid_alive,
-    read_pid_file, read_text, run_cli, wait_gone, DevAgent, Event, Submitted, WAIT,
+    queued_message_ids, read_pid_file, read_text, run_cli, wait_gone, DevAgent, Event, Submitted,
+    WAIT,
 };
 use nix::sys::signal::Signal;
-
-/// Message ids named in the files of `DIR/queue` (`<visible>-<id>.<f>.<r>.msg`).
-fn queued_message_ids(dir: &Path) -> BTreeSet<String> {
-    list_dir(&dir.join("queue"))
-        .iter()
-        .filter_map(|name| {
-            let stem = name.strip_suffix(".msg")?;
-            let (_, rest) = stem.split_once('-')?;
-            Some(rest.split('.').next()?.to_string())
-        })
-        .collect()
-}
 
 fn kinds(events: &[&Event]) -> Vec<String> {
     events.iter().map(|e| e.kind.clone()).collect()

@@ -26,3 +26,5 @@ mod sqs_notices;
 mod sqs_recovery;
 mod sqs_s3;
 mod sqs_setup;
+// Its tests need systemd as PID 1: the VM tier runs them.
+mod systemd_unit;
