@@ -100,7 +100,7 @@ pub async fn keep_informed(board: Arc<StatusBoard>, drain: Drain) {
                         .iter()
                         .map(|(name, quiet)| format!("{name} quiet for {}s", quiet.as_secs()))
                         .collect::<Vec<_>>(),
-                    "not feeding the systemd watchdog: the agent is wedged and will be restarted"
+                    "not feeding the systemd watchdog: the agent is wedged; systemd stops it when the watchdog runs out (and restarts it under Restart=on-failure)"
                 );
             }
         }
