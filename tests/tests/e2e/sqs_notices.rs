@@ -15,6 +15,8 @@ use batchly_e2e::sqs::{marked, AgentSettings, QueueDepth, QueueOptions, SqsTest}
 use batchly_e2e::{count_kind, of_job, Event};
 
 const VISIBILITY_S: u32 = 600;
+/// How long the metadata service is down in the failure test.
+const IMDS_OUTAGE: Duration = Duration::from_secs(30);
 
 fn long_lease_queue(t: &SqsTest) -> String {
     t.job_queue_with(
@@ -197,8 +199,15 @@ fn lifecycle_terminated_drains_and_a_failing_metadata_service_never_does() {
     // Hanging and resetting connections: still no drain, work goes on.
     imds.fault(ALL, Fault::Hang);
     quick_job_succeeds("during-hang");
+    // Then down for thirty seconds (every connection reset): jobs run and
+    // intake goes on all along.
     imds.fault(ALL, Fault::Reset);
-    quick_job_succeeds("during-reset");
+    let down_since = std::time::Instant::now();
+    let mut during = 0;
+    while down_since.elapsed() < IMDS_OUTAGE {
+        quick_job_succeeds(&format!("during-outage-{during}"));
+        during += 1;
+    }
     assert!(
         agent.is_running(),
         "no drain from failures\n{}",
