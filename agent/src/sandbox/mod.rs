@@ -12,7 +12,7 @@
 //! The init reaps, reports the job's exit status and exits with it, which
 //! kills whatever the job left in its namespace. The steps are in
 //! `launcher.rs` (order), `init.rs`, `mounts.rs`, `identity.rs`,
-//! `syscalls.rs` and `lsm.rs`. If a step cannot be applied the job is
+//! `syscalls.rs` (with `bpf.rs`) and `lsm.rs`. If a step cannot be applied the job is
 //! refused (fail closed); it never runs with less protection.
 //!
 //! `dev` run by an ordinary user builds the same sandbox inside a user
@@ -28,6 +28,7 @@
 //! This is the only module allowed to contain `unsafe`.
 
 pub mod baseline;
+mod bpf;
 pub mod cgroup;
 pub mod egress;
 pub mod forkserver;
