@@ -228,6 +228,12 @@ async fn agent_run(jobs: u32, slots: usize) -> Result<(AgentRun, bool), AppError
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(5)).await;
+                // While jobs run claimed/ holds one or two messages and
+                // queue/ the rest: looking at claimed/ first keeps this
+                // poll from listing a directory of thousands every time.
+                if !dir_is_empty(&root.join("claimed")) {
+                    continue;
+                }
                 if dir_is_empty(&root.join("queue")) && dir_is_empty(&root.join("claimed")) {
                     drain.request("bench finished", Instant::now() + Duration::from_secs(5));
                     return;

@@ -56,7 +56,7 @@ pub fn serve() -> ! {
     };
     // Compiled once here, inherited by every launcher; a launcher reports
     // an error itself, as its job's refusal.
-    let _ = super::syscalls::filters();
+    let _ = super::syscalls::filter();
     loop {
         let mut go: Option<OwnedFd> = None;
         let (namespaces, fds) = match receive(&sock) {

@@ -67,7 +67,7 @@ pub fn run(
     // The seccomp filter (compiled by the fork server already) is taken
     // here, where an error can still be reported plainly, and installed by
     // the job just before execve.
-    let filters = syscalls::filters()?;
+    let filter = syscalls::filter()?;
 
     let (exec_r, exec_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| StepError::errno(Step::Fork, "making the exec pipe", e))?;
@@ -83,7 +83,7 @@ pub fn run(
     }
     if pid == 0 {
         drop(exec_r);
-        job(plan, iso, filters, exec_w)
+        job(plan, iso, filter, exec_w)
     }
     drop(exec_w);
     // The job's output pipes are the job's: the init keeps no copy, so they
@@ -142,14 +142,9 @@ fn reap_until(job: libc::pid_t) -> Option<i32> {
 
 /// The job's side of the fork: its last steps, then `execve`. A failure is
 /// written to the exec pipe and ends the process.
-fn job(
-    plan: &LaunchPlan,
-    iso: &Isolation,
-    filters: &[seccompiler::BpfProgram],
-    exec_w: OwnedFd,
-) -> ! {
+fn job(plan: &LaunchPlan, iso: &Isolation, filter: &[libc::sock_filter], exec_w: OwnedFd) -> ! {
     let mut exec_w = File::from(exec_w);
-    let err = match job_steps(plan, iso, filters) {
+    let err = match job_steps(plan, iso, filter) {
         Ok(never) => match never {},
         Err(e) => e,
     };
@@ -160,7 +155,7 @@ fn job(
 fn job_steps(
     plan: &LaunchPlan,
     iso: &Isolation,
-    filters: &[seccompiler::BpfProgram],
+    filter: &[libc::sock_filter],
 ) -> Result<launcher::Never, StepError> {
     identity::set_rlimits(iso.max_file_bytes)?;
     identity::close_inherited_descriptors()?;
@@ -173,7 +168,7 @@ fn job_steps(
         lsm::Enforced::Not => {}
     }
     let program = resolve_program(plan)?;
-    syscalls::install(filters)?;
+    syscalls::install(filter)?;
     exec(&program, plan)
 }
 

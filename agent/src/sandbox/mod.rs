@@ -12,7 +12,7 @@
 //! The init reaps, reports the job's exit status and exits with it, which
 //! kills whatever the job left in its namespace. The steps are in
 //! `launcher.rs` (order), `init.rs`, `mounts.rs`, `identity.rs`,
-//! `syscalls.rs` and `lsm.rs`. If a step cannot be applied the job is
+//! `syscalls.rs` (with `bpf.rs`) and `lsm.rs`. If a step cannot be applied the job is
 //! refused (fail closed); it never runs with less protection.
 //!
 //! `dev` run by an ordinary user builds the same sandbox inside a user
@@ -28,6 +28,7 @@
 //! This is the only module allowed to contain `unsafe`.
 
 pub mod baseline;
+mod bpf;
 pub mod cgroup;
 pub mod egress;
 pub mod forkserver;
@@ -409,27 +410,58 @@ pub fn write_deadline_file(
     work_dir: &std::path::Path,
     at: std::time::SystemTime,
 ) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let target = deadline_file(work_dir);
-    let unix = at
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let text = format!("{}\n{unix}\n", crate::events::rfc3339(at));
     let temp = work_dir.join(format!(".batchly-deadline.{:016x}", rand::random::<u64>()));
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&temp)
-        .and_then(|mut f| f.write_all(text.as_bytes()))
-        .and_then(|()| std::fs::rename(&temp, &target));
+    let written =
+        write_new_file(&temp, &deadline_text(at)).and_then(|()| std::fs::rename(&temp, &target));
     if written.is_err() {
         let _ = std::fs::remove_file(&temp);
     }
     written.map_err(|e| std::io::Error::new(e.kind(), format!("writing {}: {e}", target.display())))
+}
+
+/// The deadline file's first write, before the job starts: made in place
+/// when nothing has its name yet (nobody can read it half written), else
+/// as [`write_deadline_file`] (an input of that name is replaced).
+pub fn create_deadline_file(
+    work_dir: &std::path::Path,
+    at: std::time::SystemTime,
+) -> std::io::Result<()> {
+    let target = deadline_file(work_dir);
+    match write_new_file(&target, &deadline_text(at)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            write_deadline_file(work_dir, at)
+        }
+        Err(e) => Err(std::io::Error::new(
+            e.kind(),
+            format!("writing {}: {e}", target.display()),
+        )),
+    }
+}
+
+fn deadline_text(at: std::time::SystemTime) -> String {
+    let unix = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("{}\n{unix}\n", crate::events::rfc3339(at))
+}
+
+/// Writes `text` into a file made at `path`, which must not exist (never
+/// following a link there); a file made but not written is removed.
+fn write_new_file(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    file.write_all(text.as_bytes()).inspect_err(|_| {
+        let _ = std::fs::remove_file(path);
+    })
 }
 
 /// The base environment every job starts from; nothing of the agent's own
@@ -616,6 +648,41 @@ mod tests {
             .is_symlink());
         assert_eq!(
             std::fs::read_dir(&work).expect("dir").count(),
+            1,
+            "no temp file left"
+        );
+    }
+
+    #[test]
+    fn the_first_deadline_is_made_in_place_and_an_input_of_its_name_is_replaced() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_205_600);
+        let text = "2026-12-02T10:00:00.000Z\n1796205600\n";
+        let fresh = tmp.path().join("fresh");
+        std::fs::create_dir(&fresh).expect("fresh");
+        create_deadline_file(&fresh, at).expect("written");
+        assert_eq!(
+            std::fs::read_to_string(deadline_file(&fresh)).expect("deadline"),
+            text
+        );
+        assert_eq!(std::fs::read_dir(&fresh).expect("dir").count(), 1);
+
+        let victim = tmp.path().join("victim");
+        std::fs::write(&victim, "precious").expect("victim");
+        let inputs = tmp.path().join("inputs");
+        std::fs::create_dir(&inputs).expect("inputs");
+        std::os::unix::fs::symlink(&victim, deadline_file(&inputs)).expect("an input's link");
+        create_deadline_file(&inputs, at).expect("written");
+        assert_eq!(
+            std::fs::read_to_string(&victim).expect("victim"),
+            "precious"
+        );
+        assert_eq!(
+            std::fs::read_to_string(deadline_file(&inputs)).expect("deadline"),
+            text
+        );
+        assert_eq!(
+            std::fs::read_dir(&inputs).expect("dir").count(),
             1,
             "no temp file left"
         );

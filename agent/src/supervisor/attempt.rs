@@ -606,7 +606,14 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                     ));
                 };
 
-                if let Err(e) = crate::sandbox::give_tree(work_dir, isolation.uid, isolation.gid) {
+                // Nothing was downloaded into the fresh dir: giving it is one
+                // call, with no listing.
+                let given = if job.inputs.is_empty() {
+                    std::os::unix::fs::lchown(work_dir, Some(isolation.uid), Some(isolation.gid))
+                } else {
+                    crate::sandbox::give_tree(work_dir, isolation.uid, isolation.gid)
+                };
+                if let Err(e) = given {
                     return Ending::AgentFault(format!(
                         "giving work dir {} to uid {}: {e}",
                         work_dir.display(),
@@ -628,7 +635,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         // dir is the job's, so the file stays the agent's.
         let deadline_at =
             SystemTime::now() + deadline.saturating_duration_since(tokio::time::Instant::now());
-        if let Err(e) = crate::sandbox::write_deadline_file(work_dir, deadline_at) {
+        if let Err(e) = crate::sandbox::create_deadline_file(work_dir, deadline_at) {
             return Ending::AgentFault(e.to_string());
         }
         let log_path = self.settings.log_root.join(log_stream);
@@ -952,12 +959,15 @@ fn prepare_work_dir(dir: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Removes a finished attempt's work dir. An empty one (a job that left
-/// nothing behind) goes in one `rmdir` on the spot; a tree, which may be
-/// very large, is removed off the runtime's threads. A dir already gone is
-/// not an error.
+/// Removes a finished attempt's work dir. One that holds only the agent's
+/// deadline file (a job that left nothing behind) goes in an `unlink` and
+/// an `rmdir` on the spot; a tree, which may be very large, is removed off
+/// the runtime's threads. A dir already gone is not an error.
 pub(super) async fn remove_work_dir(dir: &Path) -> std::io::Result<()> {
     use std::io::ErrorKind;
+    // Whatever the job made of that name (a link, a directory it put
+    // there) is left to the removal of the tree.
+    let _ = std::fs::remove_file(crate::sandbox::deadline_file(dir));
     match std::fs::remove_dir(dir) {
         Ok(()) => return Ok(()),
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
@@ -1010,5 +1020,36 @@ mod tests {
         remove_work_dir(&tmp.path().join("never-made"))
             .await
             .expect("a dir already gone is fine");
+    }
+
+    #[tokio::test]
+    async fn removing_a_work_dir_takes_whatever_the_job_made_of_its_deadline_file() {
+        use crate::sandbox::deadline_file;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let at = std::time::SystemTime::now();
+        let plain = tmp.path().join("plain");
+        std::fs::create_dir(&plain).expect("mkdir");
+        crate::sandbox::create_deadline_file(&plain, at).expect("deadline");
+        remove_work_dir(&plain)
+            .await
+            .expect("only the deadline file");
+        assert!(!plain.exists());
+
+        let victim = tmp.path().join("victim");
+        std::fs::write(&victim, b"precious").expect("victim");
+        let linked = tmp.path().join("linked");
+        std::fs::create_dir(&linked).expect("mkdir");
+        std::os::unix::fs::symlink(&victim, deadline_file(&linked)).expect("link");
+        remove_work_dir(&linked).await.expect("a link in its place");
+        assert!(!linked.exists());
+        assert_eq!(std::fs::read(&victim).expect("victim"), b"precious");
+
+        let replaced = tmp.path().join("replaced");
+        std::fs::create_dir_all(deadline_file(&replaced)).expect("a dir in its place");
+        std::fs::write(deadline_file(&replaced).join("f"), b"x").expect("write");
+        remove_work_dir(&replaced)
+            .await
+            .expect("a dir in its place");
+        assert!(!replaced.exists());
     }
 }

@@ -22,18 +22,25 @@ pub struct Captured {
     pub dropped: u64,
 }
 
-/// Creates the log file for one attempt (and its parent directories).
+/// Creates the log file for one attempt (and its parent directories, the
+/// first time or when someone removed them).
 pub fn create_log(path: &Path) -> std::io::Result<File> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
     use std::os::unix::fs::OpenOptionsExt;
     // Job output may hold the job's secrets: readable by the agent only.
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)
+    let open = || {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+    };
+    match (open(), path.parent()) {
+        (Err(e), Some(dir)) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir)?;
+            open()
+        }
+        (opened, _) => opened,
+    }
 }
 
 /// Copies both streams into `file` until both reach end of file.
