@@ -838,6 +838,19 @@ impl NotifySocket {
         }
     }
 
+    /// `dev` started as systemd would with this socket and a 1 s watchdog,
+    /// plus `env`. systemd names the watched process: the agent, which the
+    /// shell becomes.
+    fn agent(&self, env: &[(&str, &str)]) -> DevAgent {
+        let path = self.path.display().to_string();
+        let mut all = vec![
+            ("NOTIFY_SOCKET", path.as_str()),
+            ("WATCHDOG_USEC", "1000000"),
+        ];
+        all.extend_from_slice(env);
+        DevAgent::start_under(&["sh", "-c", "WATCHDOG_PID=$$ exec \"$@\"", "sh"], &all)
+    }
+
     /// Messages (one `KEY=value` per line each) until one has `key`, for
     /// at most `WAIT` in all.
     fn until(&self, key: &str, seen: &mut Vec<String>) -> String {
@@ -865,16 +878,7 @@ impl NotifySocket {
 #[test]
 fn under_systemd_the_agent_is_ready_feeds_the_watchdog_and_says_when_it_stops() {
     let notify = NotifySocket::bind();
-    let path = notify.path.display().to_string();
-    // systemd names the watched process: the agent, which the shell
-    // becomes.
-    let mut agent = DevAgent::start_under(
-        &["sh", "-c", "WATCHDOG_PID=$$ exec \"$@\"", "sh"],
-        &[
-            ("NOTIFY_SOCKET", path.as_str()),
-            ("WATCHDOG_USEC", "1000000"),
-        ],
-    );
+    let mut agent = notify.agent(&[]);
     let mut seen = Vec::new();
     let ready = notify.until("READY=1", &mut seen);
     assert!(
@@ -910,16 +914,8 @@ fn under_systemd_the_agent_is_ready_feeds_the_watchdog_and_says_when_it_stops() 
 #[test]
 fn a_wedged_loop_stops_the_watchdog_and_the_log_names_it() {
     let notify = NotifySocket::bind();
-    let path = notify.path.display().to_string();
     // Debug builds let a test wedge one loop: its beats are ignored.
-    let mut agent = DevAgent::start_under(
-        &["sh", "-c", "WATCHDOG_PID=$$ exec \"$@\"", "sh"],
-        &[
-            ("NOTIFY_SOCKET", path.as_str()),
-            ("WATCHDOG_USEC", "1000000"),
-            ("BATCHLY_TEST_STALL", "intake loop"),
-        ],
-    );
+    let mut agent = notify.agent(&[("BATCHLY_TEST_STALL", "intake loop")]);
     let mut seen = Vec::new();
     notify.until("READY=1", &mut seen);
     // The next status line comes 5 s later; the watchdog would have been
