@@ -829,6 +829,39 @@ pub fn make_mark_dir(mark: &Path) {
 }
 
 /// Reads a whole file as text, panicking with its path.
+/// A job's log as the job printed it: each line's text (stdout, stderr and
+/// the agent's notes) without its time and source, and lines the agent cut
+/// into pieces joined back. A job that printed nothing has no log file:
+/// its log is empty.
+pub fn read_job_log(path: &Path) -> String {
+    if !path.exists() {
+        return String::new();
+    }
+    job_log_text(&read_text(path))
+}
+
+/// [`read_job_log`] of a log's text.
+pub fn job_log_text(log: &str) -> String {
+    use batchly_agent::telemetry::batch::{CONTINUED, CONTINUES};
+    let mut out = String::new();
+    for line in log.lines() {
+        // `2026-12-02T10:00:00.123Z stdout text`
+        let text = line
+            .get(25..)
+            .and_then(|rest| rest.split_once(' ').map(|(_, text)| text).or(Some("")))
+            .unwrap_or(line);
+        let text = text.strip_prefix(CONTINUED).unwrap_or(text);
+        match text.strip_suffix(CONTINUES) {
+            Some(piece) => out.push_str(piece),
+            None => {
+                out.push_str(text);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
 pub fn read_text(path: &Path) -> String {
     let mut text = String::new();
     File::open(path)

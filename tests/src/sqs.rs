@@ -285,6 +285,7 @@ pub struct Aws {
     pub sqs: aws_sdk_sqs::Client,
     pub s3: aws_sdk_s3::Client,
     pub autoscaling: aws_sdk_autoscaling::Client,
+    pub logs: aws_sdk_cloudwatchlogs::Client,
 }
 
 impl Aws {
@@ -314,6 +315,13 @@ impl Aws {
             .endpoint_url(endpoint)
             .timeout_config(timeouts.clone())
             .build();
+        let logs = aws_sdk_cloudwatchlogs::Config::builder()
+            .behavior_version(aws_sdk_cloudwatchlogs::config::BehaviorVersion::latest())
+            .region(region.clone())
+            .credentials_provider(credentials.clone())
+            .endpoint_url(endpoint)
+            .timeout_config(timeouts.clone())
+            .build();
         let s3 = aws_sdk_s3::Config::builder()
             .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
             .region(region)
@@ -328,6 +336,7 @@ impl Aws {
             sqs: aws_sdk_sqs::Client::from_conf(sqs),
             s3: aws_sdk_s3::Client::from_conf(s3),
             autoscaling: aws_sdk_autoscaling::Client::from_conf(autoscaling),
+            logs: aws_sdk_cloudwatchlogs::Client::from_conf(logs),
         }
     }
 
@@ -598,6 +607,70 @@ impl Aws {
             .iter()
             .filter_map(|o| o.key().map(str::to_string))
             .collect()
+    }
+}
+
+/// One CloudWatch Logs event as the server holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    pub timestamp_ms: i64,
+    pub message: String,
+}
+
+impl Aws {
+    /// The streams of `group` (empty if the group does not exist).
+    pub fn log_streams(&self, group: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut token = None;
+        loop {
+            let out = self.block_on(
+                self.logs
+                    .describe_log_streams()
+                    .log_group_name(group)
+                    .set_next_token(token.clone())
+                    .send(),
+            );
+            let Ok(out) = out else { return names };
+            names.extend(
+                out.log_streams()
+                    .iter()
+                    .filter_map(|s| s.log_stream_name().map(str::to_string)),
+            );
+            match out.next_token() {
+                Some(t) if Some(t) != token.as_deref() => token = Some(t.to_string()),
+                _ => return names,
+            }
+        }
+    }
+
+    /// Every event of `stream` in `group`, oldest first (none if the stream
+    /// does not exist).
+    pub fn log_lines(&self, group: &str, stream: &str) -> Vec<LogLine> {
+        let mut lines = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let out = self.block_on(
+                self.logs
+                    .get_log_events()
+                    .log_group_name(group)
+                    .log_stream_name(stream)
+                    .start_from_head(true)
+                    .set_next_token(token.clone())
+                    .send(),
+            );
+            let Ok(out) = out else { return lines };
+            if out.events().is_empty() {
+                return lines;
+            }
+            lines.extend(out.events().iter().map(|e| LogLine {
+                timestamp_ms: e.timestamp().unwrap_or(0),
+                message: e.message().unwrap_or("").to_string(),
+            }));
+            match out.next_forward_token() {
+                Some(t) if Some(t) != token.as_deref() => token = Some(t.to_string()),
+                _ => return lines,
+            }
+        }
     }
 }
 
@@ -1033,11 +1106,11 @@ impl SqsTest {
             ),
             ("admin", vec![("socket", p("agent.sock"))]),
             ("state", vec![("dir", p("state"))]),
+            ("logs", vec![("spool_dir", p("spool"))]),
             (
                 "jobs",
                 vec![
                     ("work_dir", p("work")),
-                    ("log_dir", p("logs")),
                     ("max_concurrent", settings.slots.to_string()),
                     ("retry_backoff_s", "0".to_string()),
                     ("kill_grace_s", "1".to_string()),

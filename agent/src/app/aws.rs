@@ -44,6 +44,12 @@ pub(super) fn autoscaling_client(sdk: &aws_config::SdkConfig) -> aws_sdk_autosca
     aws_sdk_autoscaling::Client::new(&one_retry_layer(sdk))
 }
 
+/// CloudWatch Logs (the log shipper) with the same single retry layer and
+/// short timeouts.
+pub(super) fn logs_client(sdk: &aws_config::SdkConfig) -> aws_sdk_cloudwatchlogs::Client {
+    aws_sdk_cloudwatchlogs::Client::new(&one_retry_layer(sdk))
+}
+
 /// `sdk` with the SDK's retries off (the agent's own policy retries,
 /// bounded by each caller's deadline) and short call timeouts.
 fn one_retry_layer(sdk: &aws_config::SdkConfig) -> aws_config::SdkConfig {

@@ -42,7 +42,7 @@ impl DevLayout {
         let p = |sub: &str| self.root.join(sub).display().to_string();
         vec![
             ("jobs.work_dir", p("work")),
-            ("jobs.log_dir", p("logs")),
+            ("logs.spool_dir", p("logs")),
             ("signing.keys_file", self.keys_file().display().to_string()),
             ("admin.socket", self.socket().display().to_string()),
             ("state.dir", p("state")),
@@ -118,6 +118,6 @@ pub(super) fn print_dev_banner(layout: &DevLayout, config: &Config) {
          \x20 dead letters    {d}/dead/ (each with a .reason.json)\n",
         config.jobs.max_concurrent,
         layout.events().display(),
-        config.jobs.log_dir.display(),
+        config.logs.spool_dir.display(),
     );
 }

@@ -90,7 +90,7 @@ pub(crate) fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-fn settings(config: &Config) -> Settings {
+fn settings(config: &Config, logs: crate::telemetry::logs::Spool) -> Settings {
     Settings {
         slots: config.jobs.max_concurrent,
         default_timeout: config.jobs.default_timeout,
@@ -100,7 +100,7 @@ fn settings(config: &Config) -> Settings {
             max: config.jobs.retry_backoff_max,
         },
         work_root: config.jobs.work_dir.clone(),
-        log_root: config.jobs.log_dir.clone(),
+        logs,
         log_max_bytes: config.jobs.log_max_bytes,
         verify: VerifyPolicy {
             skew: config.signing.skew,
@@ -284,7 +284,7 @@ fn private_and_shared_paths(
         config.state.dir.clone(),
         config.signing.keys_file.clone(),
         config.admin.socket.clone(),
-        config.jobs.log_dir.clone(),
+        config.logs.spool_dir.clone(),
         config.jobs.work_dir.clone(),
     ];
     hidden.extend(config.source_file().map(Path::to_path_buf));
@@ -498,6 +498,23 @@ pub async fn run(
         }
     };
     let transfers = Transfers::new(aws::s3_client(&sdk));
+    let spool = open_spool(&config, true)?;
+    crate::telemetry::logs::agent_log::attach(&spool);
+    let shipper = crate::telemetry::logs::ship::Shipper::new(
+        spool.clone(),
+        aws::logs_client(&sdk),
+        crate::telemetry::logs::ship::Target {
+            group: config.logs.group.clone(),
+            instance: startup
+                .instance
+                .clone()
+                .unwrap_or_else(|| crate::imds::InstanceId::fixed(instance.clone())),
+        },
+    );
+    let stop_shipping = tokio_util::sync::CancellationToken::new();
+    let shipping = tokio::spawn(shipper.clone().run(stop_shipping.clone()));
+    startup.logs = Some(spool);
+    startup.telemetry = Arc::new(shipper);
     let drain = Drain::keeping(startup.telemetry.flush_reserve());
     let mut terminating = None;
     let watcher = imds.map(|imds| {
@@ -521,7 +538,26 @@ pub async fn run(
     if let Some(watcher) = watcher {
         watcher.abort();
     }
+    stop_shipping.cancel();
+    let _ = shipping.await;
     served
+}
+
+/// Opens the log spool at `logs.spool_dir`: shipped (`run`) or kept as the
+/// jobs' logs (`dev`).
+fn open_spool(config: &Config, ship: bool) -> Result<crate::telemetry::logs::Spool, AppError> {
+    let dir = &config.logs.spool_dir;
+    crate::telemetry::logs::Spool::open(crate::telemetry::logs::SpoolSettings {
+        dir: dir.clone(),
+        max_bytes: config.logs.spool_max_bytes,
+        ship,
+    })
+    .map_err(|e| {
+        failed(format!(
+            "logs.spool_dir: cannot open {}: {e}",
+            dir.display()
+        ))
+    })
 }
 
 /// Longest the start waits for the instance's identity before going on
@@ -677,6 +713,9 @@ pub struct Startup {
     pub lifecycle: Option<Lifecycle>,
     /// What the drain flushes before the agent exits.
     pub telemetry: Arc<dyn crate::telemetry::Flush>,
+    /// The log spool, opened for shipping (`run`); `None`: the stream
+    /// files are kept as the jobs' logs (`dev`).
+    pub logs: Option<crate::telemetry::logs::Spool>,
 }
 
 /// The lifecycle hooks and the signal that the group is terminating the
@@ -697,6 +736,7 @@ impl Startup {
             metadata: None,
             lifecycle: None,
             telemetry: Arc::new(crate::telemetry::NothingBuffered),
+            logs: None,
         }
     }
 }
@@ -726,6 +766,7 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
         metadata,
         lifecycle,
         telemetry,
+        logs,
         ..
     } = startup;
     for w in sandbox_warnings {
@@ -749,7 +790,11 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
     raise_open_file_limit(config.jobs.max_concurrent);
     let keys = Keyring::load(&config.signing.keys_file).map_err(usage)?;
     let ledger = Ledger::open(&config.state.dir).map_err(failed)?;
-    let mut settings = settings(config);
+    let logs = match logs {
+        Some(spool) => spool,
+        None => open_spool(config, false)?,
+    };
+    let mut settings = settings(config, logs);
     settings.sandbox = sandbox;
     if let Some(instance) = instance {
         settings.instance_id = instance;
@@ -900,18 +945,36 @@ fn raise_open_file_limit(slots: usize) {
 }
 
 /// Sets up the agent's own log on stderr: human-readable text (the terminal
-/// in `dev`) or one JSON object per line (journald, CloudWatch).
+/// in `dev`) or one JSON object per line (journald, CloudWatch). Under
+/// `run` the same events also go, as JSON, to the agent's stream in the
+/// log spool (see `telemetry::logs::agent_log`).
 pub fn init_logging(format: crate::config::LogFormat, level: &str) -> Result<(), AppError> {
+    use crate::telemetry::logs::agent_log;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .map_err(|e| usage(format!("agent.log_level: {e}")))?;
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let stderr = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let res = match format {
-        crate::config::LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        crate::config::LogFormat::Text => builder.with_target(false).compact().try_init(),
+    let stderr = match format {
+        crate::config::LogFormat::Json => stderr.json().flatten_event(true).boxed(),
+        crate::config::LogFormat::Text => stderr.with_target(false).compact().boxed(),
     };
+    let shipped = tracing_subscriber::fmt::layer()
+        .json()
+        .flatten_event(true)
+        .with_ansi(false)
+        .with_writer(agent_log::MakeEventWriter)
+        .with_filter(tracing_subscriber::filter::filter_fn(|_| {
+            agent_log::attached()
+        }));
+    let res = tracing_subscriber::registry()
+        .with(filter)
+        .with(stderr)
+        .with(shipped)
+        .try_init();
     res.map_err(|e| failed(format!("setting up logging: {e}")))
 }

@@ -169,13 +169,6 @@ pub(super) static KEYS: &[Key] = &[
         secret: false,
     },
     Key {
-        name: "jobs.log_dir",
-        slot: Slot::Path(field!(jobs.log_dir)),
-        default: Builtin::Value("/var/lib/batchly/logs"),
-        doc: "directory holding each job's local output",
-        secret: false,
-    },
-    Key {
         name: "jobs.log_max_bytes",
         slot: Slot::Size(field!(jobs.log_max_bytes)),
         default: Builtin::Value("256MiB"),
@@ -207,6 +200,22 @@ pub(super) static KEYS: &[Key] = &[
         },
         default: Builtin::Value("604800"),
         doc: "longest envelope lifetime in seconds the agent accepts",
+        secret: false,
+    },
+    Key {
+        name: "logs.spool_dir",
+        slot: Slot::Path(field!(logs.spool_dir)),
+        default: Builtin::Value("/var/lib/batchly/spool"),
+        doc: "directory holding job output and the agent's log until shipped to CloudWatch Logs \
+              (`dev`: the jobs' logs, kept)",
+        secret: false,
+    },
+    Key {
+        name: "logs.spool_max_bytes",
+        slot: Slot::Size(field!(logs.spool_max_bytes)),
+        default: Builtin::Value("2GiB"),
+        doc: "most bytes the spool holds; past it the oldest unshipped output is dropped, \
+              counted and noted in its stream (`dev`: the oldest logs are removed)",
         secret: false,
     },
     Key {

@@ -76,7 +76,6 @@ pub struct JobsConfig {
     /// such releases would otherwise loop forever.
     pub max_requeues: u32,
     pub work_dir: PathBuf,
-    pub log_dir: PathBuf,
     pub log_max_bytes: u64,
 }
 
@@ -90,6 +89,8 @@ pub struct SigningConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogsConfig {
     pub group: String,
+    pub spool_dir: PathBuf,
+    pub spool_max_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -363,7 +364,6 @@ impl Config {
                 retry_backoff_max: Duration::ZERO,
                 max_requeues: 0,
                 work_dir: PathBuf::new(),
-                log_dir: PathBuf::new(),
                 log_max_bytes: 0,
             },
             signing: SigningConfig {
@@ -373,6 +373,8 @@ impl Config {
             },
             logs: LogsConfig {
                 group: String::new(),
+                spool_dir: PathBuf::new(),
+                spool_max_bytes: 0,
             },
             metrics: MetricsConfig {
                 namespace: String::new(),
@@ -712,7 +714,6 @@ mod tests {
                 retry_backoff_max: Duration::from_secs(900),
                 max_requeues: 20,
                 work_dir: PathBuf::from("/var/lib/batchly/work"),
-                log_dir: PathBuf::from("/var/lib/batchly/logs"),
                 log_max_bytes: 256 * 1024 * 1024,
             }
         );
@@ -725,6 +726,11 @@ mod tests {
             }
         );
         assert_eq!(config.logs.group, "/batchly/jobs");
+        assert_eq!(
+            config.logs.spool_dir,
+            PathBuf::from("/var/lib/batchly/spool")
+        );
+        assert_eq!(config.logs.spool_max_bytes, 2 << 30);
         assert_eq!(config.metrics.namespace, "Batchly/Agent");
         assert_eq!(config.drain.margin, Duration::from_secs(15));
         assert_eq!(config.drain.timeout, Duration::from_secs(90));
@@ -776,11 +782,11 @@ mod tests {
     fn mode_defaults_override_built_in_defaults_but_not_the_file() {
         let mode = [
             ("jobs.work_dir", "/tmp/dev/work"),
-            ("jobs.log_dir", "/tmp/dev/logs"),
+            ("logs.spool_dir", "/tmp/dev/logs"),
         ];
-        let config = load(Some("[jobs]\nlog_dir = \"/srv/logs\"\n"), &[], &mode).config();
+        let config = load(Some("[logs]\nspool_dir = \"/srv/logs\"\n"), &[], &mode).config();
         assert_eq!(config.jobs.work_dir, PathBuf::from("/tmp/dev/work"));
-        assert_eq!(config.jobs.log_dir, PathBuf::from("/srv/logs"));
+        assert_eq!(config.logs.spool_dir, PathBuf::from("/srv/logs"));
         assert_eq!(config.state.dir, PathBuf::from("/var/lib/batchly/state"));
     }
 

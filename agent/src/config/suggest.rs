@@ -4,7 +4,13 @@
 
 use super::keys::{sections, split_name, KEYS};
 
+/// Keys that were renamed: an old config gets the new name.
+const RENAMED: &[(&str, &str)] = &[("jobs.log_dir", "logs.spool_dir")];
+
 pub(super) fn suggest_key(name: &str) -> String {
+    if let Some((_, new)) = RENAMED.iter().find(|(old, _)| *old == name) {
+        return format!("; it is now {new}");
+    }
     let close = closest(name, KEYS.iter().map(|key| key.name));
     // A known key written in the wrong section: `[jobs] skew_s` means signing.skew_s.
     let moved = || {
@@ -85,6 +91,18 @@ mod tests {
             loaded.error().ends_with("; did you mean signing.skew_s?"),
             "{}",
             loaded.error()
+        );
+    }
+
+    #[test]
+    fn a_renamed_key_names_its_new_name() {
+        let loaded = load(Some("[jobs]\nlog_dir = \"/srv/logs\"\n"), &[], &[]);
+        assert_eq!(
+            loaded.error(),
+            format!(
+                "jobs.log_dir: unknown key (from {}); it is now logs.spool_dir",
+                loaded.path()
+            )
         );
     }
 

@@ -638,13 +638,11 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         if let Err(e) = crate::sandbox::create_deadline_file(work_dir, deadline_at) {
             return Ending::AgentFault(e.to_string());
         }
-        let log_path = self.settings.log_root.join(log_stream);
-        let log = match output::create_log(&log_path) {
-            Ok(f) => f,
-            Err(e) => {
-                return Ending::AgentFault(format!("opening log file {}: {e}", log_path.display()))
-            }
-        };
+        // The stream's file is made on its first line.
+        let log = self
+            .settings
+            .logs
+            .stream(log_stream, self.settings.log_max_bytes);
         if let Some(req) = self.drain.draining() {
             // Received just before the drain began: do not start it at all.
             return Ending::Interrupted {
@@ -706,13 +704,8 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         self.board.set_pid(&msg.id, proc.pid());
         // Output is taken from the first moment, so the job never blocks on
         // a full pipe while its start is being published.
-        let mut capture = tokio::spawn(output::capture(
-            proc.stdout.take(),
-            proc.stderr.take(),
-            log,
-            log_path.clone(),
-            self.settings.log_max_bytes,
-        ));
+        let mut capture =
+            tokio::spawn(output::capture(proc.stdout.take(), proc.stderr.take(), log));
         let mut started = started_event.clone();
         started.at = crate::events::rfc3339_now();
         // The start event goes out while the job runs, under the watch: a
@@ -744,11 +737,16 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         if !under_init {
             proc.signal_group(Signal::SIGKILL);
         }
+        // The message waits for its output: in the spool (or shipped), not
+        // only in this process's memory.
+        let mut not_handed_off = None;
         match tokio::time::timeout(OUTPUT_DRAIN_WAIT, &mut capture).await {
-            Ok(Ok(got)) if got.dropped > 0 => tracing::warn!(
-                job = %job.id, dropped = got.dropped, "job output over jobs.log_max_bytes was dropped"
+            Ok(Ok(Ok(got))) if got.over_cap > 0 => tracing::warn!(
+                job = %job.id, dropped = got.over_cap, "job output over jobs.log_max_bytes was dropped"
             ),
-            Ok(_) => {}
+            Ok(Ok(Ok(_))) => {}
+            Ok(Ok(Err(e))) => not_handed_off = Some(e.to_string()),
+            Ok(Err(e)) => not_handed_off = Some(format!("capturing job output: {e}")),
             Err(_) => {
                 // Closing our ends gives the escaped process EPIPE and frees
                 // the pipes and the log file now, not when it exits.
@@ -762,6 +760,11 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             }
         }
         let mut ending = self.judge(watched, timeout);
+        if let Some(why) = not_handed_off {
+            // Not deleted: the job runs again rather than its output being
+            // lost.
+            ending = Ending::AgentFault(format!("job output not handed off: {why}"));
+        }
         if let Some(cg) = &cgroup.0 {
             let oom_kills = cg.oom_kills();
             if let Ok(mut u) = usage.lock() {

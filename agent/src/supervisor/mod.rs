@@ -166,7 +166,8 @@ pub struct Settings {
     pub kill_grace: Duration,
     pub backoff: Backoff,
     pub work_root: PathBuf,
-    pub log_root: PathBuf,
+    /// Where job output goes: the spool (`run`) or the kept logs (`dev`).
+    pub logs: crate::telemetry::logs::Spool,
     pub log_max_bytes: u64,
     pub verify: VerifyPolicy,
     pub instance_id: crate::imds::InstanceId,
@@ -807,7 +808,12 @@ mod tests {
                 max: Duration::ZERO,
             },
             work_root: state.join("work"),
-            log_root: state.join("logs"),
+            logs: crate::telemetry::logs::Spool::open(crate::telemetry::logs::SpoolSettings {
+                dir: state.join("logs"),
+                max_bytes: 1 << 30,
+                ship: false,
+            })
+            .expect("spool"),
             log_max_bytes: 1024,
             verify: VerifyPolicy::default(),
             instance_id: crate::imds::InstanceId::fixed("i-test"),

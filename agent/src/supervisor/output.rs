@@ -1,99 +1,52 @@
-//! Captures a job's stdout and stderr into its log file while it runs.
-//! Memory use is one fixed buffer per stream whatever the job prints, and
-//! the pipes are always drained so a chatty job never blocks on a full pipe.
-//! Past `max_bytes` output is read and discarded, counted, and a marker line
-//! at the end of the log says how much was dropped (never a silent loss).
-//!
-//! Later, the CloudWatch Logs shipper reads what lands here.
-
-use std::fs::File;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+//! Captures a job's stdout and stderr into its log stream while it runs.
+//! Memory use is one fixed buffer whatever the job prints, and the pipes
+//! are always drained so a chatty job never blocks on a full pipe. Past
+//! `jobs.log_max_bytes` output is read and discarded, counted, and a
+//! marker line at the end of the stream says how much was dropped (never
+//! a silent loss).
 
 use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::telemetry::logs::{Source, SpoolError, StreamWriter, Written};
 
 /// Read size per stream: large enough that a fast writer costs few wakeups.
 const CHUNK: usize = 64 * 1024;
 
-/// What was captured.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Captured {
-    pub written: u64,
-    pub dropped: u64,
-}
-
-/// Creates the log file for one attempt (and its parent directories, the
-/// first time or when someone removed them).
-pub fn create_log(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    // Job output may hold the job's secrets: readable by the agent only.
-    let open = || {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)
-    };
-    match (open(), path.parent()) {
-        (Err(e), Some(dir)) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir)?;
-            open()
-        }
-        (opened, _) => opened,
-    }
-}
-
-/// Copies both streams into `file` until both reach end of file.
+/// Copies both streams into `log` until both reach end of file, then ends
+/// the stream: `Ok` once its output is handed off (in the spool, synced,
+/// or kept as `dev`'s log), which the job's message waits for.
 pub async fn capture<O, E>(
     mut out: Option<O>,
     mut err: Option<E>,
-    mut file: File,
-    path: PathBuf,
-    max_bytes: u64,
-) -> Captured
+    mut log: StreamWriter,
+) -> Result<Written, SpoolError>
 where
     O: AsyncRead + Unpin,
     E: AsyncRead + Unpin,
 {
     let mut buf_out = vec![0u8; CHUNK];
     let mut buf_err = vec![0u8; CHUNK];
-    let mut got = Captured::default();
-    let mut write_failed = false;
     while out.is_some() || err.is_some() {
-        let n = tokio::select! {
-            r = read_some(&mut out, &mut buf_out), if out.is_some() => {
-                if matches!(r, Ok(0) | Err(_)) { out = None; }
-                r.ok().map(|n| (n, &buf_out))
-            }
-            r = read_some(&mut err, &mut buf_err), if err.is_some() => {
-                if matches!(r, Ok(0) | Err(_)) { err = None; }
-                r.ok().map(|n| (n, &buf_err))
-            }
-        };
-        let Some((n, buf)) = n else { continue };
-        let room = max_bytes.saturating_sub(got.written) as usize;
-        let keep = n.min(room);
-        if keep > 0 && !write_failed {
-            if let Err(e) = file.write_all(&buf[..keep]) {
-                tracing::warn!(log = %path.display(), error = %e, "cannot write job output; discarding the rest");
-                write_failed = true;
-            }
-        }
-        if write_failed {
-            got.dropped += n as u64;
-        } else {
-            got.written += keep as u64;
-            got.dropped += (n - keep) as u64;
+        tokio::select! {
+            r = read_some(&mut out, &mut buf_out), if out.is_some() => match r {
+                Ok(n) if n > 0 => log.output(Source::Stdout, &buf_out[..n]),
+                _ => out = None,
+            },
+            r = read_some(&mut err, &mut buf_err), if err.is_some() => match r {
+                Ok(n) if n > 0 => log.output(Source::Stderr, &buf_err[..n]),
+                _ => err = None,
+            },
         }
     }
-    if got.dropped > 0 && !write_failed {
-        let _ = writeln!(
-            file,
-            "\n[batchly-agent] output truncated: kept the first {} bytes (jobs.log_max_bytes), dropped {} bytes",
-            got.written, got.dropped
-        );
-    }
-    got
+    // Closing may sync the file to disk: off the runtime's threads.
+    tokio::task::spawn_blocking(move || log.close())
+        .await
+        .unwrap_or_else(|e| {
+            Err(SpoolError {
+                path: "job output".into(),
+                error: e.to_string(),
+            })
+        })
 }
 
 async fn read_some<R: AsyncRead + Unpin>(
@@ -109,42 +62,56 @@ async fn read_some<R: AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::logs::{Spool, SpoolSettings};
+
+    fn spool(dir: &std::path::Path) -> Spool {
+        Spool::open(SpoolSettings {
+            dir: dir.to_path_buf(),
+            max_bytes: 1 << 30,
+            ship: false,
+        })
+        .expect("spool")
+    }
 
     #[tokio::test]
-    async fn both_streams_land_in_the_log_and_nothing_is_lost_under_the_cap() {
+    async fn both_streams_land_in_the_log_each_line_marked_with_its_pipe() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let path = tmp.path().join("job/1.log");
-        let file = create_log(&path).expect("create");
+        let log = spool(tmp.path()).stream("job.m1.1", 1024);
+        let path = log.path().to_path_buf();
         let out: &[u8] = b"to stdout\n";
         let err: &[u8] = b"to stderr\n";
-        let got = capture(Some(out), Some(err), file, path.clone(), 1024).await;
+        let got = capture(Some(out), Some(err), log)
+            .await
+            .expect("handed off");
         assert_eq!(
             got,
-            Captured {
-                written: 20,
-                dropped: 0
+            Written {
+                kept: 20,
+                over_cap: 0
             }
         );
         let text = std::fs::read_to_string(&path).expect("read");
-        assert!(text.contains("to stdout\n") && text.contains("to stderr\n"));
+        assert!(text.contains(" stdout to stdout\n") && text.contains(" stderr to stderr\n"));
     }
 
     #[tokio::test]
     async fn output_past_the_cap_is_counted_and_marked_not_silently_dropped() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let path = tmp.path().join("big.log");
-        let file = create_log(&path).expect("create");
+        let log = spool(tmp.path()).stream("big.m1.1", 100_000);
+        let path = log.path().to_path_buf();
         let big = vec![b'x'; 300_000];
-        let got = capture(Some(&big[..]), None::<&[u8]>, file, path.clone(), 100_000).await;
+        let got = capture(Some(&big[..]), None::<&[u8]>, log)
+            .await
+            .expect("handed off");
         assert_eq!(
             got,
-            Captured {
-                written: 100_000,
-                dropped: 200_000
+            Written {
+                kept: 100_000,
+                over_cap: 200_000
             }
         );
         let text = std::fs::read_to_string(&path).expect("read");
-        assert!(text.starts_with(&"x".repeat(100_000)));
+        assert!(text.contains(&format!(" stdout {}\n", "x".repeat(100_000))));
         assert!(text.contains("dropped 200000 bytes"), "marker missing");
     }
 }

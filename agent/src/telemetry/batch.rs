@@ -1,8 +1,8 @@
 //! CloudWatch Logs' `PutLogEvents` limits, each enforced here and nowhere
 //! else: what one event may hold, what one batch may hold and span, and
 //! which timestamps the service takes. A shipper partitions its events by
-//! stream first (a batch is for one stream) and then cuts each stream's
-//! events into batches with [`cut`].
+//! stream first (a batch is for one stream) and then fills each stream's
+//! batches with [`Batch`] (or cuts a list with [`cut`]).
 //!
 //! Source for every limit: the `PutLogEvents` API reference. The event
 //! size limit there is 1 MB now (it was 256 KB, and older documents and
@@ -44,34 +44,6 @@ impl LogEvent {
     }
 }
 
-/// Splits `line` into messages of at most `max` bytes each (at character
-/// boundaries), marking every piece but the last as continuing and every
-/// piece but the first as continued. A line that fits is one piece.
-pub fn split_line(line: &str, max: usize) -> Vec<String> {
-    if line.len() <= max {
-        return vec![line.to_string()];
-    }
-    // Room for both marks, and at least one character of text per piece.
-    let room = max.saturating_sub(CONTINUES.len() + CONTINUED.len()).max(4);
-    let mut pieces = Vec::new();
-    let mut rest = line;
-    while !rest.is_empty() {
-        let lead = if pieces.is_empty() { "" } else { CONTINUED };
-        let fits_whole = lead.len() + rest.len() <= max;
-        if fits_whole {
-            pieces.push(format!("{lead}{rest}"));
-            break;
-        }
-        let mut end = room.min(rest.len());
-        while !rest.is_char_boundary(end) {
-            end -= 1;
-        }
-        pieces.push(format!("{lead}{}{CONTINUES}", &rest[..end]));
-        rest = &rest[end..];
-    }
-    pieces
-}
-
 /// Joins the pieces of a split line back together.
 pub fn join_pieces<'a>(pieces: impl IntoIterator<Item = &'a str>) -> String {
     pieces
@@ -90,47 +62,91 @@ pub struct Refused {
     pub too_new: u64,
 }
 
-/// Cuts one stream's events into batches the service takes, in time
-/// order (a stable sort: events of one millisecond keep their order).
-/// Events outside the service's time window at `now_ms` are left out and
-/// counted; none is dropped otherwise. Messages must already be at most
-/// `MAX_EVENT_BYTES` (see [`split_line`]).
-pub fn cut(mut events: Vec<LogEvent>, now_ms: i64) -> (Vec<Vec<LogEvent>>, Refused) {
-    let mut refused = Refused::default();
-    events.retain(|e| {
-        if e.timestamp_ms < now_ms - MAX_AGE_MS {
-            refused.too_old += 1;
-            false
-        } else if e.timestamp_ms > now_ms + MAX_FUTURE_MS {
-            refused.too_new += 1;
-            false
-        } else {
+impl Refused {
+    /// Counts `event` if the service would refuse it at `now_ms`: it is
+    /// then left out of every batch.
+    pub fn refuses(&mut self, event: &LogEvent, now_ms: i64) -> bool {
+        if event.timestamp_ms < now_ms - MAX_AGE_MS {
+            self.too_old += 1;
             true
+        } else if event.timestamp_ms > now_ms + MAX_FUTURE_MS {
+            self.too_new += 1;
+            true
+        } else {
+            false
         }
-    });
-    events.sort_by_key(|e| e.timestamp_ms);
-    let mut batches: Vec<Vec<LogEvent>> = Vec::new();
-    let mut current: Vec<LogEvent> = Vec::new();
-    let mut bytes = 0;
-    for event in events {
+    }
+
+    pub fn total(&self) -> u64 {
+        self.too_old + self.too_new
+    }
+}
+
+/// One `PutLogEvents` batch being filled, for one stream, with events in
+/// time order.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub events: Vec<LogEvent>,
+    bytes: usize,
+}
+
+impl Batch {
+    /// Whether `event` still fits: the batch stays within the event count,
+    /// the byte count and the time span. An empty batch takes any event
+    /// (messages are at most `MAX_EVENT_BYTES`).
+    pub fn fits(&self, event: &LogEvent) -> bool {
         debug_assert!(
             event.message.len() <= MAX_EVENT_BYTES,
             "split long lines first"
         );
-        let full = current.len() == MAX_BATCH_EVENTS
-            || bytes + event.cost() > MAX_BATCH_BYTES
-            || current
-                .first()
-                .is_some_and(|first| event.timestamp_ms - first.timestamp_ms > MAX_BATCH_SPAN_MS);
-        if full && !current.is_empty() {
-            batches.push(std::mem::take(&mut current));
-            bytes = 0;
+        let Some(first) = self.events.first() else {
+            return true;
+        };
+        self.events.len() < MAX_BATCH_EVENTS
+            && self.bytes + event.cost() <= MAX_BATCH_BYTES
+            && event.timestamp_ms - first.timestamp_ms <= MAX_BATCH_SPAN_MS
+    }
+
+    /// Adds `event`, which must [`fit`](Batch::fits) and be no earlier
+    /// than the last one.
+    pub fn push(&mut self, event: LogEvent) {
+        debug_assert!(self
+            .events
+            .last()
+            .is_none_or(|last| last.timestamp_ms <= event.timestamp_ms));
+        self.bytes += event.cost();
+        self.events.push(event);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// What the batch counts against `MAX_BATCH_BYTES`.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// Cuts one stream's events into batches the service takes, in time
+/// order (a stable sort: events of one millisecond keep their order).
+/// Events outside the service's time window at `now_ms` are left out and
+/// counted; none is dropped otherwise. Messages must already be at most
+/// `MAX_EVENT_BYTES` (the stream writer cuts longer lines).
+pub fn cut(mut events: Vec<LogEvent>, now_ms: i64) -> (Vec<Vec<LogEvent>>, Refused) {
+    let mut refused = Refused::default();
+    events.retain(|e| !refused.refuses(e, now_ms));
+    events.sort_by_key(|e| e.timestamp_ms);
+    let mut batches = Vec::new();
+    let mut current = Batch::default();
+    for event in events {
+        if !current.fits(&event) {
+            batches.push(std::mem::take(&mut current).events);
         }
-        bytes += event.cost();
         current.push(event);
     }
     if !current.is_empty() {
-        batches.push(current);
+        batches.push(current.events);
     }
     (batches, refused)
 }
@@ -158,32 +174,6 @@ mod tests {
             .all(|w| w[0].timestamp_ms <= w[1].timestamp_ms));
         let span = batch[batch.len() - 1].timestamp_ms - batch[0].timestamp_ms;
         assert!(span <= MAX_BATCH_SPAN_MS, "spans {span} ms");
-    }
-
-    #[test]
-    fn a_three_mebibyte_line_splits_into_marked_pieces_that_join_back_whole() {
-        let line: String = "0123456789abcdé€".repeat(3 * 1024 * 1024 / 19);
-        let pieces = split_line(&line, MAX_EVENT_BYTES);
-        assert!(pieces.len() >= 3, "{} pieces", pieces.len());
-        assert!(pieces.iter().all(|p| p.len() <= MAX_EVENT_BYTES));
-        assert!(pieces[..pieces.len() - 1]
-            .iter()
-            .all(|p| p.ends_with(CONTINUES)));
-        assert!(pieces[1..].iter().all(|p| p.starts_with(CONTINUED)));
-        assert!(!pieces[0].starts_with(CONTINUED));
-        assert!(!pieces[pieces.len() - 1].ends_with(CONTINUES));
-        assert_eq!(join_pieces(pieces.iter().map(String::as_str)), line);
-        assert_eq!(split_line("short", MAX_EVENT_BYTES), vec!["short"]);
-    }
-
-    #[test]
-    fn splitting_never_cuts_a_character_in_two_even_with_tiny_pieces() {
-        let line = "€".repeat(100);
-        for max in [30, 31, 32, 33, 40] {
-            let pieces = split_line(&line, max);
-            assert!(pieces.iter().all(|p| p.len() <= max), "{max}: {pieces:?}");
-            assert_eq!(join_pieces(pieces.iter().map(String::as_str)), line);
-        }
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! deadline. What is not shipped by the deadline stays wherever the
 //! implementation keeps it for the next start, and the flush says how much.
 
+pub mod logs;
+
 use std::future::Future;
 use std::pin::Pin;
 pub mod batch;
@@ -16,9 +18,9 @@ use std::time::{Duration, Instant};
 /// What one flush did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Flushed {
-    /// Records shipped by this flush.
+    /// Bytes shipped by this flush.
     pub shipped: u64,
-    /// Records still waiting (kept for the next start).
+    /// Bytes still waiting (kept for the next start).
     pub left: u64,
 }
 
@@ -53,14 +55,14 @@ pub async fn flush_before_exit(what: &dyn Flush, deadline: Instant) -> Flushed {
     let done = what.flush(deadline).await;
     if done.left > 0 {
         tracing::warn!(
-            shipped = done.shipped,
-            left = done.left,
+            shipped_bytes = done.shipped,
+            left_bytes = done.left,
             took_ms = started.elapsed().as_millis() as u64,
             "telemetry not all shipped by the drain deadline; the rest is kept for the next start"
         );
     } else if done.shipped > 0 {
         tracing::info!(
-            shipped = done.shipped,
+            shipped_bytes = done.shipped,
             took_ms = started.elapsed().as_millis() as u64,
             "telemetry flushed"
         );

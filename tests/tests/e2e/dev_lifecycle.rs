@@ -7,8 +7,8 @@ use std::path::Path;
 
 use batchly_e2e::{
     count_final, count_kind, eventually, list_dir, of_message, peak_rss_bytes, pid_alive,
-    queued_message_ids, read_pid_file, read_text, run_cli, wait_gone, DevAgent, Event, Submitted,
-    WAIT,
+    queued_message_ids, read_job_log, read_pid_file, read_text, run_cli, wait_gone, DevAgent,
+    Event, Submitted, WAIT,
 };
 use nix::sys::signal::Signal;
 
@@ -579,7 +579,7 @@ fn a_command_that_does_not_exist_fails_by_name_and_the_agent_keeps_running() {
             .as_deref()
             .expect("a job that ran has a log stream"),
     );
-    assert_eq!(read_text(&log), "still here\n");
+    assert_eq!(read_job_log(&log), "still here\n");
 }
 
 #[test]
@@ -618,7 +618,7 @@ fn a_job_printing_a_gigabyte_keeps_a_one_mebibyte_log_and_the_agent_stays_small(
         .dir()
         .join("logs")
         .join(end.log_stream.as_deref().expect("log stream"));
-    let log = std::fs::read(&log_path).expect("reading the job's log");
+    let log = read_job_log(&log_path).into_bytes();
     let (kept, marker) = log.split_at(MIB as usize);
     assert!(kept.iter().all(|&b| b == 0), "the first MiB is the output");
     let marker = String::from_utf8_lossy(marker);

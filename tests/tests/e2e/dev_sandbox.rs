@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::Path;
 
-use batchly_e2e::{pid_alive, read_pid_file, read_text, wait_gone, DevAgent, Event};
+use batchly_e2e::{pid_alive, read_job_log, read_pid_file, read_text, wait_gone, DevAgent, Event};
 
 /// The harness's `jobs.max_concurrent` and the default `sandbox.uid_range`.
 const SLOTS: u32 = 4;
@@ -32,7 +32,7 @@ fn run_job(
     let log = end
         .log_stream
         .as_ref()
-        .map(|s| read_text(&agent.dir().join("logs").join(s)))
+        .map(|s| read_job_log(&agent.dir().join("logs").join(s)))
         .unwrap_or_default();
     let seen = log
         .lines()
@@ -120,7 +120,7 @@ echo deadline=$(head -n 1 "$BATCHLY_DEADLINE_FILE")
     let end = agent.wait_final(&listing.message_id);
     let work = agent.dir().join("work");
     let stream = end.log_stream.clone().expect("a log stream");
-    let log = read_text(&agent.dir().join("logs").join(stream));
+    let log = read_job_log(&agent.dir().join("logs").join(stream));
     let inherited: Vec<&str> = log
         .lines()
         .filter_map(|l| l.split_once(' '))
@@ -437,7 +437,7 @@ fn a_fork_bomb_stops_at_the_jobs_pids_limit_and_the_agent_stays_responsive() {
     );
     let end = agent.wait_final(&job.message_id);
     assert_eq!(end.kind, "job.succeeded", "{end:?}");
-    let log = read_text(
+    let log = read_job_log(
         &agent
             .dir()
             .join("logs")

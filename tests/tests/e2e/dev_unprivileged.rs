@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use batchly_e2e::{agent_bin, read_pid_file, read_text, wait_gone, DevAgent, Event};
+use batchly_e2e::{agent_bin, read_job_log, read_pid_file, wait_gone, DevAgent, Event};
 
 /// The agent's uid and gid: no account's, mapped to themselves inside.
 const USER: u32 = 1_234_567;
@@ -52,7 +52,7 @@ fn run_job(
     let log = end
         .log_stream
         .as_ref()
-        .map(|s| read_text(&agent.dir().join("logs").join(s)))
+        .map(|s| read_job_log(&agent.dir().join("logs").join(s)))
         .unwrap_or_default();
     let seen = log
         .lines()

@@ -1,0 +1,413 @@
+//! Job output and the agent's own log in CloudWatch Logs (moto's server),
+//! through `batchly-agent run`: every line arrives, in order per stream,
+//! through an outage, a `kill -9` and a drain; the spool's bound drops
+//! (counted and noted) rather than growing; and a job whose output cannot
+//! be spooled keeps its message.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use batchly_e2e::sqs::proxy::{Fault, FaultId, Proxy};
+use batchly_e2e::sqs::{AgentSettings, SqsAgent, SqsTest};
+use batchly_e2e::{eventually, Event, Submitted};
+use nix::sys::signal::Signal;
+
+use batchly_agent::telemetry::batch::join_pieces;
+
+/// The agent's default `logs.group`.
+const GROUP: &str = "/batchly/jobs";
+/// How long shipped lines may take to show up: far above what the agent
+/// needs on a busy machine.
+const ARRIVAL: Duration = Duration::from_secs(90);
+/// How long CloudWatch Logs is down in the outage test.
+const OUTAGE: Duration = Duration::from_secs(30);
+/// The calls of the log shipper, all cut in an outage.
+const LOG_ACTIONS: [&str; 3] = ["PutLogEvents", "CreateLogStream", "CreateLogGroup"];
+
+fn final_of<'a>(events: &'a [Event], job: &Submitted) -> Option<&'a Event> {
+    events
+        .iter()
+        .find(|e| e.job_id.as_deref() == Some(job.job_id.as_str()) && e.is_final)
+}
+
+fn all_final(events: &[Event], jobs: &[Submitted]) -> bool {
+    jobs.iter().all(|j| final_of(events, j).is_some())
+}
+
+fn stream_of(events: &[Event], job: &Submitted) -> String {
+    final_of(events, job)
+        .and_then(|e| e.log_stream.clone())
+        .unwrap_or_else(|| panic!("no log stream for {}: {events:?}", job.job_id))
+}
+
+/// The stream's messages whose source is `source`, without it.
+fn from(messages: &[String], source: &str) -> Vec<String> {
+    let prefix = format!("{source} ");
+    messages
+        .iter()
+        .filter_map(|m| m.strip_prefix(&prefix).map(str::to_string))
+        .collect()
+}
+
+/// The messages of `stream`, once there are at least `want` of them.
+fn wait_messages(t: &SqsTest, stream: &str, want: usize, agents: &[&SqsAgent]) -> Vec<String> {
+    let mut got = Vec::new();
+    eventually(
+        &format!("{want} events in stream {stream}"),
+        ARRIVAL,
+        || {
+            got = t.aws.log_lines(GROUP, stream);
+            got.len() >= want
+        },
+        || {
+            format!(
+                "has {} events; streams: {:?}\n{}",
+                t.aws.log_lines(GROUP, stream).len(),
+                t.aws.log_streams(GROUP),
+                agents
+                    .iter()
+                    .map(|a| a.diagnostics())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        },
+    );
+    got.into_iter().map(|l| l.message).collect()
+}
+
+/// `sh -c` printing `lines` numbered lines to stdout and as many to stderr.
+fn chatty(lines: u32) -> String {
+    format!("seq -f 'out %g' 1 {lines}; seq -f 'err %g' 1 {lines} >&2")
+}
+
+fn numbered(prefix: &str, n: u32) -> Vec<String> {
+    (1..=n).map(|i| format!("{prefix} {i}")).collect()
+}
+
+fn cut_logs(proxy: &Proxy) -> Vec<FaultId> {
+    LOG_ACTIONS
+        .iter()
+        .map(|action| proxy.inject(action, None, Fault::Reset, None))
+        .collect()
+}
+
+#[test]
+fn the_output_of_twenty_concurrent_jobs_all_arrives_in_order_per_stream_and_a_long_line_whole() {
+    const LINES: u32 = 2500; // per pipe: 100,000 lines from 20 jobs
+    let t = SqsTest::start();
+    let q = t.job_queue("jobs");
+    let script = chatty(LINES);
+    let jobs = t.submit(
+        &q.url,
+        &["--id", "chatty", "--count", "20", "--", "sh", "-c", &script],
+    );
+    let big = t.submit(
+        &q.url,
+        &[
+            "--id",
+            "big",
+            "--",
+            "sh",
+            "-c",
+            "head -c 3145728 /dev/zero | tr '\\0' x; echo; echo after",
+        ],
+    );
+    let agent = t.agent(AgentSettings::new(&q.url).slots(20));
+    let all: Vec<Submitted> = jobs.iter().chain(&big).cloned().collect();
+    let events = t.wait_events("every job's end", &[&agent], |ev| all_final(ev, &all));
+    for job in &all {
+        let end = final_of(&events, job).expect("final");
+        assert_eq!(end.kind, "job.succeeded", "{end:?}");
+    }
+    t.wait_queue_empty(&q.url, &[&agent]);
+
+    for job in &jobs {
+        let stream = stream_of(&events, job);
+        let messages = wait_messages(&t, &stream, 2 * LINES as usize, &[&agent]);
+        assert_eq!(messages.len(), 2 * LINES as usize, "{stream}: none twice");
+        assert_eq!(
+            from(&messages, "stdout"),
+            numbered("out", LINES),
+            "{stream}"
+        );
+        assert_eq!(
+            from(&messages, "stderr"),
+            numbered("err", LINES),
+            "{stream}"
+        );
+    }
+    let stream = stream_of(&events, &big[0]);
+    let messages = wait_messages(&t, &stream, 5, &[&agent]);
+    let out = from(&messages, "stdout");
+    assert_eq!(out.last().map(String::as_str), Some("after"));
+    let pieces = &out[..out.len() - 1];
+    assert!(
+        pieces.len() >= 3,
+        "3 MiB is more than one event: {}",
+        pieces.len()
+    );
+    assert!(
+        messages.iter().all(|m| m.len() <= 1_048_576 - 26),
+        "every event within the service's limit"
+    );
+    let joined = join_pieces(pieces.iter().map(String::as_str));
+    assert_eq!(joined.len(), 3 * 1024 * 1024);
+    assert!(joined.bytes().all(|b| b == b'x'));
+
+    // The agent's own log: JSON lines in its instance's stream.
+    let agent_stream = "agent/agent-1";
+    let lines = wait_messages(&t, agent_stream, 1, &[&agent]);
+    let started = lines.iter().find(|l| l.contains("started")).cloned();
+    let started = started.unwrap_or_else(|| panic!("no start line in {lines:?}"));
+    let json: serde_json::Value = serde_json::from_str(&started).expect("the agent logs JSON");
+    assert_eq!(json["level"], "INFO", "{json}");
+}
+
+#[test]
+fn cloudwatch_logs_down_for_thirty_seconds_loses_nothing_and_holds_up_no_job() {
+    const LINES: u32 = 1000;
+    let t = SqsTest::start();
+    let q = t.job_queue("jobs");
+    let proxy = Proxy::start(t.moto().port());
+    let down = cut_logs(&proxy);
+    let began = Instant::now();
+    let agent = t.agent(AgentSettings::new(&q.url).endpoint(&proxy.endpoint()));
+    let script = chatty(LINES);
+    let jobs = t.submit(
+        &q.url,
+        &["--id", "during", "--count", "4", "--", "sh", "-c", &script],
+    );
+    // Jobs end and their messages go while CloudWatch Logs is down: their
+    // output is handed off to the spool.
+    let events = t.wait_events("every job's end", &[&agent], |ev| all_final(ev, &jobs));
+    t.wait_queue_empty(&q.url, &[&agent]);
+    assert!(
+        down.iter().any(|id| proxy.hits(id) > 0),
+        "the shipper tried during the outage"
+    );
+    let streams: Vec<String> = jobs.iter().map(|j| stream_of(&events, j)).collect();
+    for stream in &streams {
+        assert!(
+            t.aws.log_lines(GROUP, stream).is_empty(),
+            "nothing got through yet"
+        );
+    }
+    if let Some(left) = OUTAGE.checked_sub(began.elapsed()) {
+        std::thread::sleep(left); // the outage itself, not a wait for the agent
+    }
+    let tries: u64 = down.iter().map(|id| proxy.hits(id)).sum();
+    proxy.clear_faults();
+
+    for stream in &streams {
+        let messages = wait_messages(&t, stream, 2 * LINES as usize, &[&agent]);
+        assert_eq!(messages.len(), 2 * LINES as usize, "{stream}: none twice");
+        assert_eq!(from(&messages, "stdout"), numbered("out", LINES));
+        assert_eq!(from(&messages, "stderr"), numbered("err", LINES));
+    }
+    assert!(tries >= 3, "the shipper kept retrying: {tries} tries");
+}
+
+#[test]
+fn output_not_shipped_at_a_kill_9_is_shipped_after_the_restart_once() {
+    const LINES: u32 = 500;
+    let t = SqsTest::start();
+    let q = t.job_queue("jobs");
+    let proxy = Proxy::start(t.moto().port());
+    cut_logs(&proxy);
+    let mut agent = t.agent(AgentSettings::new(&q.url).endpoint(&proxy.endpoint()));
+    let script = chatty(LINES);
+    let job = t.submit(&q.url, &["--id", "before-crash", "--", "sh", "-c", &script]);
+    let events = t.wait_events("the job's end", &[&agent], |ev| all_final(ev, &job));
+    t.wait_queue_empty(&q.url, &[&agent]);
+    let stream = stream_of(&events, &job[0]);
+
+    agent.signal(Signal::SIGKILL);
+    proxy.clear_faults();
+    agent.restart();
+
+    let messages = wait_messages(&t, &stream, 2 * LINES as usize, &[&agent]);
+    assert_eq!(from(&messages, "stdout"), numbered("out", LINES));
+    assert_eq!(from(&messages, "stderr"), numbered("err", LINES));
+    let spool = agent.dir().join("spool");
+    eventually(
+        "the shipped stream's spool file removed",
+        ARRIVAL,
+        || !spool.join(&stream).exists(),
+        || format!("{:?}", std::fs::read_dir(&spool).map(|d| d.count())),
+    );
+}
+
+#[test]
+fn a_drain_flushes_output_that_was_not_shipped_yet_before_the_agent_exits() {
+    const LINES: u32 = 300;
+    let t = SqsTest::start();
+    let q = t.job_queue("jobs");
+    let proxy = Proxy::start(t.moto().port());
+    cut_logs(&proxy);
+    let mut agent = t.agent(AgentSettings::new(&q.url).endpoint(&proxy.endpoint()));
+    let script = format!("{}; sleep 300", chatty(LINES));
+    let job = t.submit(&q.url, &["--id", "flushed", "--", "sh", "-c", &script]);
+    t.wait_started(&job, &[&agent]);
+    let spool = agent.dir().join("spool");
+    // All of its output is in the spool (it is asleep now).
+    eventually(
+        "the job's output in the spool",
+        ARRIVAL,
+        || {
+            std::fs::read_dir(&spool).is_ok_and(|d| {
+                d.filter_map(Result::ok).any(|e| {
+                    std::fs::read_to_string(e.path())
+                        .is_ok_and(|s| s.contains(&format!(" stderr err {LINES}\n")))
+                })
+            })
+        },
+        || agent.diagnostics(),
+    );
+    proxy.clear_faults();
+    agent.signal(Signal::SIGTERM);
+    let status = agent.wait_exit();
+    assert!(status.success(), "{status}: {}", agent.stderr());
+
+    // Right after the exit, with no waiting: the drain shipped it.
+    let events = t.events();
+    let started = events
+        .iter()
+        .find(|e| e.kind == "job.started")
+        .and_then(|e| e.log_stream.clone())
+        .expect("a start event with its stream");
+    let messages: Vec<String> = t
+        .aws
+        .log_lines(GROUP, &started)
+        .into_iter()
+        .map(|l| l.message)
+        .collect();
+    assert_eq!(from(&messages, "stdout"), numbered("out", LINES));
+    assert_eq!(from(&messages, "stderr"), numbered("err", LINES));
+    assert!(
+        agent.stderr().contains("telemetry flushed"),
+        "{}",
+        agent.stderr()
+    );
+}
+
+#[test]
+fn past_the_spool_bound_the_oldest_output_is_dropped_counted_and_noted_in_its_stream() {
+    let t = SqsTest::start();
+    let q = t.job_queue("jobs");
+    let proxy = Proxy::start(t.moto().port());
+    let down = cut_logs(&proxy);
+    let agent = t.agent(
+        AgentSettings::new(&q.url)
+            .endpoint(&proxy.endpoint())
+            .extra("logs.spool_max_bytes", "\"64KiB\""),
+    );
+    // About 400 KB of output: more than the bound while nothing ships.
+    let job = t.submit(
+        &q.url,
+        &[
+            "--id",
+            "flood",
+            "--",
+            "sh",
+            "-c",
+            "seq -f 'line %08g padding padding padding padding' 1 8000",
+        ],
+    );
+    let events = t.wait_events("the job's end", &[&agent], |ev| all_final(ev, &job));
+    assert_eq!(
+        final_of(&events, &job[0]).map(|e| e.kind.as_str()),
+        Some("job.succeeded")
+    );
+    let stream = stream_of(&events, &job[0]);
+    assert!(down.iter().any(|id| proxy.hits(id) > 0));
+    proxy.clear_faults();
+
+    let messages = wait_messages(&t, &stream, 1, &[&agent]);
+    let notes = from(&messages, "agent");
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("dropped before they were shipped")
+                && n.contains("logs.spool_max_bytes")),
+        "the stream says what was dropped: {notes:?}"
+    );
+    let kept = from(&messages, "stdout");
+    assert!(kept.len() < 8000, "some output was dropped: {}", kept.len());
+    assert!(
+        agent.stderr().contains("dropped output not yet shipped"),
+        "the agent's log says so"
+    );
+}
+
+/// A tmpfs of `size` at `dir`, gone with the guard.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let ok = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .expect("mount");
+        assert!(ok.success(), "mounting a tmpfs at {}", dir.display());
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_job_whose_output_cannot_be_spooled_keeps_its_message() {
+    let t = SqsTest::start();
+    let q = t.job_queue("jobs");
+    let mut tmpfs = None;
+    // Released for ever (never dead-lettered as agent_gave_up) while the
+    // test looks.
+    let settings = AgentSettings::new(&q.url).extra("jobs.max_requeues", "1000");
+    let agent = t.agent_with_state(settings, |state| {
+        let spool = state.parent().expect("agent dir").join("spool");
+        tmpfs = Some(Tmpfs::mount(&spool, "32k"));
+    });
+    let job = t.submit(
+        &q.url,
+        &["--id", "too-much", "--", "sh", "-c", "seq 1 100000"],
+    );
+    let events = t.wait_events("a release for the output", &[&agent], |ev| {
+        ev.iter().any(|e| e.kind == "job.requeued")
+    });
+    let requeued = events
+        .iter()
+        .find(|e| e.kind == "job.requeued")
+        .expect("requeued");
+    assert!(
+        requeued
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("job output not handed off")),
+        "{requeued:?}"
+    );
+    assert!(
+        !events.iter().any(|e| e.kind == "job.succeeded"),
+        "never reported done: {events:?}"
+    );
+    let depth = t.aws.depth(&q.url);
+    assert!(
+        !depth.is_empty(),
+        "the message is still in the queue: {depth:?}"
+    );
+    drop(agent);
+    drop(tmpfs);
+    let _ = job;
+}
