@@ -810,6 +810,7 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
         board.warn(w);
     }
     board.watch_instance(settings.instance_id.clone(), metadata);
+    board.watch_logs(settings.logs.clone());
     let listener = admin::bind(&config.admin.socket).await.map_err(failed)?;
     let mut supervisor = Supervisor::new(
         source,

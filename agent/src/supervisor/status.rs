@@ -67,6 +67,8 @@ pub struct StatusBoard {
     /// on EC2).
     instance: std::sync::OnceLock<crate::imds::InstanceId>,
     metadata: std::sync::OnceLock<Arc<Mutex<crate::imds::Seen>>>,
+    /// Job output and the agent's log: the spool.
+    logs: std::sync::OnceLock<crate::telemetry::logs::Spool>,
 }
 
 /// A running attempt's job id, and where to tell it it was cancelled.
@@ -98,6 +100,31 @@ pub struct StatusSnapshot {
     /// What the instance metadata watcher has seen, where one runs.
     #[serde(default)]
     pub metadata: Option<crate::imds::Seen>,
+    /// Where job output stands: shipped, waiting, dropped.
+    #[serde(default)]
+    pub logs: Option<LogsView>,
+}
+
+/// The log spool's backlog and its losses.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LogsView {
+    /// Shipped to CloudWatch Logs (`run`), or kept as local files (`dev`).
+    pub shipping: bool,
+    pub dir: String,
+    /// Waiting to be shipped.
+    pub waiting_bytes: u64,
+    pub waiting_streams: usize,
+    pub oldest_waiting_s: Option<u64>,
+    pub shipped_bytes: u64,
+    /// Dropped before shipping (the spool's bound), counted.
+    pub dropped_bytes: u64,
+    /// Events CloudWatch Logs refused, counted.
+    pub rejected_events: u64,
+    /// Sends abandoned for making no progress.
+    pub stalled_sends: u64,
+    /// Lines of the agent's own log dropped (its writer fell behind).
+    pub agent_lines_dropped: u64,
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -162,6 +189,7 @@ impl StatusBoard {
             cancels: Mutex::new(BTreeMap::new()),
             instance: std::sync::OnceLock::new(),
             metadata: std::sync::OnceLock::new(),
+            logs: std::sync::OnceLock::new(),
         }
     }
 
@@ -175,6 +203,11 @@ impl StatusBoard {
         if let Some(m) = metadata {
             let _ = self.metadata.set(m);
         }
+    }
+
+    /// Shows the log spool's backlog.
+    pub fn watch_logs(&self, spool: crate::telemetry::logs::Spool) {
+        let _ = self.logs.set(spool);
     }
 
     /// Registers a running attempt for `cancel`; the receiver turns
@@ -336,7 +369,74 @@ impl StatusBoard {
                 .metadata
                 .get()
                 .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()).clone()),
+            logs: self.logs.get().map(logs_view),
         }
+    }
+}
+
+fn logs_view(spool: &crate::telemetry::logs::Spool) -> LogsView {
+    use std::sync::atomic::Ordering::Relaxed;
+    let backlog = spool.backlog();
+    let counters = spool.counters();
+    LogsView {
+        shipping: spool.settings().ship,
+        dir: spool.settings().dir.display().to_string(),
+        waiting_bytes: backlog.bytes,
+        waiting_streams: backlog.streams,
+        oldest_waiting_s: backlog.oldest.map(|d| d.as_secs()),
+        shipped_bytes: counters.shipped_bytes.load(Relaxed),
+        dropped_bytes: backlog.dropped_bytes,
+        rejected_events: backlog.rejected_events,
+        stalled_sends: counters.stalled_sends.load(Relaxed),
+        agent_lines_dropped: crate::telemetry::logs::agent_log::dropped(),
+        last_error: backlog.last_error,
+    }
+}
+
+/// `1.5 MiB`, `12 KiB`, `300 B`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    UNITS
+        .iter()
+        .find(|(unit, _)| n >= *unit)
+        .map(|(unit, name)| format!("{:.1} {name}", n as f64 / *unit as f64))
+        .unwrap_or_else(|| format!("{n} B"))
+}
+
+impl LogsView {
+    /// One line for `status`.
+    fn render(&self) -> String {
+        if !self.shipping {
+            return format!("kept in {}", self.dir);
+        }
+        let mut line = if self.waiting_bytes == 0 {
+            format!("all shipped ({} so far)", human_bytes(self.shipped_bytes))
+        } else {
+            format!(
+                "{} in {} stream(s) waiting to ship{}, {} shipped",
+                human_bytes(self.waiting_bytes),
+                self.waiting_streams,
+                self.oldest_waiting_s
+                    .map(|s| format!(" (oldest {})", human_duration(s)))
+                    .unwrap_or_default(),
+                human_bytes(self.shipped_bytes)
+            )
+        };
+        let losses = [
+            (self.dropped_bytes, "bytes DROPPED (spool full)"),
+            (self.rejected_events, "events refused by CloudWatch Logs"),
+            (self.agent_lines_dropped, "agent log lines dropped"),
+            (self.stalled_sends, "stalled sends restarted"),
+        ];
+        for (n, what) in losses {
+            if n > 0 {
+                line.push_str(&format!("; {n} {what}"));
+            }
+        }
+        if let Some(e) = &self.last_error {
+            line.push_str(&format!("; last error: {e}"));
+        }
+        line
     }
 }
 
@@ -407,6 +507,9 @@ impl StatusSnapshot {
             out.push_str(&format!("WARNING:  {w}\n"));
         }
         out.push_str(&format!("slots:    {} of {} busy\n", self.busy, self.slots));
+        if let Some(logs) = &self.logs {
+            out.push_str(&format!("logs:     {}\n", logs.render()));
+        }
         out.push_str(&format!(
             "outcomes: {} succeeded, {} failed, {} timed out, {} requeued, {} interrupted, {} rejected ({} started)\n",
             c("succeeded"),
@@ -456,6 +559,31 @@ impl StatusSnapshot {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_logs_line_says_what_waits_and_every_loss() {
+        let mut view = LogsView {
+            shipping: true,
+            dir: "/var/lib/batchly/spool".into(),
+            shipped_bytes: 3 << 20,
+            ..LogsView::default()
+        };
+        assert_eq!(view.render(), "all shipped (3.0 MiB so far)");
+        view.waiting_bytes = 1536;
+        view.waiting_streams = 2;
+        view.oldest_waiting_s = Some(75);
+        view.dropped_bytes = 100;
+        view.rejected_events = 3;
+        view.last_error = Some("PutLogEvents: connection reset".into());
+        assert_eq!(
+            view.render(),
+            "1.5 KiB in 2 stream(s) waiting to ship (oldest 1m15s), 3.0 MiB shipped; \
+             100 bytes DROPPED (spool full); 3 events refused by CloudWatch Logs; \
+             last error: PutLogEvents: connection reset"
+        );
+        view.shipping = false;
+        assert_eq!(view.render(), "kept in /var/lib/batchly/spool");
+    }
+
     use super::*;
 
     #[test]
