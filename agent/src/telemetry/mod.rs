@@ -10,6 +10,7 @@
 use std::future::Future;
 use std::pin::Pin;
 pub mod batch;
+pub mod http;
 pub mod metrics;
 
 use std::time::{Duration, Instant};
