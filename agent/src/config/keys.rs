@@ -3,13 +3,19 @@
 //! in `KEYS`, its field in the section struct, and the field's placeholder in `Config::blank`
 //! (every placeholder is overwritten by the default). Nothing here reads a value.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use super::parse::{
-    check_lifecycle_hook_name, check_log_group_name, check_metrics_namespace, check_non_empty,
+    check_dimension_name, check_lifecycle_hook_name, check_log_group_name, check_metrics_namespace,
+    check_non_empty,
 };
 use super::{Config, LogFormat, SandboxMode, UidRange};
+
+/// CloudWatch allows 30 dimensions per metric (PutMetricData, `Dimensions`); the agent's own job
+/// metric dimensions (`telemetry::metrics::AGENT_DIMENSIONS`) take up to five of them.
+const MAX_TAG_DIMENSIONS: usize = 25;
 
 /// Every setting's environment variable is this prefix followed by `SECTION_KEY`.
 pub(super) const ENV_PREFIX: &str = "BATCHLY_";
@@ -65,6 +71,18 @@ pub(super) enum Slot {
     LogFormat(Field<LogFormat>),
     SandboxMode(Field<SandboxMode>),
     UidRange(Field<UidRange>),
+    /// `true` or `false`: a TOML boolean, or that text in the environment.
+    Flag(Field<bool>),
+    /// Names, each once: a TOML array of strings, or `,`-separated in the environment.
+    Names {
+        /// Returns what was expected when one name is not acceptable.
+        check: fn(&str) -> Result<(), &'static str>,
+        /// Most names the list may hold.
+        max: usize,
+        field: Field<Vec<String>>,
+    },
+    /// A `host:port` on the loopback interface, for a local endpoint.
+    LoopbackAddr(Field<Option<SocketAddr>>),
 }
 
 pub(super) struct Field<T: 'static> {
@@ -239,6 +257,34 @@ pub(super) static KEYS: &[Key] = &[
         secret: false,
     },
     Key {
+        name: "metrics.interval_s",
+        slot: Slot::Seconds {
+            positive: true,
+            field: field!(metrics.interval),
+        },
+        default: Builtin::Value("60"),
+        doc: "seconds of metrics aggregated into one CloudWatch data point",
+        secret: false,
+    },
+    Key {
+        name: "metrics.instance_dimension",
+        slot: Slot::Flag(field!(metrics.instance_dimension)),
+        default: Builtin::Value("false"),
+        doc: "add an InstanceId dimension to every metric (each instance's metrics are then billed separately)",
+        secret: false,
+    },
+    Key {
+        name: "metrics.tag_dimensions",
+        slot: Slot::Names {
+            check: check_dimension_name,
+            max: MAX_TAG_DIMENSIONS,
+            field: field!(metrics.tag_dimensions),
+        },
+        default: Builtin::Value(""),
+        doc: "job tag keys published as dimensions of the job metrics (each distinct value is a billed metric)",
+        secret: false,
+    },
+    Key {
         name: "drain.margin_s",
         slot: Slot::Seconds {
             positive: false,
@@ -293,6 +339,13 @@ pub(super) static KEYS: &[Key] = &[
         slot: Slot::Path(field!(admin.socket)),
         default: Builtin::Value("/run/batchly/agent.sock"),
         doc: "local socket for `status` and `drain`",
+        secret: false,
+    },
+    Key {
+        name: "admin.listen",
+        slot: Slot::LoopbackAddr(field!(admin.listen)),
+        default: Builtin::Unset,
+        doc: "loopback host:port for HTTP /healthz and /metrics (Prometheus); unset: no listener",
         secret: false,
     },
     Key {

@@ -21,6 +21,7 @@ mod suggest;
 use std::fmt;
 use std::fs;
 use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -96,6 +97,14 @@ pub struct LogsConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetricsConfig {
     pub namespace: String,
+    /// How long one aggregated data point covers.
+    pub interval: Duration,
+    /// Whether every metric carries an `InstanceId` dimension: off by default, since every
+    /// distinct dimension set is a metric CloudWatch bills for.
+    pub instance_dimension: bool,
+    /// Job tag keys published as dimensions of the job metrics, each a valid CloudWatch
+    /// dimension name, each once.
+    pub tag_dimensions: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +123,9 @@ pub struct DrainConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminConfig {
     pub socket: PathBuf,
+    /// Where the HTTP `/healthz` and `/metrics` listener binds; always a loopback address.
+    /// `None`: no listener.
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -378,6 +390,9 @@ impl Config {
             },
             metrics: MetricsConfig {
                 namespace: String::new(),
+                interval: Duration::ZERO,
+                instance_dimension: false,
+                tag_dimensions: Vec::new(),
             },
             drain: DrainConfig {
                 margin: Duration::ZERO,
@@ -388,6 +403,7 @@ impl Config {
             },
             admin: AdminConfig {
                 socket: PathBuf::new(),
+                listen: None,
             },
             state: StateConfig {
                 dir: PathBuf::new(),
@@ -731,13 +747,24 @@ mod tests {
             PathBuf::from("/var/lib/batchly/spool")
         );
         assert_eq!(config.logs.spool_max_bytes, 2 << 30);
-        assert_eq!(config.metrics.namespace, "Batchly/Agent");
+        assert_eq!(
+            config.metrics,
+            MetricsConfig {
+                namespace: "Batchly/Agent".to_string(),
+                interval: Duration::from_secs(60),
+                instance_dimension: false,
+                tag_dimensions: Vec::new(),
+            }
+        );
         assert_eq!(config.drain.margin, Duration::from_secs(15));
         assert_eq!(config.drain.timeout, Duration::from_secs(90));
         assert_eq!(config.drain.rebalance_resume, Duration::from_secs(600));
         assert_eq!(
-            config.admin.socket,
-            PathBuf::from("/run/batchly/agent.sock")
+            config.admin,
+            AdminConfig {
+                socket: PathBuf::from("/run/batchly/agent.sock"),
+                listen: None,
+            }
         );
         assert_eq!(config.state.dir, PathBuf::from("/var/lib/batchly/state"));
         assert_eq!(

@@ -3,6 +3,7 @@
 //! formats and CloudWatch names. A refusal says what was expected and what was given; the caller
 //! adds the key and where the value came from.
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -18,6 +19,8 @@ const LOG_GROUP_NAME_MAX_LEN: usize = 512;
 const METRICS_NAMESPACE_MAX_LEN: usize = 255;
 // CloudWatch PutMetricData: namespaces starting with "AWS/" are reserved for AWS services.
 const RESERVED_METRICS_NAMESPACE_PREFIX: &str = "AWS/";
+// CloudWatch Dimension: Name is 1..=255 ASCII characters, pattern [^:].*
+const DIMENSION_NAME_MAX_LEN: usize = 255;
 
 /// A value as it arrives: typed from the file, or text from the environment, the caller's mode
 /// defaults and the built-in defaults.
@@ -112,6 +115,11 @@ impl Slot {
             Slot::LogFormat(field) => *(field.set)(config) = parse_log_format(input)?,
             Slot::SandboxMode(field) => *(field.set)(config) = parse_sandbox_mode(input)?,
             Slot::UidRange(field) => *(field.set)(config) = parse_uid_range(input)?,
+            Slot::Flag(field) => *(field.set)(config) = parse_flag(input)?,
+            Slot::Names { check, max, field } => {
+                *(field.set)(config) = parse_names(input, *check, *max)?
+            }
+            Slot::LoopbackAddr(field) => *(field.set)(config) = Some(parse_loopback_addr(input)?),
         }
         Ok(())
     }
@@ -308,6 +316,83 @@ fn parse_uid_range(input: Input<'_>) -> Result<UidRange, Rejection> {
     Ok(UidRange { first, last })
 }
 
+fn parse_flag(input: Input<'_>) -> Result<bool, Rejection> {
+    const EXPECTED: &str = "true or false";
+    match input {
+        Input::Toml(toml::Value::Boolean(flag)) => Ok(*flag),
+        Input::Toml(other) => Err(Rejection::new(EXPECTED, describe(other))),
+        Input::Text("true") => Ok(true),
+        Input::Text("false") => Ok(false),
+        Input::Text(text) => Err(Rejection::new(EXPECTED, format!("{text:?}"))),
+    }
+}
+
+/// A TOML array of strings, or (from text) comma-separated names; an empty text is no names.
+/// Each name passes `check` and appears once; at most `max` of them.
+fn parse_names(
+    input: Input<'_>,
+    check: fn(&str) -> Result<(), &'static str>,
+    max: usize,
+) -> Result<Vec<String>, Rejection> {
+    const EXPECTED: &str = "an array of strings";
+    let names: Vec<String> = match input {
+        Input::Toml(toml::Value::Array(items)) => items
+            .iter()
+            .map(|item| match item {
+                toml::Value::String(name) => Ok(name.clone()),
+                other => Err(Rejection::new(
+                    EXPECTED,
+                    format!("{} in the array", describe(other)),
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        Input::Toml(other) => return Err(Rejection::new(EXPECTED, describe(other))),
+        Input::Text(text) if text.trim().is_empty() => Vec::new(),
+        Input::Text(text) => text
+            .split(',')
+            .map(|name| name.trim().to_string())
+            .collect(),
+    };
+    if names.len() > max {
+        return Err(Rejection::new(
+            format!("at most {max} names"),
+            names.len().to_string(),
+        ));
+    }
+    for (position, name) in names.iter().enumerate() {
+        check(name).map_err(|expected| Rejection::new(expected, format!("{name:?}")))?;
+        if names[..position].contains(name) {
+            return Err(Rejection::new("each name once", format!("{name:?} twice")));
+        }
+    }
+    Ok(names)
+}
+
+/// `127.0.0.1:9464`, `[::1]:9464` or `localhost:9464` (taken as 127.0.0.1, never resolved). Only
+/// loopback addresses: what listens there is for this host's eyes only.
+fn parse_loopback_addr(input: Input<'_>) -> Result<SocketAddr, Rejection> {
+    const EXPECTED: &str =
+        "a host:port such as 127.0.0.1:9464, [::1]:9464 or localhost:9464, port not 0";
+    let text = input.string(EXPECTED)?;
+    let addr = match text.strip_prefix("localhost:") {
+        Some(port) => port
+            .parse::<u16>()
+            .ok()
+            .map(|port| SocketAddr::from((Ipv4Addr::LOCALHOST, port))),
+        None => text.parse::<SocketAddr>().ok(),
+    };
+    let addr = addr
+        .filter(|addr| addr.port() != 0)
+        .ok_or_else(|| Rejection::new(EXPECTED, format!("{text:?}")))?;
+    if !addr.ip().is_loopback() {
+        return Err(Rejection::new(
+            "a loopback address (127.0.0.0/8, ::1 or localhost): the listener serves local endpoints only",
+            format!("{text:?}"),
+        ));
+    }
+    Ok(addr)
+}
+
 pub(super) fn check_non_empty(text: &str) -> Result<(), &'static str> {
     if text.trim().is_empty() {
         Err("a non-empty string")
@@ -354,6 +439,23 @@ pub(super) fn check_metrics_namespace(namespace: &str) -> Result<(), &'static st
     } else {
         Err("a CloudWatch namespace: 1 to 255 printable ASCII characters, not starting with ':'")
     }
+}
+
+/// A CloudWatch dimension name that is not one of the agent's own dimensions (a tag named
+/// `Queue` would collide with the queue's).
+pub(super) fn check_dimension_name(name: &str) -> Result<(), &'static str> {
+    let printable_ascii = name.chars().all(|character| matches!(character, ' '..='~'));
+    if !(1..=DIMENSION_NAME_MAX_LEN).contains(&name.len())
+        || !printable_ascii
+        || name.trim().is_empty()
+        || name.starts_with(':')
+    {
+        return Err("a CloudWatch dimension name: 1 to 255 printable ASCII characters, not starting with ':'");
+    }
+    if crate::telemetry::metrics::AGENT_DIMENSIONS.contains(&name) {
+        return Err("a tag key other than the agent's own dimensions (AutoScalingGroupName, InstanceId, Queue, Outcome, Reason)");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -723,6 +825,206 @@ mod tests {
         )
         .config();
         assert_eq!(config.metrics.namespace, "Team Risk/Batch");
+    }
+
+    #[test]
+    fn metrics_interval_is_a_minute_unless_set_and_must_be_positive() {
+        let config = load(None, &[], &[]).config();
+        assert_eq!(config.metrics.interval, Duration::from_secs(60));
+        let config = load(Some("[metrics]\ninterval_s = 10\n"), &[], &[]).config();
+        assert_eq!(config.metrics.interval, Duration::from_secs(10));
+        let loaded = load(None, &[("BATCHLY_METRICS_INTERVAL_S", "0")], &[]);
+        assert_eq!(
+            loaded.error(),
+            "metrics.interval_s: expected a positive integer, got 0 (from BATCHLY_METRICS_INTERVAL_S)"
+        );
+    }
+
+    #[test]
+    fn instance_dimension_is_off_unless_a_boolean_turns_it_on() {
+        assert!(!load(None, &[], &[]).config().metrics.instance_dimension);
+        let config = load(Some("[metrics]\ninstance_dimension = true\n"), &[], &[]).config();
+        assert!(config.metrics.instance_dimension);
+        let config = load(
+            Some("[metrics]\ninstance_dimension = true\n"),
+            &[("BATCHLY_METRICS_INSTANCE_DIMENSION", "false")],
+            &[],
+        )
+        .config();
+        assert!(!config.metrics.instance_dimension);
+        let loaded = load(Some("[metrics]\ninstance_dimension = \"yes\"\n"), &[], &[]);
+        assert_eq!(
+            loaded.error(),
+            format!(
+                "metrics.instance_dimension: expected true or false, got \"yes\" (from {})",
+                loaded.path()
+            )
+        );
+        let loaded = load(None, &[("BATCHLY_METRICS_INSTANCE_DIMENSION", "1")], &[]);
+        assert_eq!(
+            loaded.error(),
+            "metrics.instance_dimension: expected true or false, got \"1\" \
+             (from BATCHLY_METRICS_INSTANCE_DIMENSION)"
+        );
+    }
+
+    #[test]
+    fn tag_dimensions_are_none_by_default_and_taken_from_an_array_or_a_comma_list() {
+        assert!(load(None, &[], &[])
+            .config()
+            .metrics
+            .tag_dimensions
+            .is_empty());
+        let config = load(
+            Some("[metrics]\ntag_dimensions = [\"team\", \"cost-center\"]\n"),
+            &[],
+            &[],
+        )
+        .config();
+        assert_eq!(config.metrics.tag_dimensions, ["team", "cost-center"]);
+        let config = load(
+            None,
+            &[("BATCHLY_METRICS_TAG_DIMENSIONS", "team, project")],
+            &[],
+        )
+        .config();
+        assert_eq!(config.metrics.tag_dimensions, ["team", "project"]);
+    }
+
+    #[test]
+    fn tag_dimensions_must_be_cloudwatch_dimension_names_each_once_and_not_the_agents_own() {
+        let name_rule = "expected a CloudWatch dimension name: 1 to 255 printable ASCII \
+                         characters, not starting with ':'";
+        let long = "k".repeat(256);
+        for (bad, shown) in [
+            (":team", "\":team\"".to_string()),
+            ("t\u{e9}am", "\"t\u{e9}am\"".to_string()),
+            ("  ", "\"  \"".to_string()),
+            (long.as_str(), format!("{long:?}")),
+        ] {
+            let file = format!("[metrics]\ntag_dimensions = [{}]\n", toml::Value::from(bad));
+            let loaded = load(Some(&file), &[], &[]);
+            assert_eq!(
+                loaded.error(),
+                format!(
+                    "metrics.tag_dimensions: {name_rule}, got {shown} (from {})",
+                    loaded.path()
+                )
+            );
+        }
+        let loaded = load(None, &[("BATCHLY_METRICS_TAG_DIMENSIONS", "team,")], &[]);
+        assert_eq!(
+            loaded.error(),
+            format!(
+                "metrics.tag_dimensions: {name_rule}, got \"\" (from BATCHLY_METRICS_TAG_DIMENSIONS)"
+            )
+        );
+        let loaded = load(
+            None,
+            &[("BATCHLY_METRICS_TAG_DIMENSIONS", "team,project,team")],
+            &[],
+        );
+        assert_eq!(
+            loaded.error(),
+            "metrics.tag_dimensions: expected each name once, got \"team\" twice \
+             (from BATCHLY_METRICS_TAG_DIMENSIONS)"
+        );
+        let loaded = load(None, &[("BATCHLY_METRICS_TAG_DIMENSIONS", "Queue")], &[]);
+        assert_eq!(
+            loaded.error(),
+            "metrics.tag_dimensions: expected a tag key other than the agent's own dimensions \
+             (AutoScalingGroupName, InstanceId, Queue, Outcome, Reason), got \"Queue\" \
+             (from BATCHLY_METRICS_TAG_DIMENSIONS)"
+        );
+        let many: Vec<String> = (0..26).map(|n| format!("tag{n}")).collect();
+        let loaded = load(
+            None,
+            &[("BATCHLY_METRICS_TAG_DIMENSIONS", many.join(",").as_str())],
+            &[],
+        );
+        assert_eq!(
+            loaded.error(),
+            "metrics.tag_dimensions: expected at most 25 names, got 26 \
+             (from BATCHLY_METRICS_TAG_DIMENSIONS)"
+        );
+        let loaded = load(Some("[metrics]\ntag_dimensions = \"team\"\n"), &[], &[]);
+        assert_eq!(
+            loaded.error(),
+            format!(
+                "metrics.tag_dimensions: expected an array of strings, got \"team\" (from {})",
+                loaded.path()
+            )
+        );
+    }
+
+    #[test]
+    fn admin_listen_is_off_by_default_and_takes_loopback_addresses_only() {
+        assert_eq!(load(None, &[], &[]).config().admin.listen, None);
+        for (text, addr) in [
+            ("127.0.0.1:9464", "127.0.0.1:9464"),
+            ("127.0.0.53:80", "127.0.0.53:80"),
+            ("[::1]:9464", "[::1]:9464"),
+            ("localhost:9464", "127.0.0.1:9464"),
+        ] {
+            let config = load(None, &[("BATCHLY_ADMIN_LISTEN", text)], &[]).config();
+            assert_eq!(
+                config.admin.listen.map(|a| a.to_string()).as_deref(),
+                Some(addr),
+                "{text}"
+            );
+        }
+        for public in ["0.0.0.0:9464", "10.1.2.3:9464", "[::]:9464"] {
+            let loaded = load(None, &[("BATCHLY_ADMIN_LISTEN", public)], &[]);
+            assert_eq!(
+                loaded.error(),
+                format!(
+                    "admin.listen: expected a loopback address (127.0.0.0/8, ::1 or localhost): \
+                     the listener serves local endpoints only, got {public:?} \
+                     (from BATCHLY_ADMIN_LISTEN)"
+                )
+            );
+        }
+        for junk in [
+            "9464",
+            "localhost",
+            "example.com:80",
+            "127.0.0.1:0",
+            "127.0.0.1:99999",
+        ] {
+            let loaded = load(None, &[("BATCHLY_ADMIN_LISTEN", junk)], &[]);
+            assert_eq!(
+                loaded.error(),
+                format!(
+                    "admin.listen: expected a host:port such as 127.0.0.1:9464, [::1]:9464 or \
+                     localhost:9464, port not 0, got {junk:?} (from BATCHLY_ADMIN_LISTEN)"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn metrics_and_listener_settings_render_and_load_back_unchanged() {
+        let original = load(
+            Some(
+                "[metrics]\ninterval_s = 15\ninstance_dimension = true\n\
+                 tag_dimensions = [\"team\", \"project\"]\n[admin]\nlisten = \"[::1]:9464\"\n",
+            ),
+            &[],
+            &[],
+        )
+        .config();
+        let rendered = original.render();
+        assert!(
+            rendered.contains("tag_dimensions = [\"team\", \"project\"]  # from "),
+            "{rendered}"
+        );
+        let reloaded = load(Some(&rendered), &[], &[]).config();
+        assert_eq!(reloaded.metrics, original.metrics);
+        assert_eq!(reloaded.admin, original.admin);
+        assert!(load(None, &[], &[])
+            .config()
+            .render()
+            .contains("# listen is not set\n"));
     }
 
     #[test]

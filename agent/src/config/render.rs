@@ -105,6 +105,18 @@ impl Slot {
             Slot::LogFormat(field) => Some(quoted((field.get)(config).as_str())),
             Slot::SandboxMode(field) => Some(quoted((field.get)(config).as_str())),
             Slot::UidRange(field) => Some(quoted(&(field.get)(config).to_string())),
+            Slot::Flag(field) => Some((field.get)(config).to_string()),
+            Slot::Names { field, .. } => Some(format!(
+                "[{}]",
+                (field.get)(config)
+                    .iter()
+                    .map(|name| quoted(name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            Slot::LoopbackAddr(field) => (field.get)(config)
+                .as_ref()
+                .map(|addr| quoted(&addr.to_string())),
         }
     }
 }

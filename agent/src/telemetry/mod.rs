@@ -12,6 +12,8 @@ pub mod logs;
 use std::future::Future;
 use std::pin::Pin;
 pub mod batch;
+pub mod http;
+pub mod metrics;
 
 use std::time::{Duration, Instant};
 

@@ -4,6 +4,7 @@
 //! once per file.
 
 mod cli;
+mod cloudwatch_metrics;
 mod dev_bad_input;
 // Its probes need root and namespaces, like dev_sandbox.
 #[cfg(target_arch = "x86_64")]
