@@ -286,6 +286,7 @@ pub struct Aws {
     pub s3: aws_sdk_s3::Client,
     pub autoscaling: aws_sdk_autoscaling::Client,
     pub logs: aws_sdk_cloudwatchlogs::Client,
+    pub cloudwatch: aws_sdk_cloudwatch::Client,
 }
 
 impl Aws {
@@ -322,6 +323,13 @@ impl Aws {
             .endpoint_url(endpoint)
             .timeout_config(timeouts.clone())
             .build();
+        let cloudwatch = aws_sdk_cloudwatch::Config::builder()
+            .behavior_version(aws_sdk_cloudwatch::config::BehaviorVersion::latest())
+            .region(region.clone())
+            .credentials_provider(credentials.clone())
+            .endpoint_url(endpoint)
+            .timeout_config(timeouts.clone())
+            .build();
         let s3 = aws_sdk_s3::Config::builder()
             .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
             .region(region)
@@ -337,6 +345,7 @@ impl Aws {
             s3: aws_sdk_s3::Client::from_conf(s3),
             autoscaling: aws_sdk_autoscaling::Client::from_conf(autoscaling),
             logs: aws_sdk_cloudwatchlogs::Client::from_conf(logs),
+            cloudwatch: aws_sdk_cloudwatch::Client::from_conf(cloudwatch),
         }
     }
 
@@ -671,6 +680,61 @@ impl Aws {
                 _ => return lines,
             }
         }
+    }
+}
+
+impl Aws {
+    /// The sum of metric `name` in `namespace` over the last hour, for data
+    /// carrying at least `dimensions`; `None` when there is none.
+    pub fn metric_sum(
+        &self,
+        namespace: &str,
+        name: &str,
+        dimensions: &[(&str, &str)],
+    ) -> Option<f64> {
+        use aws_sdk_cloudwatch::primitives::DateTime;
+        use aws_sdk_cloudwatch::types::{Dimension, Statistic};
+        let now = std::time::SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let mut request = self
+            .cloudwatch
+            .get_metric_statistics()
+            .namespace(namespace)
+            .metric_name(name)
+            .start_time(DateTime::from(now - hour))
+            .end_time(DateTime::from(now + hour))
+            .period(3600)
+            .statistics(Statistic::Sum);
+        for (n, v) in dimensions {
+            request = request.dimensions(Dimension::builder().name(*n).value(*v).build());
+        }
+        let out = self
+            .block_on(request.send())
+            .unwrap_or_else(|e| panic!("GetMetricStatistics {name}: {e:?}"));
+        let points = out.datapoints();
+        (!points.is_empty()).then(|| points.iter().filter_map(|p| p.sum()).sum())
+    }
+
+    /// The dimension names of every metric `name` in `namespace`.
+    pub fn metric_dimension_names(&self, namespace: &str, name: &str) -> Vec<Vec<String>> {
+        let out = self
+            .block_on(
+                self.cloudwatch
+                    .list_metrics()
+                    .namespace(namespace)
+                    .metric_name(name)
+                    .send(),
+            )
+            .unwrap_or_else(|e| panic!("ListMetrics {name}: {e:?}"));
+        out.metrics()
+            .iter()
+            .map(|m| {
+                m.dimensions()
+                    .iter()
+                    .filter_map(|d| d.name().map(str::to_string))
+                    .collect()
+            })
+            .collect()
     }
 }
 

@@ -50,6 +50,12 @@ pub(super) fn logs_client(sdk: &aws_config::SdkConfig) -> aws_sdk_cloudwatchlogs
     aws_sdk_cloudwatchlogs::Client::new(&one_retry_layer(sdk))
 }
 
+/// CloudWatch (metrics) with the same single retry layer and short
+/// timeouts.
+pub(super) fn cloudwatch_client(sdk: &aws_config::SdkConfig) -> aws_sdk_cloudwatch::Client {
+    aws_sdk_cloudwatch::Client::new(&one_retry_layer(sdk))
+}
+
 /// `sdk` with the SDK's retries off (the agent's own policy retries,
 /// bounded by each caller's deadline) and short call timeouts.
 fn one_retry_layer(sdk: &aws_config::SdkConfig) -> aws_config::SdkConfig {

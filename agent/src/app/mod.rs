@@ -90,7 +90,11 @@ pub(crate) fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-fn settings(config: &Config, logs: crate::telemetry::logs::Spool) -> Settings {
+fn settings(
+    config: &Config,
+    logs: crate::telemetry::logs::Spool,
+    metrics: crate::telemetry::metrics::Metrics,
+) -> Settings {
     Settings {
         slots: config.jobs.max_concurrent,
         default_timeout: config.jobs.default_timeout,
@@ -102,6 +106,8 @@ fn settings(config: &Config, logs: crate::telemetry::logs::Spool) -> Settings {
         work_root: config.jobs.work_dir.clone(),
         logs,
         log_max_bytes: config.jobs.log_max_bytes,
+        metrics,
+        queue_names: queue_names(config),
         verify: VerifyPolicy {
             skew: config.signing.skew,
             max_ttl: config.signing.max_ttl,
@@ -110,6 +116,20 @@ fn settings(config: &Config, logs: crate::telemetry::logs::Spool) -> Settings {
         max_requeues: config.jobs.max_requeues,
         sandbox: None,
     }
+}
+
+/// The queues' names (the last part of each URL), by priority; `dev` for
+/// the `dev` directory queue.
+fn queue_names(config: &Config) -> Vec<String> {
+    if config.queue.urls.is_empty() {
+        return vec!["dev".to_string()];
+    }
+    config
+        .queue
+        .urls
+        .iter()
+        .map(|u| u.rsplit('/').next().unwrap_or(u).to_string())
+        .collect()
 }
 
 /// Makes the jobs' cgroup parent ready and kills and removes the job
@@ -513,8 +533,22 @@ pub async fn run(
     );
     let stop_shipping = tokio_util::sync::CancellationToken::new();
     let shipping = tokio::spawn(shipper.clone().run(stop_shipping.clone()));
+    let group = startup
+        .instance
+        .as_ref()
+        .and_then(crate::imds::InstanceId::identity)
+        .and_then(|i| i.autoscaling_group);
+    let metrics = crate::telemetry::metrics::Metrics::new(
+        crate::telemetry::metrics::MetricsSettings::from_config(&config, &instance, group),
+    );
+    let publisher = metrics.publisher(aws::cloudwatch_client(&sdk));
+    let publishing = tokio::spawn(publisher.clone().run(stop_shipping.clone()));
     startup.logs = Some(spool);
-    startup.telemetry = Arc::new(shipper);
+    startup.metrics = Some(metrics);
+    startup.telemetry = Arc::new(crate::telemetry::Flushes(vec![
+        Arc::new(shipper),
+        Arc::new(publisher),
+    ]));
     let drain = Drain::keeping(startup.telemetry.flush_reserve());
     let mut terminating = None;
     let watcher = imds.map(|imds| {
@@ -540,6 +574,7 @@ pub async fn run(
     }
     stop_shipping.cancel();
     let _ = shipping.await;
+    let _ = publishing.await;
     served
 }
 
@@ -716,6 +751,9 @@ pub struct Startup {
     /// The log spool, opened for shipping (`run`); `None`: the stream
     /// files are kept as the jobs' logs (`dev`).
     pub logs: Option<crate::telemetry::logs::Spool>,
+    /// The metrics, published to CloudWatch (`run`); `None`: kept for the
+    /// local `/metrics` only (`dev`).
+    pub metrics: Option<crate::telemetry::metrics::Metrics>,
 }
 
 /// The lifecycle hooks and the signal that the group is terminating the
@@ -737,6 +775,7 @@ impl Startup {
             lifecycle: None,
             telemetry: Arc::new(crate::telemetry::NothingBuffered),
             logs: None,
+            metrics: None,
         }
     }
 }
@@ -767,6 +806,7 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
         lifecycle,
         telemetry,
         logs,
+        metrics,
         ..
     } = startup;
     for w in sandbox_warnings {
@@ -794,7 +834,16 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
         Some(spool) => spool,
         None => open_spool(config, false)?,
     };
-    let mut settings = settings(config, logs);
+    let metrics = metrics.unwrap_or_else(|| {
+        crate::telemetry::metrics::Metrics::new(
+            crate::telemetry::metrics::MetricsSettings::from_config(
+                config,
+                &instance_id(config),
+                None,
+            ),
+        )
+    });
+    let mut settings = settings(config, logs.clone(), metrics.clone());
     settings.sandbox = sandbox;
     if let Some(instance) = instance {
         settings.instance_id = instance;
@@ -812,6 +861,10 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
     board.watch_instance(settings.instance_id.clone(), metadata);
     board.watch_logs(settings.logs.clone());
     let listener = admin::bind(&config.admin.socket).await.map_err(failed)?;
+    let http = match config.admin.listen {
+        Some(addr) => Some(crate::telemetry::http::bind(addr).await.map_err(usage)?),
+        None => None,
+    };
     let mut supervisor = Supervisor::new(
         source,
         events,
@@ -841,6 +894,22 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
         admin_socket = %config.admin.socket.display(),
         "batchly-agent {} started", env!("CARGO_PKG_VERSION")
     );
+    let stop_feeding = tokio_util::sync::CancellationToken::new();
+    let feeding = tokio::spawn(feed_metrics(
+        board.clone(),
+        logs,
+        metrics.clone(),
+        stop_feeding.clone(),
+    ));
+    let stop_http = tokio_util::sync::CancellationToken::new();
+    if let Some(listener) = http {
+        tokio::spawn(crate::telemetry::http::serve(
+            listener,
+            metrics,
+            Arc::new(health),
+            stop_http.clone(),
+        ));
+    }
     systemd::ready(&board);
     let systemd_task = tokio::spawn(systemd::keep_informed(board.clone(), drain.clone()));
     // Ready to take jobs: the group may count the instance now.
@@ -866,7 +935,11 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
     let end = drain
         .end()
         .unwrap_or_else(|| std::time::Instant::now() + STOP_FLUSH_BUDGET);
+    // The last slots and log counts go into the last interval.
+    stop_feeding.cancel();
+    let _ = feeding.await;
     crate::telemetry::flush_before_exit(telemetry.as_ref(), end).await;
+    stop_http.cancel();
     drain.timeline().mark(crate::drain::Step::Flushed);
     // Last: completing the termination hook lets the group take the
     // instance away.
@@ -891,6 +964,79 @@ pub async fn serve_with<S: JobSource, E: EventSink>(
         "drained; every job finished or was released; exiting"
     );
     Ok(())
+}
+
+/// How often the slot gauges and the log counters are given to the
+/// metrics.
+const FEED_EVERY: Duration = Duration::from_secs(5);
+
+/// What the metrics were last told of the log spool's counters.
+#[derive(Debug, Default)]
+struct MetricsFeed {
+    shipped: u64,
+    spooled: u64,
+    dropped: u64,
+    rejected: u64,
+}
+
+impl MetricsFeed {
+    /// Gives the metrics the slots now and the log counters' growth.
+    fn feed(
+        &mut self,
+        board: &StatusBoard,
+        logs: &crate::telemetry::logs::Spool,
+        metrics: &crate::telemetry::metrics::Metrics,
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let snap = board.snapshot();
+        metrics.slots(snap.slots, snap.busy);
+        let c = logs.counters();
+        let now = (
+            c.shipped_bytes.load(Relaxed),
+            c.spooled_bytes.load(Relaxed),
+            c.dropped_bytes.load(Relaxed),
+            c.rejected_events.load(Relaxed),
+        );
+        metrics.log_bytes(
+            now.0 - self.shipped,
+            now.1 - self.spooled,
+            now.2 - self.dropped,
+        );
+        metrics.log_events_dropped(now.3 - self.rejected);
+        (self.shipped, self.spooled, self.dropped, self.rejected) = now;
+    }
+}
+
+/// Feeds the metrics every `FEED_EVERY`, and once more at `stop`.
+async fn feed_metrics(
+    board: Arc<StatusBoard>,
+    logs: crate::telemetry::logs::Spool,
+    metrics: crate::telemetry::metrics::Metrics,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut feed = MetricsFeed::default();
+    let mut every = tokio::time::interval(FEED_EVERY);
+    loop {
+        tokio::select! {
+            _ = every.tick() => feed.feed(&board, &logs, &metrics),
+            _ = stop.cancelled() => break,
+        }
+    }
+    feed.feed(&board, &logs, &metrics);
+}
+
+/// `/healthz`: healthy while every long-lived loop (intake, lease
+/// heartbeat, metadata watcher, log shipper) makes progress.
+fn health() -> Result<(), String> {
+    let stalled = crate::liveness::global().stalled();
+    if stalled.is_empty() {
+        return Ok(());
+    }
+    Err(stalled
+        .iter()
+        .map(|(name, quiet)| format!("{name} made no progress for {}s", quiet.as_secs()))
+        .collect::<Vec<_>>()
+        .join("; "))
 }
 
 /// One line with the drain's steps, in milliseconds after it was asked

@@ -175,7 +175,40 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         ev.reason = Some(reason.to_string());
         ev.detail = Some(rejection.detail.clone());
         ev.is_final = true;
+        self.count_ended(
+            &msg,
+            EventType::Rejected,
+            crate::telemetry::metrics::Reason::Rejected(rejection.reason),
+            None,
+            &std::collections::BTreeMap::new(),
+        );
         self.dead_letter_with_event(&msg, ev).await
+    }
+
+    /// Tells the metrics how an attempt ended.
+    fn count_ended(
+        &self,
+        msg: &Message,
+        outcome: EventType,
+        reason: crate::telemetry::metrics::Reason,
+        duration: Option<Duration>,
+        tags: &std::collections::BTreeMap<String, String>,
+    ) {
+        let queue = self
+            .settings
+            .queue_names
+            .get(msg.queue)
+            .map_or("", String::as_str);
+        self.settings
+            .metrics
+            .job_ended(&crate::telemetry::metrics::JobEnded {
+                queue,
+                outcome,
+                reason,
+                duration,
+                queue_wait: None,
+                tags,
+            });
     }
 
     /// Copies the message to the dead-letter place (with the event's reason
@@ -296,6 +329,13 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         ev.duration_ms = Some(started.elapsed().as_millis() as u64);
         ev.reason = verdict.reason.clone();
         ev.is_final = verdict.is_final;
+        self.count_ended(
+            &msg,
+            verdict.kind,
+            crate::telemetry::metrics::Reason::of_ending(&ending),
+            Some(started.elapsed()),
+            &job.tags,
+        );
         if let Some(used) = usage.lock().ok().and_then(|u| *u) {
             ev.cpu_ms = used.cpu.map(|d| d.as_millis() as u64);
             ev.memory_peak_bytes = used.memory_peak_bytes;
@@ -460,6 +500,13 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
             ev.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default(),
         ));
         tracing::error!(message_id = %msg.id, requeues, "a job was released too often without a failed attempt; dead-lettering it as agent_gave_up");
+        self.count_ended(
+            msg,
+            EventType::Failed,
+            crate::telemetry::metrics::Reason::AgentGaveUp,
+            None,
+            &ev.tags,
+        );
         self.dead_letter_with_event(msg, gave_up).await
     }
 

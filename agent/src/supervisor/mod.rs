@@ -169,6 +169,10 @@ pub struct Settings {
     /// Where job output goes: the spool (`run`) or the kept logs (`dev`).
     pub logs: crate::telemetry::logs::Spool,
     pub log_max_bytes: u64,
+    /// Job counts and durations, by queue, outcome and reason.
+    pub metrics: crate::telemetry::metrics::Metrics,
+    /// The queues' names, by `Message::queue`, for the metrics.
+    pub queue_names: Vec<String>,
     pub verify: VerifyPolicy,
     pub instance_id: crate::imds::InstanceId,
     /// Releases that are not failures a job may have before it is
@@ -815,6 +819,18 @@ mod tests {
             })
             .expect("spool"),
             log_max_bytes: 1024,
+            metrics: crate::telemetry::metrics::Metrics::new(
+                crate::telemetry::metrics::MetricsSettings {
+                    namespace: "Test".into(),
+                    interval: Duration::from_secs(60),
+                    instance_dimension: false,
+                    tag_dimensions: Vec::new(),
+                    group: None,
+                    instance_id: "i-test".into(),
+                    disk_path: state.to_path_buf(),
+                },
+            ),
+            queue_names: vec!["dev".into()],
             verify: VerifyPolicy::default(),
             instance_id: crate::imds::InstanceId::fixed("i-test"),
             max_requeues: 20,

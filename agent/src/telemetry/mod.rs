@@ -51,6 +51,36 @@ impl Flush for NothingBuffered {
     }
 }
 
+/// Several flushes run together: the drain keeps the longest reserve.
+pub struct Flushes(pub Vec<std::sync::Arc<dyn Flush>>);
+
+impl Flush for Flushes {
+    fn flush_reserve(&self) -> Duration {
+        self.0
+            .iter()
+            .map(|f| f.flush_reserve())
+            .max()
+            .unwrap_or_default()
+    }
+
+    fn flush(&self, deadline: Instant) -> Pin<Box<dyn Future<Output = Flushed> + Send + '_>> {
+        Box::pin(async move {
+            let mut all = tokio::task::JoinSet::new();
+            for f in &self.0 {
+                let f = f.clone();
+                all.spawn(async move { f.flush(deadline).await });
+            }
+            let mut sum = Flushed::default();
+            while let Some(done) = all.join_next().await {
+                let done = done.unwrap_or_default();
+                sum.shipped += done.shipped;
+                sum.left += done.left;
+            }
+            sum
+        })
+    }
+}
+
 /// Flushes `what` by `deadline` and logs the outcome for the drain log.
 pub async fn flush_before_exit(what: &dyn Flush, deadline: Instant) -> Flushed {
     let started = Instant::now();

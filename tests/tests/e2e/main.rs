@@ -24,6 +24,7 @@ mod sqs_envelopes;
 mod sqs_faults;
 mod sqs_lifecycle;
 mod sqs_logs;
+mod sqs_metrics;
 mod sqs_notices;
 mod sqs_recovery;
 mod sqs_s3;
