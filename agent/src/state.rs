@@ -94,6 +94,7 @@ impl InFlight {
             receipt: self.receipt.clone(),
             queue: self.queue,
             group: None,
+            sent_at: None,
         }
     }
 }

@@ -503,6 +503,7 @@ impl DirQueue {
                 receipt: name,
                 queue: 0,
                 group: None,
+                sent_at: None,
             })),
             Err(e) => {
                 // Unread, so not received: put it back as it was.

@@ -42,6 +42,9 @@ pub struct Message {
     pub queue: usize,
     /// FIFO message group: messages of one group run one at a time, in order.
     pub group: Option<String>,
+    /// When it was first sent to its queue, where the source knows (SQS's
+    /// `SentTimestamp`): the job's queue wait is measured from here.
+    pub sent_at: Option<std::time::SystemTime>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +75,14 @@ impl QueueError {
         match self {
             QueueError::Io { .. } | QueueError::Busy(_) => ErrorClass::Transient,
             QueueError::Service { class, .. } => *class,
+        }
+    }
+
+    /// The queue a service error is about (its URL), if it is one.
+    pub fn target(&self) -> Option<&str> {
+        match self {
+            QueueError::Service { target, .. } => Some(target),
+            _ => None,
         }
     }
 }

@@ -194,6 +194,12 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         duration: Option<Duration>,
         tags: &std::collections::BTreeMap<String, String>,
     ) {
+        // From the first send to this attempt's end, less its run: the
+        // wait before it started.
+        let queue_wait = msg.sent_at.and_then(|sent| {
+            let waited = std::time::SystemTime::now().duration_since(sent).ok()?;
+            Some(waited.saturating_sub(duration?))
+        });
         let queue = self
             .settings
             .queue_names
@@ -206,7 +212,7 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 outcome,
                 reason,
                 duration,
-                queue_wait: None,
+                queue_wait,
                 tags,
             });
     }

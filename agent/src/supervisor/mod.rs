@@ -547,6 +547,8 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
                 }
                 Err(e) => {
                     receive_failures += 1;
+                    let queue = e.target().map(|url| url.rsplit('/').next().unwrap_or(url));
+                    self.settings.metrics.sqs_error(queue.unwrap_or(""));
                     let wait = Backoff {
                         base: Duration::from_secs(1),
                         max: RECEIVE_RETRY_MAX,

@@ -379,6 +379,7 @@ impl SqsQueue {
             .wait_time_seconds(wait_s)
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
             .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
+            .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
             .message_attribute_names("All")
             .customize()
             .config_override(
@@ -410,6 +411,10 @@ impl SqsQueue {
             let group = attrs
                 .get(&MessageSystemAttributeName::MessageGroupId)
                 .cloned();
+            let sent_at = attrs
+                .get(&MessageSystemAttributeName::SentTimestamp)
+                .and_then(|ms| ms.parse::<u64>().ok())
+                .map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms));
             let body = m.body.unwrap_or_default();
             let carried = split_attributes(m.message_attributes.unwrap_or_default());
             let (failures, attributes) = (carried.failures, carried.attributes);
@@ -462,6 +467,7 @@ impl SqsQueue {
                 receipt,
                 queue: index,
                 group,
+                sent_at,
             });
         }
         Ok(got)

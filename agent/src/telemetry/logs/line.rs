@@ -78,29 +78,51 @@ pub fn encode(out: &mut Vec<u8>, stamp: &str, source: Source, text: &str) {
     out.push(b'\n');
 }
 
-/// A line read back (without its newline) as the event to send: the text
-/// behind its source word. A line that is not in the format (a file
-/// damaged by hand or by a crash mid-write) is sent as it stands, at
-/// `fallback_ms`, rather than lost.
-pub fn decode(line: &[u8], fallback_ms: i64) -> LogEvent {
-    let text = String::from_utf8_lossy(line);
-    let parsed = text.get(..STAMP_LEN).and_then(parse_stamp).and_then(|at| {
-        let rest = text.get(STAMP_LEN..)?.strip_prefix(' ')?;
-        let (word, _) = rest.split_once(' ').unwrap_or((rest, ""));
-        Source::parse(word)?;
-        Some((at, rest.to_string()))
-    });
-    let (timestamp_ms, mut message) = parsed.unwrap_or((fallback_ms, text.into_owned()));
-    if message.len() > MAX_EVENT_BYTES {
-        let mut end = MAX_EVENT_BYTES;
-        while !message.is_char_boundary(end) {
-            end -= 1;
+/// Reads lines back as events, remembering the last stamp it parsed (the
+/// lines of one read share theirs).
+#[derive(Debug, Default)]
+pub struct Decoder {
+    last: Option<([u8; STAMP_LEN], i64)>,
+}
+
+impl Decoder {
+    /// A line (without its newline) as the event to send: the text behind
+    /// its stamp. A line that is not in the format (a file damaged by hand
+    /// or by a crash mid-write) is sent as it stands, at `fallback_ms`,
+    /// rather than lost.
+    pub fn decode(&mut self, line: &[u8], fallback_ms: i64) -> LogEvent {
+        let parsed = line.get(..STAMP_LEN).and_then(|stamp| {
+            let rest = line.get(STAMP_LEN..)?.strip_prefix(b" ")?;
+            let word_end = rest.iter().position(|&b| b == b' ').unwrap_or(rest.len());
+            Source::parse(std::str::from_utf8(&rest[..word_end]).ok()?)?;
+            let at = match self.last {
+                Some((seen, at)) if seen == stamp => at,
+                _ => {
+                    let at = parse_stamp(std::str::from_utf8(stamp).ok()?)?;
+                    let mut key = [0u8; STAMP_LEN];
+                    key.copy_from_slice(stamp);
+                    self.last = Some((key, at));
+                    at
+                }
+            };
+            Some((at, rest))
+        });
+        let (timestamp_ms, text) = parsed.unwrap_or((fallback_ms, line));
+        let mut message = match std::str::from_utf8(text) {
+            Ok(t) => t.to_string(),
+            Err(_) => String::from_utf8_lossy(text).into_owned(),
+        };
+        if message.len() > MAX_EVENT_BYTES {
+            let mut end = MAX_EVENT_BYTES;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
         }
-        message.truncate(end);
-    }
-    LogEvent {
-        timestamp_ms,
-        message,
+        LogEvent {
+            timestamp_ms,
+            message,
+        }
     }
 }
 
@@ -124,7 +146,7 @@ impl Lines {
     /// Feeds `bytes`, calling `emit` for every finished line or piece.
     pub fn feed(&mut self, mut bytes: &[u8], emit: &mut impl FnMut(&str)) {
         while !bytes.is_empty() {
-            let end = bytes.iter().position(|&b| b == b'\n');
+            let end = memchr::memchr(b'\n', bytes);
             self.partial
                 .extend_from_slice(&bytes[..end.unwrap_or(bytes.len())]);
             while self.partial.len() > PIECE {
@@ -231,12 +253,15 @@ mod tests {
         let mut buf = Vec::new();
         encode(&mut buf, &stamp(at), Source::Stderr, "oops: x y");
         assert_eq!(buf, b"2026-12-02T10:00:00.123Z stderr oops: x y\n");
-        let ev = decode(&buf[..buf.len() - 1], 7);
+        let mut decoder = Decoder::default();
+        let ev = decoder.decode(&buf[..buf.len() - 1], 7);
         assert_eq!(
             (ev.timestamp_ms, ev.message.as_str()),
             (at, "stderr oops: x y")
         );
-        let damaged = decode(b"garbage line", 7);
+        let again = decoder.decode(&buf[..buf.len() - 1], 7);
+        assert_eq!(again, ev, "the remembered stamp reads the same");
+        let damaged = decoder.decode(b"garbage line", 7);
         assert_eq!(
             (damaged.timestamp_ms, damaged.message.as_str()),
             (7, "garbage line")

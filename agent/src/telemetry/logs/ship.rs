@@ -455,15 +455,16 @@ fn read_batch(p: &Pending) -> std::io::Result<(Batch, u64, Refused)> {
     let mut refused = Refused::default();
     let mut at = 0;
     let at_end = p.from + got as u64 >= p.to;
+    let mut decoder = line::Decoder::default();
     while at < buf.len() {
-        let (line, next) = match buf[at..].iter().position(|&b| b == b'\n') {
+        let (line, next) = match memchr::memchr(b'\n', &buf[at..]) {
             Some(n) => (&buf[at..at + n], at + n + 1),
             // A last line without its newline, of a stream that has ended
             // (a crash mid-write): sent as it is.
             None if p.finished && at_end => (&buf[at..], buf.len()),
             None => break,
         };
-        let mut event = line::decode(line, now);
+        let mut event = decoder.decode(line, now);
         if p.stream.is_none() {
             // The agent's own log: its JSON alone, for Logs Insights.
             if let Some(bare) = event.message.strip_prefix("agent ") {
