@@ -64,6 +64,9 @@ enum Cut {
 /// How long to wait for a job's output pipes to close after its group was
 /// killed (a process that escaped the group may still hold them).
 const OUTPUT_DRAIN_WAIT: Duration = Duration::from_secs(2);
+/// How long ending a job's log stream (its last write and sync to disk)
+/// may take before the job's output counts as not handed off.
+const HANDOFF_WAIT: Duration = Duration::from_secs(30);
 
 fn unix_now() -> i64 {
     SystemTime::now()
@@ -757,8 +760,13 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         self.board.set_pid(&msg.id, proc.pid());
         // Output is taken from the first moment, so the job never blocks on
         // a full pipe while its start is being published.
-        let mut capture =
-            tokio::spawn(output::capture(proc.stdout.take(), proc.stderr.take(), log));
+        let stop_capture = tokio_util::sync::CancellationToken::new();
+        let mut capture = tokio::spawn(output::capture(
+            proc.stdout.take(),
+            proc.stderr.take(),
+            log,
+            stop_capture.clone(),
+        ));
         let mut started = started_event.clone();
         started.at = crate::events::rfc3339_now();
         // The start event goes out while the job runs, under the watch: a
@@ -793,23 +801,35 @@ impl<S: JobSource, E: EventSink> Supervisor<S, E> {
         // The message waits for its output: in the spool (or shipped), not
         // only in this process's memory.
         let mut not_handed_off = None;
-        match tokio::time::timeout(OUTPUT_DRAIN_WAIT, &mut capture).await {
-            Ok(Ok(Ok(got))) if got.over_cap > 0 => tracing::warn!(
-                job = %job.id, dropped = got.over_cap, "job output over jobs.log_max_bytes was dropped"
-            ),
-            Ok(Ok(Ok(_))) => {}
-            Ok(Ok(Err(e))) => not_handed_off = Some(e.to_string()),
-            Ok(Err(e)) => not_handed_off = Some(format!("capturing job output: {e}")),
+        let captured = match tokio::time::timeout(OUTPUT_DRAIN_WAIT, &mut capture).await {
+            Ok(done) => Some(done),
             Err(_) => {
-                // Closing our ends gives the escaped process EPIPE and frees
-                // the pipes and the log file now, not when it exits.
-                capture.abort();
+                // Stops reading: closing our ends gives the escaped process
+                // EPIPE and frees the pipes now, not when it exits. What it
+                // wrote so far is handed off all the same.
+                stop_capture.cancel();
                 tracing::warn!(
                     job = %job.id,
                     "a process that left the job's process group still holds its output open; \
                      stopped capturing its output (with sandbox.mode = \"none\" nothing contains it: \
                      it keeps running)"
                 );
+                tokio::time::timeout(HANDOFF_WAIT, &mut capture).await.ok()
+            }
+        };
+        match captured {
+            Some(Ok(Ok(got))) if got.over_cap > 0 => tracing::warn!(
+                job = %job.id, dropped = got.over_cap, "job output over jobs.log_max_bytes was dropped"
+            ),
+            Some(Ok(Ok(_))) => {}
+            Some(Ok(Err(e))) => not_handed_off = Some(e.to_string()),
+            Some(Err(e)) => not_handed_off = Some(format!("capturing job output: {e}")),
+            None => {
+                capture.abort();
+                not_handed_off = Some(format!(
+                    "its log stream was not synced to disk within {}s",
+                    HANDOFF_WAIT.as_secs()
+                ));
             }
         }
         let mut ending = self.judge(watched, timeout);

@@ -12,13 +12,15 @@ use crate::telemetry::logs::{Source, SpoolError, StreamWriter, Written};
 /// Read size per stream: large enough that a fast writer costs few wakeups.
 const CHUNK: usize = 64 * 1024;
 
-/// Copies both streams into `log` until both reach end of file, then ends
-/// the stream: `Ok` once its output is handed off (in the spool, synced,
-/// or kept as `dev`'s log), which the job's message waits for.
+/// Copies both streams into `log` until both reach end of file (or `stop`:
+/// a process that escaped the job holds them open), then ends the stream:
+/// `Ok` once its output is handed off (in the spool, synced, or kept as
+/// `dev`'s log), which the job's message waits for.
 pub async fn capture<O, E>(
     mut out: Option<O>,
     mut err: Option<E>,
     mut log: StreamWriter,
+    stop: tokio_util::sync::CancellationToken,
 ) -> Result<Written, SpoolError>
 where
     O: AsyncRead + Unpin,
@@ -28,6 +30,7 @@ where
     let mut buf_err = vec![0u8; CHUNK];
     while out.is_some() || err.is_some() {
         tokio::select! {
+            _ = stop.cancelled() => break,
             r = read_some(&mut out, &mut buf_out), if out.is_some() => match r {
                 Ok(n) if n > 0 => log.output(Source::Stdout, &buf_out[..n]),
                 _ => out = None,
@@ -38,6 +41,8 @@ where
             },
         }
     }
+    // Our ends close here: an escaped process holding the pipes gets EPIPE.
+    drop((out, err));
     // Closing may sync the file to disk: off the runtime's threads.
     tokio::task::spawn_blocking(move || log.close())
         .await
@@ -80,7 +85,7 @@ mod tests {
         let path = log.path().to_path_buf();
         let out: &[u8] = b"to stdout\n";
         let err: &[u8] = b"to stderr\n";
-        let got = capture(Some(out), Some(err), log)
+        let got = capture(Some(out), Some(err), log, Default::default())
             .await
             .expect("handed off");
         assert_eq!(
@@ -100,7 +105,7 @@ mod tests {
         let log = spool(tmp.path()).stream("big.m1.1", 100_000);
         let path = log.path().to_path_buf();
         let big = vec![b'x'; 300_000];
-        let got = capture(Some(&big[..]), None::<&[u8]>, log)
+        let got = capture(Some(&big[..]), None::<&[u8]>, log, Default::default())
             .await
             .expect("handed off");
         assert_eq!(

@@ -97,6 +97,7 @@ fn main() {
             child.stdout.take(),
             None::<tokio::process::ChildStdout>,
             writer,
+            Default::default(),
         )
         .await
         .expect("handed off");

@@ -297,6 +297,7 @@ struct Shared {
     faults: Mutex<Faults>,
     /// Query-protocol requests in arrival order: action and parameters.
     queries: Mutex<Vec<QueryRequest>>,
+    log_batches: Mutex<Vec<LogBatch>>,
     /// Numbers the `x-amzn-RequestId` of made-up answers.
     next_answer: AtomicU64,
 }
@@ -316,6 +317,7 @@ impl Shared {
             counts: Mutex::new(CallCounts::default()),
             faults: Mutex::new(Faults::default()),
             queries: Mutex::new(Vec::new()),
+            log_batches: Mutex::new(Vec::new()),
             next_answer: AtomicU64::new(0),
         }
     }
@@ -441,6 +443,11 @@ impl Proxy {
             .filter(|q| q.action == action)
             .cloned()
             .collect()
+    }
+
+    /// What every `PutLogEvents` request seen so far carried, oldest first.
+    pub fn log_batches(&self) -> Vec<LogBatch> {
+        lock(&self.shared.log_batches).clone()
     }
 
     /// Forgets the requests counted so far.
@@ -658,6 +665,40 @@ fn hold_until_released(shared: &Shared, client: &TcpStream, fault: u64) {
             Err(_) => return,
         }
     }
+}
+
+/// One `PutLogEvents` request, as CloudWatch Logs counts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogBatch {
+    pub events: usize,
+    /// The messages' UTF-8 bytes plus 26 per event.
+    pub bytes: usize,
+    /// Last timestamp minus first, in ms.
+    pub span_ms: i64,
+    /// Whether the events are in time order.
+    pub ordered: bool,
+    /// The longest message, in bytes.
+    pub longest: usize,
+}
+
+fn log_batch(body: &[u8]) -> Option<LogBatch> {
+    let json: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let events = json["logEvents"].as_array()?;
+    let stamps: Vec<i64> = events
+        .iter()
+        .filter_map(|e| e["timestamp"].as_i64())
+        .collect();
+    let sizes: Vec<usize> = events
+        .iter()
+        .map(|e| e["message"].as_str().map_or(0, str::len))
+        .collect();
+    Some(LogBatch {
+        events: events.len(),
+        bytes: sizes.iter().map(|n| n + 26).sum(),
+        span_ms: stamps.last().zip(stamps.first()).map_or(0, |(l, f)| l - f),
+        ordered: stamps.windows(2).all(|w| w[0] <= w[1]),
+        longest: sizes.iter().copied().max().unwrap_or(0),
+    })
 }
 
 /// One query-protocol request: its action and its other parameters.
@@ -963,6 +1004,11 @@ fn forward_requests(
             .unwrap_or_else(|| "(not SQS)".to_string());
         if let Some(query) = query {
             lock(&shared.queries).push(query);
+        }
+        if action == "PutLogEvents" {
+            if let Some(batch) = log_batch(body) {
+                lock(&shared.log_batches).push(batch);
+            }
         }
         let queue = queue_of(body);
         shared.count(&queue, &action);

@@ -113,7 +113,13 @@ fn the_output_of_twenty_concurrent_jobs_all_arrives_in_order_per_stream_and_a_lo
             "head -c 3145728 /dev/zero | tr '\\0' x; echo; echo after",
         ],
     );
-    let agent = t.agent(AgentSettings::new(&q.url).slots(20));
+    // Through the proxy, which sees every batch the server gets.
+    let proxy = Proxy::start(t.moto().port());
+    let agent = t.agent(
+        AgentSettings::new(&q.url)
+            .slots(20)
+            .endpoint(&proxy.endpoint()),
+    );
     let all: Vec<Submitted> = jobs.iter().chain(&big).cloned().collect();
     let events = t.wait_events("every job's end", &[&agent], |ev| all_final(ev, &all));
     for job in &all {
@@ -154,6 +160,20 @@ fn the_output_of_twenty_concurrent_jobs_all_arrives_in_order_per_stream_and_a_lo
     let joined = join_pieces(pieces.iter().map(String::as_str));
     assert_eq!(joined.len(), 3 * 1024 * 1024);
     assert!(joined.bytes().all(|b| b == b'x'));
+
+    // What the server received: every batch within the service's limits.
+    let batches = proxy.log_batches();
+    assert!(batches.len() >= 20, "{} batches", batches.len());
+    for b in &batches {
+        assert!(b.events <= 10_000, "{b:?}");
+        assert!(b.bytes <= 1_048_576, "{b:?}");
+        assert!(b.longest <= 1_048_576 - 26, "{b:?}");
+        assert!(b.ordered && b.span_ms <= 24 * 3600 * 1000, "{b:?}");
+    }
+    assert!(
+        batches.iter().any(|b| b.bytes > 1_000_000),
+        "the long line's pieces fill batches: {batches:?}"
+    );
 
     // The agent's own log: JSON lines in its instance's stream.
     let agent_stream = "agent/agent-1";
@@ -209,6 +229,30 @@ fn cloudwatch_logs_down_for_thirty_seconds_loses_nothing_and_holds_up_no_job() {
 }
 
 #[test]
+fn a_send_that_hangs_is_abandoned_counted_and_its_lines_still_arrive() {
+    const LINES: u32 = 200;
+    let t = SqsTest::start();
+    let q = t.job_queue("jobs");
+    let proxy = Proxy::start(t.moto().port());
+    let hung = proxy.inject("PutLogEvents", None, Fault::Hang, Some(1));
+    let agent = t.agent(AgentSettings::new(&q.url).endpoint(&proxy.endpoint()));
+    let script = chatty(LINES);
+    let job = t.submit(&q.url, &["--id", "hung", "--", "sh", "-c", &script]);
+    let events = t.wait_events("the job's end", &[&agent], |ev| all_final(ev, &job));
+    let stream = stream_of(&events, &job[0]);
+    let messages = wait_messages(&t, &stream, 2 * LINES as usize, &[&agent]);
+    assert_eq!(proxy.hits(&hung), 1, "the first send hung");
+    assert_eq!(from(&messages, "stdout"), numbered("out", LINES));
+    assert_eq!(from(&messages, "stderr"), numbered("err", LINES));
+    let status = agent.status();
+    assert!(
+        status.stdout.contains("1 stalled sends restarted"),
+        "status counts the hung send: {}",
+        status.stdout
+    );
+}
+
+#[test]
 fn output_not_shipped_at_a_kill_9_is_shipped_after_the_restart_once() {
     const LINES: u32 = 500;
     let t = SqsTest::start();
@@ -236,6 +280,43 @@ fn output_not_shipped_at_a_kill_9_is_shipped_after_the_restart_once() {
         || !spool.join(&stream).exists(),
         || format!("{:?}", std::fs::read_dir(&spool).map(|d| d.count())),
     );
+}
+
+#[test]
+fn a_kill_9_while_a_running_job_is_half_shipped_loses_no_line_after_the_restart() {
+    // About 3 MB: more than the spool punches out in one step.
+    const LINES: u32 = 40_000;
+    let t = SqsTest::start();
+    let q = t.job_queue("jobs");
+    let mut agent = t.agent(AgentSettings::new(&q.url));
+    let script = format!(
+        "seq -f 'line %08g and some padding to make it longer than it has to be' 1 {LINES}; sleep 300"
+    );
+    let job = t.submit(&q.url, &["--id", "half", "--", "sh", "-c", &script]);
+    let started = t.wait_started(&job, &[&agent]);
+    let stream = started
+        .iter()
+        .find(|e| e.kind == "job.started")
+        .and_then(|e| e.log_stream.clone())
+        .expect("the stream");
+    // Some of it shipped (and punched out of the spool), the job runs on.
+    wait_messages(&t, &stream, 20_000, &[&agent]);
+    agent.signal(Signal::SIGKILL);
+    agent.restart();
+
+    let messages = wait_messages(&t, &stream, LINES as usize, &[&agent]);
+    let mut seen = std::collections::BTreeSet::new();
+    let mut order = Vec::new();
+    for text in from(&messages, "stdout") {
+        if seen.insert(text.clone()) {
+            order.push(text);
+        }
+    }
+    let want: Vec<String> = (1..=LINES)
+        .map(|n| format!("line {n:08} and some padding to make it longer than it has to be"))
+        .collect();
+    assert_eq!(order.len(), want.len(), "every line arrived");
+    assert!(order == want, "in order (a few may arrive twice)");
 }
 
 #[test]
@@ -323,20 +404,47 @@ fn past_the_spool_bound_the_oldest_output_is_dropped_counted_and_noted_in_its_st
     assert!(down.iter().any(|id| proxy.hits(id) > 0));
     proxy.clear_faults();
 
-    let messages = wait_messages(&t, &stream, 1, &[&agent]);
+    let last = "line 00008000 padding padding padding padding";
+    let mut messages = Vec::new();
+    eventually(
+        "the note and the newest line in the stream",
+        ARRIVAL,
+        || {
+            messages = t
+                .aws
+                .log_lines(GROUP, &stream)
+                .into_iter()
+                .map(|l| l.message)
+                .collect();
+            let noted = from(&messages, "agent")
+                .iter()
+                .any(|n| n.contains("dropped before they were shipped"));
+            noted && from(&messages, "stdout").iter().any(|l| l == last)
+        },
+        || {
+            format!(
+                "{:?}\n{}",
+                t.aws.log_lines(GROUP, &stream),
+                agent.diagnostics()
+            )
+        },
+    );
     let notes = from(&messages, "agent");
     assert!(
-        notes
-            .iter()
-            .any(|n| n.contains("dropped before they were shipped")
-                && n.contains("logs.spool_max_bytes")),
-        "the stream says what was dropped: {notes:?}"
+        notes.iter().any(|n| n.contains("logs.spool_max_bytes")),
+        "the note names the key: {notes:?}"
     );
     let kept = from(&messages, "stdout");
     assert!(kept.len() < 8000, "some output was dropped: {}", kept.len());
+    let stderr = agent.stderr();
+    let warned = stderr.matches("dropped output not yet shipped").count();
+    assert!(warned >= 1, "the agent's log says so");
+    assert!(warned <= 5, "and does not flood: {warned} lines");
+    let status = agent.status();
     assert!(
-        agent.stderr().contains("dropped output not yet shipped"),
-        "the agent's log says so"
+        status.stdout.contains("bytes DROPPED (spool full)"),
+        "status counts it: {}",
+        status.stdout
     );
 }
 

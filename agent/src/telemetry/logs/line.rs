@@ -138,9 +138,8 @@ pub struct Lines {
     continued: bool,
 }
 
-/// Bytes of raw text per piece, leaving room for both marks and for
-/// invalid bytes growing into replacement characters.
-const PIECE: usize = (MAX_TEXT - CONTINUES.len() - CONTINUED.len()) / 3;
+/// Bytes of text per piece: one event with both marks.
+const PIECE: usize = MAX_TEXT - CONTINUES.len() - CONTINUED.len();
 
 impl Lines {
     /// Feeds `bytes`, calling `emit` for every finished line or piece.
@@ -170,28 +169,44 @@ impl Lines {
     }
 
     fn finish(&mut self, emit: &mut impl FnMut(&str)) {
+        // Invalid bytes grow into replacement characters: a line that fit
+        // as bytes may not as text.
+        while self.lead().len() + String::from_utf8_lossy(&self.partial).len() > MAX_TEXT {
+            self.piece(emit);
+        }
         let text = String::from_utf8_lossy(&self.partial);
         let text = text.strip_suffix('\r').unwrap_or(&text);
-        if self.continued {
-            emit(&format!("{CONTINUED}{text}"));
-        } else {
-            emit(text);
-        }
+        emit(&format!("{}{text}", self.lead()));
         self.partial.clear();
         self.continued = false;
     }
 
-    /// Sends the first `PIECE` bytes (at a character boundary when the
-    /// bytes are UTF-8) as a piece that continues.
-    fn piece(&mut self, emit: &mut impl FnMut(&str)) {
-        // Back off at most three bytes to keep a character whole.
-        let mut end = PIECE;
-        while end > PIECE - 3 && (self.partial[end] & 0xC0) == 0x80 {
-            end -= 1;
+    fn lead(&self) -> &'static str {
+        if self.continued {
+            CONTINUED
+        } else {
+            ""
         }
-        let text = String::from_utf8_lossy(&self.partial[..end]).into_owned();
-        let lead = if self.continued { CONTINUED } else { "" };
-        emit(&format!("{lead}{text}{CONTINUES}"));
+    }
+
+    /// Sends as much of the line as fits one event as a piece that
+    /// continues, cut at a character boundary when the bytes are UTF-8.
+    fn piece(&mut self, emit: &mut impl FnMut(&str)) {
+        let mut end = PIECE.min(self.partial.len());
+        let text = loop {
+            // Back off at most three bytes to keep a character whole.
+            let floor = end.saturating_sub(3).max(1);
+            while end > floor && end < self.partial.len() && (self.partial[end] & 0xC0) == 0x80 {
+                end -= 1;
+            }
+            let text = String::from_utf8_lossy(&self.partial[..end]);
+            if text.len() <= PIECE || end == 1 {
+                break text.into_owned();
+            }
+            // Replacement characters took more room: shrink by their share.
+            end = (end * PIECE / text.len()).clamp(1, end - 1);
+        };
+        emit(&format!("{}{text}{CONTINUES}", self.lead()));
         self.partial.drain(..end);
         self.continued = true;
     }
@@ -231,7 +246,7 @@ mod tests {
         let out = lines_of(&[&input[..1000], &input[1000..]]);
         assert_eq!(out.last().map(String::as_str), Some("after"));
         let pieces = &out[..out.len() - 1];
-        assert!(pieces.len() >= 9, "{} pieces", pieces.len());
+        assert_eq!(pieces.len(), 4, "3 MiB in pieces of one event each");
         assert!(pieces.iter().all(|p| p.len() <= MAX_TEXT));
         assert!(pieces[0].ends_with(CONTINUES) && !pieces[0].starts_with(CONTINUED));
         let last = &pieces[pieces.len() - 1];
@@ -245,6 +260,17 @@ mod tests {
         let out = lines_of(&[line.as_bytes(), b"\n"]);
         assert_eq!(join_pieces(out.iter().map(String::as_str)), line);
         assert_eq!(lines_of(&[b"a\xffb\n"]), ["a\u{fffd}b"]);
+        // Invalid bytes triple in size as replacement characters: the
+        // pieces still fit one event each.
+        let garbage = vec![0xffu8; 2 * MAX_TEXT];
+        let out = lines_of(&[&garbage, b"\n"]);
+        assert!(
+            out.iter().all(|p| p.len() <= MAX_TEXT),
+            "{:?}",
+            out.iter().map(String::len).collect::<Vec<_>>()
+        );
+        let text = join_pieces(out.iter().map(String::as_str));
+        assert_eq!(text.chars().count(), 2 * MAX_TEXT);
     }
 
     #[test]

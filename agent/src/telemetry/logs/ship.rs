@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 use std::io::{Read, Seek, SeekFrom};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -45,6 +45,15 @@ pub const FLUSH_RESERVE: Duration = Duration::from_secs(5);
 /// The main loop looks round at least this often.
 const TICK: Duration = Duration::from_millis(200);
 
+/// One stream being shipped.
+struct Sending {
+    task: tokio::task::Id,
+    handle: tokio::task::AbortHandle,
+    stream: u64,
+    /// ms since the Unix epoch of its last batch (or its start).
+    progress: Arc<AtomicU64>,
+}
+
 /// Where the logs go.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -79,6 +88,8 @@ struct CallError {
     after: AfterError,
     text: String,
     code: Option<String>,
+    /// No answer within the call timeout: a hung connection, dropped.
+    timed_out: bool,
 }
 
 impl std::fmt::Display for CallError {
@@ -98,6 +109,10 @@ impl CallError {
             after: after_error(code.as_deref(), crate::retry::classify(e)),
             text: crate::aws_errors::describe(e),
             code,
+            timed_out: matches!(
+                e,
+                aws_smithy_runtime_api::client::result::SdkError::TimeoutError(_)
+            ),
         }
     }
 }
@@ -143,57 +158,62 @@ impl Shipper {
     pub async fn run(self, stop: CancellationToken) {
         let beat = crate::liveness::global().register("log shipper", STALL * 2);
         let mut sending: JoinSet<()> = JoinSet::new();
-        let mut started: Vec<(tokio::task::Id, tokio::time::Instant, u64)> = Vec::new();
+        let mut running: Vec<Sending> = Vec::new();
         loop {
             beat.beat();
             let urgent = self.flush_deadline().is_some();
             let room = CONCURRENCY.saturating_sub(sending.len());
+            let notes = self.0.spool.take_orphan_notes(room);
+            let room = room - notes.len();
+            for (stream, note) in notes {
+                let me = self.clone();
+                sending.spawn(async move { me.send_note(stream, note).await });
+            }
             let ready = self
                 .0
                 .spool
                 .take_ready(room, MIN_BATCH_BYTES, LINGER, urgent);
             for pending in ready {
-                let id = pending.id;
+                let stream = pending.id;
+                let progress = Arc::new(AtomicU64::new(now_ms() as u64));
                 let me = self.clone();
-                let handle = sending.spawn(async move { me.ship_stream(pending).await });
-                started.push((handle.id(), tokio::time::Instant::now(), id));
+                let mark = progress.clone();
+                let handle = sending.spawn(async move { me.ship_stream(pending, mark).await });
+                running.push(Sending {
+                    task: handle.id(),
+                    handle,
+                    stream,
+                    progress,
+                });
             }
-            for (stream, note) in self.0.spool.take_orphan_notes() {
-                let me = self.clone();
-                sending.spawn(async move { me.send_note(stream, note).await });
-            }
-            // A send that hangs past every timeout is abandoned.
-            let now = tokio::time::Instant::now();
-            let stalled: Vec<u64> = started
-                .iter()
-                .filter(|(_, at, _)| now.duration_since(*at) > STALL)
-                .map(|(_, _, id)| *id)
-                .collect();
-            if !stalled.is_empty() {
-                // Abandoned all together: the streams are taken again from
-                // what was acknowledged, nothing is skipped.
+            // A send that makes no progress past every timeout (a read
+            // stuck on the file system, say) is abandoned and counted; its
+            // stream is taken again from what was acknowledged.
+            let now = now_ms() as u64;
+            running.retain(|s| {
+                let quiet = now.saturating_sub(s.progress.load(Ordering::Relaxed));
+                if quiet <= STALL.as_millis() as u64 {
+                    return true;
+                }
+                s.handle.abort();
                 tracing::warn!(
-                    streams = stalled.len(),
                     stall_s = STALL.as_secs(),
-                    "log sends made no progress; abandoned them and will send again"
+                    "a log send made no progress; abandoned it and will send again"
                 );
                 self.0
                     .spool
                     .counters()
                     .stalled_sends
-                    .fetch_add(stalled.len() as u64, Ordering::Relaxed);
-                sending.abort_all();
-                while sending.join_next().await.is_some() {}
-                for (_, _, id) in started.drain(..) {
-                    self.0.spool.put_back(id, Some(PAUSE_AFTER_FAILURE));
-                }
-            }
+                    .fetch_add(1, Ordering::Relaxed);
+                self.0.spool.put_back(s.stream, Some(PAUSE_AFTER_FAILURE));
+                false
+            });
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = self.0.spool.changed() => {}
                 Some(done) = sending.join_next_with_id(), if !sending.is_empty() => {
                     let id = match &done { Ok((id, ())) => *id, Err(e) => e.id() };
-                    started.retain(|(task, _, _)| *task != id);
+                    running.retain(|s| s.task != id);
                     self.0.progress.notify_waiters();
                 }
                 _ = tokio::time::sleep(TICK) => {}
@@ -202,20 +222,34 @@ impl Shipper {
         self.0.spool.save_acked();
     }
 
-    /// Ships stream `p` up to where it was when taken, batch after batch.
-    async fn ship_stream(&self, mut p: Pending) {
+    /// Ships stream `p` up to where it was when taken, batch after batch,
+    /// marking `progress` after each.
+    async fn ship_stream(&self, mut p: Pending, progress: Arc<AtomicU64>) {
         let name = match &p.stream {
             Some(name) => name.clone(),
             None => format!("agent/{}", self.0.target.instance.get()),
         };
         let mut pause = None;
         loop {
+            // The bound may have moved the stream on meanwhile.
+            match self.0.spool.acked(p.id) {
+                Some(acked) => p.from = p.from.max(acked),
+                None => return,
+            }
+            if p.from >= p.to && p.note.is_none() {
+                break;
+            }
             let (batch, next, refused) = match read_batch(&p) {
                 Ok(read) => read,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::warn!(file = %p.path.display(), "a log spool file was removed before it was shipped; its output is lost (counted)");
+                    self.0.spool.file_gone(p.id);
+                    break;
+                }
                 Err(e) => {
-                    tracing::warn!(file = %p.path.display(), error = %e, "cannot read the log spool; leaving the rest of this stream");
-                    self.0.spool.abandon(p.id);
-                    return;
+                    tracing::warn!(file = %p.path.display(), error = %e, "cannot read the log spool; trying again shortly");
+                    pause = Some(PAUSE_AFTER_FAILURE);
+                    break;
                 }
             };
             if let Some(note) = p.note.take() {
@@ -228,17 +262,21 @@ impl Shipper {
                         pause = Some(PAUSE_AFTER_FAILURE);
                         break;
                     }
-                    // Sent, or refused for good: either way not again.
-                    _ => self.0.spool.noted(p.id),
+                    Err(GaveUp::Final(..)) => {
+                        self.count_rejected(1);
+                        self.0.spool.noted(p.id);
+                    }
+                    Ok(()) => self.0.spool.noted(p.id),
                 }
             }
             self.count_rejected(refused.total());
             if !batch.is_empty() {
+                let events = batch.events.len() as u64;
                 match self.put(&name, batch.events).await {
                     Ok(()) => self.0.spool.set_last_error(None),
                     Err(GaveUp::Final(_, e)) => {
-                        self.count_rejected(1);
-                        tracing::error!(stream = %name, error = %e, "CloudWatch Logs refused a batch of job output; dropped it (counted)");
+                        self.count_rejected(events);
+                        tracing::error!(stream = %name, events, error = %e, "CloudWatch Logs refused a batch of output; dropped it (counted)");
                         self.0.spool.set_last_error(Some(e.text));
                     }
                     Err(GaveUp::Deadline(e)) => {
@@ -249,7 +287,12 @@ impl Shipper {
                     }
                 }
             }
+            if next == p.from {
+                // Nothing whole to read (a line still being written).
+                break;
+            }
             self.0.spool.shipped(p.id, next);
+            progress.store(now_ms() as u64, Ordering::Relaxed);
             if next >= p.to {
                 break;
             }
@@ -323,6 +366,16 @@ impl Shipper {
                         let e = CallError::from_sdk(&e);
                         if e.after == AfterError::MakeStream {
                             self.forget_stream(stream);
+                        }
+                        if e.timed_out {
+                            // The connection is dropped; the retry opens
+                            // a new one.
+                            tracing::warn!(stream, "a log send got no answer in time; sending it again on a new connection");
+                            self.0
+                                .spool
+                                .counters()
+                                .stalled_sends
+                                .fetch_add(1, Ordering::Relaxed);
                         }
                         e
                     })?;
@@ -457,11 +510,23 @@ fn read_batch(p: &Pending) -> std::io::Result<(Batch, u64, Refused)> {
     let at_end = p.from + got as u64 >= p.to;
     let mut decoder = line::Decoder::default();
     while at < buf.len() {
+        // A punched hole (shipped, or dropped by the bound, while this was
+        // read) reads as zeros up to a line's start.
+        if buf[at] == 0 {
+            at += buf[at..]
+                .iter()
+                .position(|&b| b != 0)
+                .unwrap_or(buf.len() - at);
+            continue;
+        }
         let (line, next) = match memchr::memchr(b'\n', &buf[at..]) {
             Some(n) => (&buf[at..at + n], at + n + 1),
             // A last line without its newline, of a stream that has ended
             // (a crash mid-write): sent as it is.
             None if p.finished && at_end => (&buf[at..], buf.len()),
+            // A whole read without a newline is no line the writer made
+            // (those fit one event): sent as it is rather than stuck on.
+            None if at == 0 && got == READ_MAX => (&buf[..], buf.len()),
             None => break,
         };
         let mut event = decoder.decode(line, now);

@@ -38,6 +38,8 @@ const ACKED_FILE: &str = "~acked";
 const PUNCH_STEP: u64 = 1024 * 1024;
 /// The offsets file is rewritten at most this often while shipping.
 const ACKED_SAVE_EVERY: Duration = Duration::from_secs(1);
+/// Drops by the bound are logged at most this often.
+const DROP_REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// How the spool behaves.
 #[derive(Debug, Clone)]
@@ -91,6 +93,15 @@ struct State {
     last_error: Option<String>,
     acked_saved: Option<Instant>,
     acked_dirty: bool,
+    unreported: Unreported,
+}
+
+/// Drops not logged yet.
+#[derive(Debug, Default)]
+struct Unreported {
+    at: Option<Instant>,
+    bytes: u64,
+    files: u64,
 }
 
 /// One stream file.
@@ -226,6 +237,7 @@ impl Spool {
             spool.enforce_bound(&mut state);
             spool.forget_shipped(&mut state);
         }
+        spool.report_drops();
         Ok(spool)
     }
 
@@ -267,6 +279,7 @@ impl Spool {
     }
 
     fn writer(&self, file: String, name: Option<String>, max_bytes: u64) -> StreamWriter {
+        let name_is_agent = name.is_none();
         let id = {
             let mut state = self.lock();
             let id = state.next;
@@ -289,6 +302,7 @@ impl Spool {
             id
         };
         StreamWriter {
+            agent: name_is_agent,
             spool: self.clone(),
             id,
             path: self.0.settings.dir.join(file),
@@ -318,10 +332,14 @@ impl Spool {
             .counters
             .spooled_bytes
             .fetch_add(n, Ordering::Relaxed);
-        if state.held > self.0.settings.max_bytes {
+        let over = state.held > self.0.settings.max_bytes;
+        if over {
             self.enforce_bound(&mut state);
         }
         drop(state);
+        if over {
+            self.report_drops();
+        }
         if self.0.settings.ship {
             self.wake();
         }
@@ -342,10 +360,13 @@ impl Spool {
         self.wake();
     }
 
-    /// Drops the oldest data until the bound holds again.
+    /// Drops the oldest data until the bound holds again. Logs nothing
+    /// (the caller holds the lock, and the agent's own log is a stream of
+    /// the spool): the drops are counted for [`Spool::report_drops`].
     fn enforce_bound(&self, state: &mut State) {
         let max = self.0.settings.max_bytes;
         let ids: Vec<u64> = state.streams.keys().copied().collect();
+        let mut holes = Vec::new();
         for id in ids {
             if state.held <= max {
                 break;
@@ -361,7 +382,6 @@ impl Spool {
                     continue;
                 }
                 let len = s.written;
-                let file = s.file.clone();
                 state.streams.remove(&id);
                 state.held = state.held.saturating_sub(len);
                 let _ = std::fs::remove_file(&path);
@@ -369,46 +389,88 @@ impl Spool {
                     .counters
                     .removed_files
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    file = %file,
-                    bytes = len,
-                    "removed the oldest job log: the log dir holds more than logs.spool_max_bytes"
-                );
+                state.unreported.files += 1;
                 continue;
             }
-            let lost = s.unshipped();
-            if lost == 0 || s.taken {
+            if s.unshipped() == 0 {
                 continue;
             }
-            let stream = s.name.clone().unwrap_or_else(|| "the agent's log".into());
+            // The oldest lines go, as few as bring the spool within its
+            // bound (to a line's end), or the whole unshipped rest.
+            let excess = state.held - max;
+            let cut = line_end_after(&path, s.acked + excess.min(s.unshipped()), s.written)
+                .unwrap_or(s.written);
+            let lost = cut - s.acked;
             self.0
                 .counters
                 .dropped_bytes
                 .fetch_add(lost, Ordering::Relaxed);
-            tracing::warn!(
-                stream = %stream,
-                bytes = lost,
-                "dropped output not yet shipped: the log spool holds more than logs.spool_max_bytes \
-                 (CloudWatch Logs has not taken it in time); the stream gets a note saying so"
-            );
-            let held_by_it = s.written - s.punched;
-            if s.open {
-                s.acked = s.written;
+            state.unreported.bytes += lost;
+            let freed = cut - s.punched;
+            s.acked = cut;
+            s.waiting_since = (s.unshipped() > 0).then(Instant::now);
+            if s.open || cut < s.written {
+                // A stream being shipped too: its shipper goes on from
+                // the new offset (and skips what was punched meanwhile).
                 s.dropped_unnoted += lost;
-                punch(&path, s.punched, s.acked);
-                s.punched = s.acked;
-                s.waiting_since = None;
+                holes.push((path, s.punched, cut));
+                s.punched = cut;
             } else {
-                let note = drop_note(lost);
+                let note = drop_note(s.dropped_unnoted + lost);
                 if let Some(name) = s.name.clone() {
                     state.orphan_notes.push((name, note));
                 }
                 state.streams.remove(&id);
                 let _ = std::fs::remove_file(&path);
             }
-            state.held = state.held.saturating_sub(held_by_it);
+            state.held = state.held.saturating_sub(freed);
             state.acked_dirty = true;
         }
+        if !holes.is_empty() {
+            // Saved before punched: a restart never reads a hole.
+            self.save_acked_locked(state);
+            for (path, from, to) in holes {
+                punch(&path, from, to);
+            }
+        }
+    }
+
+    /// Logs what the bound dropped since the last report, at most every
+    /// `DROP_REPORT_EVERY` (a spool kept full would otherwise log a line
+    /// per write, into the very spool that is full).
+    fn report_drops(&self) {
+        let mut state = self.lock();
+        let due = state
+            .unreported
+            .at
+            .is_none_or(|t| t.elapsed() >= DROP_REPORT_EVERY);
+        let (bytes, files) = (state.unreported.bytes, state.unreported.files);
+        if !due || (bytes == 0 && files == 0) {
+            return;
+        }
+        state.unreported = Unreported {
+            at: Some(Instant::now()),
+            ..Unreported::default()
+        };
+        drop(state);
+        if bytes > 0 {
+            tracing::warn!(
+                bytes,
+                "dropped output not yet shipped: the log spool holds more than logs.spool_max_bytes \
+                 (CloudWatch Logs has not taken it in time); each stream gets a note saying so"
+            );
+        }
+        if files > 0 {
+            tracing::warn!(
+                files,
+                "removed the oldest job logs: the log dir holds more than logs.spool_max_bytes"
+            );
+        }
+    }
+
+    /// Where stream `id` is shipped up to, `None` once it is gone.
+    pub fn acked(&self, id: u64) -> Option<u64> {
+        self.lock().streams.get(&id).map(|s| s.acked)
     }
 
     /// Removes finished streams that are all shipped.
@@ -474,15 +536,19 @@ impl Spool {
         out
     }
 
-    /// Notes for streams whose file is gone, to send on their own.
-    pub fn take_orphan_notes(&self) -> Vec<(String, String)> {
-        std::mem::take(&mut self.lock().orphan_notes)
+    /// At most `max` notes for streams whose file is gone, to send on
+    /// their own.
+    pub fn take_orphan_notes(&self, max: usize) -> Vec<(String, String)> {
+        let mut state = self.lock();
+        let n = max.min(state.orphan_notes.len());
+        state.orphan_notes.drain(..n).collect()
     }
 
     /// Stream `id` is shipped up to `to`.
     pub fn shipped(&self, id: u64, to: u64) {
         let mut state = self.lock();
         let mut freed = 0;
+        let mut hole = None;
         if let Some(s) = state.streams.get_mut(&id) {
             let to = to.max(s.acked).min(s.written);
             self.0
@@ -492,13 +558,18 @@ impl Spool {
             s.acked = to;
             s.waiting_since = (s.unshipped() > 0).then(Instant::now);
             if s.open && s.acked - s.punched >= PUNCH_STEP {
-                punch(&self.0.settings.dir.join(&s.file), s.punched, s.acked);
+                hole = Some((self.0.settings.dir.join(&s.file), s.punched, s.acked));
                 freed = s.acked - s.punched;
                 s.punched = s.acked;
             }
         }
         state.held = state.held.saturating_sub(freed);
         state.acked_dirty = true;
+        if let Some((path, from, to)) = hole {
+            // Saved before punched: a restart never reads a hole.
+            self.save_acked_locked(&mut state);
+            punch(&path, from, to);
+        }
     }
 
     /// The note of stream `id`'s dropped data is sent.
@@ -526,20 +597,38 @@ impl Spool {
         if due {
             self.save_acked_locked(&mut state);
         }
+        drop(state);
+        self.report_drops();
     }
 
-    /// Stream `id`'s file cannot be read: what is left of it is lost,
-    /// counted.
-    pub fn abandon(&self, id: u64) {
+    /// Stream `id`'s file is gone (removed behind the agent's back): what
+    /// it held unshipped is lost, counted, and shipping goes on from its
+    /// end (a running job's later lines go to the removed file, and are
+    /// counted the same way as they come).
+    pub fn file_gone(&self, id: u64) {
         let mut state = self.lock();
-        if let Some(s) = state.streams.remove(&id) {
-            self.0
-                .counters
-                .dropped_bytes
-                .fetch_add(s.unshipped(), Ordering::Relaxed);
-            state.held = state.held.saturating_sub(s.written - s.punched);
-            state.acked_dirty = true;
+        let Some(s) = state.streams.get_mut(&id) else {
+            return;
+        };
+        let lost = s.unshipped();
+        self.0
+            .counters
+            .dropped_bytes
+            .fetch_add(lost, Ordering::Relaxed);
+        let freed = s.written - s.punched;
+        s.acked = s.written;
+        s.punched = s.written;
+        s.dropped_unnoted += lost;
+        s.waiting_since = None;
+        if !s.open {
+            let name = s.name.clone();
+            state.streams.remove(&id);
+            if let (Some(name), true) = (name, lost > 0) {
+                state.orphan_notes.push((name, drop_note(lost)));
+            }
         }
+        state.held = state.held.saturating_sub(freed);
+        state.acked_dirty = true;
     }
 
     /// Wakes the shipper (a flush began).
@@ -621,6 +710,28 @@ fn drop_note(bytes: u64) -> String {
     )
 }
 
+/// The offset just past the first newline of `path` at or after `from`,
+/// if there is one before `limit`.
+fn line_end_after(path: &Path, from: u64, limit: u64) -> Option<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = File::open(path).ok()?;
+    file.seek(SeekFrom::Start(from)).ok()?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut at = from;
+    while at < limit {
+        let want = buf.len().min((limit - at) as usize);
+        let n = file.read(&mut buf[..want]).ok()?;
+        if n == 0 {
+            return None;
+        }
+        if let Some(i) = memchr::memchr(b'\n', &buf[..n]) {
+            return Some(at + i as u64 + 1);
+        }
+        at += n as u64;
+    }
+    None
+}
+
 /// Gives `from..to` of `path` back to the file system, where it can
 /// (reading it is never needed again). A file system without hole punching
 /// gives the space back when the file is removed.
@@ -645,6 +756,8 @@ fn punch(path: &Path, from: u64, to: u64) {
 /// written as they complete; the file exists from the first one.
 #[derive(Debug)]
 pub struct StreamWriter {
+    /// The agent's own log: a failed write does not end it.
+    agent: bool,
     spool: Spool,
     id: u64,
     path: PathBuf,
@@ -721,7 +834,9 @@ impl StreamWriter {
         if self.buf.is_empty() {
             return;
         }
-        if self.failed.is_some() {
+        if self.failed.is_some() && !self.agent {
+            // A job's stream with a hole is not handed off whatever comes
+            // after; the agent's own log (no cap) tries again each line.
             self.buf.clear();
             return;
         }
@@ -729,7 +844,9 @@ impl StreamWriter {
         match self.open_file().and_then(|f| f.write_all(&buf)) {
             Ok(()) => self.spool.wrote(self.id, buf.len() as u64),
             Err(e) => {
-                tracing::warn!(file = %self.path.display(), error = %e, "cannot write job output to the log spool; the rest of it is dropped");
+                if self.failed.is_none() {
+                    tracing::warn!(file = %self.path.display(), error = %e, "cannot write to the log spool; this stream's output is dropped");
+                }
                 self.failed = Some(e.to_string());
             }
         }
@@ -920,6 +1037,38 @@ mod tests {
     }
 
     #[test]
+    fn a_restart_after_shipped_data_was_punched_out_never_reads_the_hole() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let line = format!("{}\n", "y".repeat(999));
+        let (path, punched_to) = {
+            let s = spool(tmp.path(), 1 << 30, true);
+            let mut w = s.stream("long.m1.1", u64::MAX);
+            for _ in 0..3000 {
+                w.output(Source::Stdout, line.as_bytes());
+            }
+            // Shipped in small steps past PUNCH_STEP, never put back:
+            // the offsets are saved only because a punch is due.
+            let p = s.take_ready(1, 0, Duration::ZERO, true).remove(0);
+            let file_line = p.to / 3000;
+            for k in (100..3000).step_by(100) {
+                s.shipped(p.id, k * file_line);
+            }
+            let path = w.path().to_path_buf();
+            std::mem::forget(w); // a kill -9
+            (path, s.acked(p.id).expect("acked"))
+        };
+        let s = spool(tmp.path(), 1 << 30, true);
+        let p = s.take_ready(1, 0, Duration::ZERO, true).remove(0);
+        assert!(p.from >= PUNCH_STEP, "shipped from {} on", p.from);
+        assert!(p.from <= punched_to);
+        let bytes = std::fs::read(&path).expect("read");
+        assert_eq!(
+            bytes[p.from as usize], b'2',
+            "the restart starts at a line, after the hole"
+        );
+    }
+
+    #[test]
     fn over_the_bound_the_oldest_unshipped_data_is_dropped_counted_and_noted() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let s = spool(tmp.path(), 300, true);
@@ -934,7 +1083,7 @@ mod tests {
         let dropped = s.counters().dropped_bytes.load(Ordering::Relaxed);
         assert!(dropped > 100, "dropped {dropped}");
         assert!(!tmp.path().join("old.m1.1").exists());
-        let notes = s.take_orphan_notes();
+        let notes = s.take_orphan_notes(8);
         assert_eq!(notes.len(), 1);
         assert_eq!(notes[0].0, "old.m1.1");
         assert!(notes[0].1.contains("logs.spool_max_bytes"));
