@@ -264,9 +264,9 @@ impl Shipper {
                     }
                     Err(GaveUp::Final(..)) => {
                         self.count_rejected(1);
-                        self.0.spool.noted(p.id);
+                        self.0.spool.noted(p.id, p.noted_bytes);
                     }
-                    Ok(()) => self.0.spool.noted(p.id),
+                    Ok(()) => self.0.spool.noted(p.id, p.noted_bytes),
                 }
             }
             self.count_rejected(refused.total());

@@ -148,6 +148,8 @@ pub struct Pending {
     pub finished: bool,
     /// A note to send first: data was dropped before shipping.
     pub note: Option<String>,
+    /// The dropped bytes the note tells of.
+    pub noted_bytes: u64,
 }
 
 /// What waits to be shipped, for status.
@@ -531,6 +533,7 @@ impl Spool {
                 to: s.written,
                 finished: !s.open,
                 note: (s.dropped_unnoted > 0).then(|| drop_note(s.dropped_unnoted)),
+                noted_bytes: s.dropped_unnoted,
             });
         }
         out
@@ -572,10 +575,11 @@ impl Spool {
         }
     }
 
-    /// The note of stream `id`'s dropped data is sent.
-    pub fn noted(&self, id: u64) {
+    /// The note of `bytes` of stream `id`'s dropped data is sent; drops
+    /// since the note was taken wait for the next one.
+    pub fn noted(&self, id: u64, bytes: u64) {
         if let Some(s) = self.lock().streams.get_mut(&id) {
-            s.dropped_unnoted = 0;
+            s.dropped_unnoted = s.dropped_unnoted.saturating_sub(bytes);
         }
     }
 
