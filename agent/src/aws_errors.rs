@@ -9,6 +9,32 @@ use std::error::Error;
 use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
+/// One failed AWS call: how to treat it, the service's code if it gave
+/// one, and its one-line description.
+#[derive(Debug, Clone)]
+pub struct CallFailure {
+    pub class: crate::retry::ErrorClass,
+    pub code: Option<String>,
+    pub text: String,
+    /// No answer within the call's timeout (the connection is dropped).
+    pub timed_out: bool,
+}
+
+impl CallFailure {
+    pub fn of<E, R>(e: &SdkError<E, R>) -> CallFailure
+    where
+        E: Error + ProvideErrorMetadata + 'static,
+        R: std::fmt::Debug + crate::retry::HttpStatus,
+    {
+        CallFailure {
+            class: crate::retry::classify(e),
+            code: e.code().map(str::to_string),
+            text: describe(e),
+            timed_out: matches!(e, SdkError::TimeoutError(_)),
+        }
+    }
+}
+
 /// Describes an SDK error in one line.
 pub fn describe<E, R>(e: &SdkError<E, R>) -> String
 where

@@ -71,13 +71,13 @@ impl HookError {
         E: std::error::Error + ProvideErrorMetadata + 'static,
         R: std::fmt::Debug + crate::retry::HttpStatus,
     {
-        let text = crate::aws_errors::describe(e);
+        let failed = crate::aws_errors::CallFailure::of(e);
         // Auto Scaling's only word for it: a ValidationError whose message
         // says "No active Lifecycle Action found".
-        let no_action = text.contains("No active Lifecycle Action");
+        let no_action = failed.text.contains("No active Lifecycle Action");
         HookError {
-            class: crate::retry::classify(e),
-            text,
+            class: failed.class,
+            text: failed.text,
             no_action,
         }
     }

@@ -104,15 +104,12 @@ impl CallError {
         E: std::error::Error + ProvideErrorMetadata + 'static,
         R: std::fmt::Debug + crate::retry::HttpStatus,
     {
-        let code = e.code().map(str::to_string);
+        let failed = crate::aws_errors::CallFailure::of(e);
         CallError {
-            after: after_error(code.as_deref(), crate::retry::classify(e)),
-            text: crate::aws_errors::describe(e),
-            code,
-            timed_out: matches!(
-                e,
-                aws_smithy_runtime_api::client::result::SdkError::TimeoutError(_)
-            ),
+            after: after_error(failed.code.as_deref(), failed.class),
+            text: failed.text,
+            code: failed.code,
+            timed_out: failed.timed_out,
         }
     }
 }
