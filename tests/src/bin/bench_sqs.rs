@@ -916,8 +916,8 @@ fn run_agent(
         format!(
             "[queue]\nurl = {url}\nevents_url = {events}\n\n\
              [signing]\nkeys_file = {keys}\n\n[admin]\nsocket = {socket}\n\n\
-             [state]\ndir = {state}\n\n\
-             [jobs]\nwork_dir = {work}\nlog_dir = {logs}\nmax_concurrent = {slots}\n\n\
+             [state]\ndir = {state}\n\n[logs]\nspool_dir = {logs}\n\n\
+             [jobs]\nwork_dir = {work}\nmax_concurrent = {slots}\n\n\
              [agent]\ninstance_id = \"bench\"\nlog_level = {level}\n",
             url = toml_str(queue_url),
             events = toml_str(events_url),
