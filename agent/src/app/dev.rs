@@ -59,12 +59,22 @@ impl DevLayout {
         let key = SigningKey::generate(Alg::Ed25519, "dev").map_err(failed)?;
         let dir = self.root.join("keys");
         {
+            // Only the keys are private: job uids must pass through the
+            // directories above to reach their work dirs.
             use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&dir)
-                .map_err(|e| failed(format!("creating {}: {e}", dir.display())))?;
+            let create = |path: &Path, mode: u32, recursive: bool| {
+                std::fs::DirBuilder::new()
+                    .recursive(recursive)
+                    .mode(mode)
+                    .create(path)
+                    .or_else(|e| match e.kind() {
+                        std::io::ErrorKind::AlreadyExists if path.is_dir() => Ok(()),
+                        _ => Err(e),
+                    })
+                    .map_err(|e| failed(format!("creating {}: {e}", path.display())))
+            };
+            create(&self.root, 0o755, true)?;
+            create(&dir, 0o700, false)?;
         }
         write_private(&self.keys_file(), &key.verification_entry_toml())?;
         write_private(&self.signing_key(), &key.to_signing_file_toml())?;
@@ -120,4 +130,34 @@ pub(super) fn print_dev_banner(layout: &DevLayout, config: &Config) {
         layout.events().display(),
         config.logs.spool_dir.display(),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    /// Found by trying `dev --dir /tmp/new/dev` as root: the missing
+    /// parents were made 0700 with the keys dir, so no job uid could reach
+    /// its work dir below them and every job was requeued.
+    #[test]
+    fn only_the_keys_dir_is_private_the_dirs_above_it_stay_passable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("new/dev");
+        let layout = DevLayout::new(&root).unwrap();
+        layout.ensure_keys().unwrap();
+        assert_eq!(mode(&root.join("keys")), 0o700);
+        for dir in [root.as_path(), root.parent().unwrap()] {
+            assert_eq!(
+                mode(dir) & 0o011,
+                0o011,
+                "{} must let other users through",
+                dir.display()
+            );
+        }
+    }
 }
