@@ -138,7 +138,7 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     fn mode(p: &Path) -> u32 {
-        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+        std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777
     }
 
     /// Found by trying `dev --dir /tmp/new/dev` as root: the missing
@@ -146,12 +146,12 @@ mod tests {
     /// its work dir below them and every job was requeued.
     #[test]
     fn only_the_keys_dir_is_private_the_dirs_above_it_stay_passable() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().expect("temp dir");
         let root = tmp.path().join("new/dev");
-        let layout = DevLayout::new(&root).unwrap();
-        layout.ensure_keys().unwrap();
+        let layout = DevLayout::new(&root).expect("layout");
+        layout.ensure_keys().expect("keys");
         assert_eq!(mode(&root.join("keys")), 0o700);
-        for dir in [root.as_path(), root.parent().unwrap()] {
+        for dir in [root.as_path(), root.parent().expect("parent")] {
             assert_eq!(
                 mode(dir) & 0o011,
                 0o011,
